@@ -1,0 +1,83 @@
+"""attngen command line: build, check, verify."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+
+
+def _cmd_build(args) -> int:
+    from .build import build, spec_files
+    from .spec import SpecError
+
+    paths = args.specs or spec_files(args.spec_dir)
+    if not paths:
+        print(f"attngen build: no specs given and none in {args.spec_dir}/", file=sys.stderr)
+        return 2
+    try:
+        results = build(paths, args.out)
+    except SpecError as e:
+        print(e, file=sys.stderr)
+        print("attngen build: nothing written", file=sys.stderr)
+        return 1
+    for path, changed in results:
+        print(f"{'wrote    ' if changed else 'unchanged'} {path}")
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from .build import check
+    from .spec import SpecError
+
+    try:
+        problems = check(args.spec_dir, args.out)
+    except SpecError as e:
+        print(e, file=sys.stderr)
+        return 1
+    for p in problems:
+        print(p, file=sys.stderr)
+    if problems:
+        return 1
+    print(f"{args.out}/ matches a fresh build of {args.spec_dir}/")
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from .verify import main as verify_main
+
+    return verify_main(args.specs, spec_dir=args.spec_dir, out=args.out, seed=args.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="attngen", description="Generate Triton attention kernels from YAML specs.")
+    parser.add_argument("--version", action="version", version=f"attngen {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build", help="render specs into generated modules")
+    p.add_argument("specs", nargs="*", help="spec files (default: every spec in --spec-dir)")
+    p.add_argument("--out", default="generated", help="output directory (default: generated)")
+    p.add_argument("--spec-dir", default="specs", help="where to find specs when none are given (default: specs)")
+    p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("check", help="exit non-zero when generated/ is stale or missing for specs/")
+    p.add_argument("--spec-dir", default="specs")
+    p.add_argument("--out", default="generated")
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser(
+        "verify", help="build specs and check each module against the float64 reference on small inputs"
+    )
+    p.add_argument("specs", nargs="*", help="spec files (default: every spec in --spec-dir)")
+    p.add_argument("--spec-dir", default="specs")
+    p.add_argument("--out", default="generated", help="where the modules are built (default: generated)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_verify)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

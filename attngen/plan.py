@@ -1,0 +1,183 @@
+"""Every decision about a generated module, made in Python so the templates only print.
+
+The plan turns a validated Spec into: padded head dims, the autotune space, and the Triton source
+fragments the templates splice in (loop bounds of the full and partial tile ranges, the mask
+predicate, load masks). Nothing here imports torch or triton.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from .spec import Spec
+
+
+@dataclass(frozen=True)
+class MaskRule:
+    """How a mask shapes the tile loops.
+
+    Bounds are Triton expressions over the tile start (`start_m` for a query tile, `start_n` for a
+    KV tile), BLOCK_M, BLOCK_N, N_Q and N_K:
+      fwd_full_end   keys [0, this) are visible to every row of the query tile (rounded down to
+                     whole KV tiles by the kernel): those tiles skip the mask;
+      fwd_end        keys at or past this are invisible to every row: those tiles are not visited;
+      dkdv_start     first query (a multiple of BLOCK_M) that can see any key of the KV tile;
+      dkdv_full_start  first query (a multiple of BLOCK_M) from which every query sees every key of
+                     the KV tile.
+    `predicate` is the visibility test over `{q}` and `{kv}` index grids, or None.
+    """
+
+    doc: str
+    predicate: str | None
+    fwd_full_end: str
+    fwd_end: str
+    dkdv_start: str
+    dkdv_full_start: str
+
+
+MASK_RULES = {
+    "none": MaskRule(
+        doc="none (every query sees every key).",
+        predicate=None,
+        fwd_full_end="N_K",
+        fwd_end="N_K",
+        dkdv_start="0",
+        dkdv_full_start="0",
+    ),
+    "causal": MaskRule(
+        doc="causal, q_idx >= kv_idx (top-left aligned, as SDPA's is_causal).",
+        predicate="({q} >= {kv})",
+        fwd_full_end="tl.minimum(start_m + 1, N_K)",
+        fwd_end="tl.minimum(start_m + BLOCK_M, N_K)",
+        dkdv_start="start_n // BLOCK_M * BLOCK_M",
+        dkdv_full_start="tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M",
+    ),
+}
+
+
+def next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _and(*parts: str) -> str:
+    return " & ".join(p for p in parts if p)
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    summary: str
+    q_heads: int
+    kv_heads: int
+    group: int
+    head_dim: int
+    v_head_dim: int
+    block_d: int
+    block_dv: int
+    dtypes: tuple[str, ...]
+    mask: str
+    mask_doc: str
+    backward: bool
+    space: tuple[dict, ...]
+    paths: tuple[str, ...]
+    # Triton source fragments
+    fwd_full_end: str
+    fwd_end: str
+    dkdv_start: str
+    dkdv_full_start: str
+    mask_and_fwd: str
+    mask_bwd_t: str
+    q_rows_mask: str
+    o_rows_mask: str
+    do_rows_mask: str
+    qt_cols_mask: str
+    k_rows_mask: str
+    v_rows_mask_m: str
+    k_cols_mask: str
+    k_cols_mask_n: str
+    v_rows_mask: str
+    v_rows_mask_n: str
+    vt_cols_mask: str
+    vt_cols_mask_n: str
+
+
+def autotune_space(spec: Spec) -> tuple[dict, ...]:
+    """All tile combinations from the spec, smallest tiles first (the interpreter runs the first)."""
+    t = spec.tiles
+    combos = itertools.product(
+        sorted(t.block_m), sorted(t.block_n), sorted(t.num_warps), sorted(t.num_stages)
+    )
+    return tuple(
+        {"block_m": bm, "block_n": bn, "num_warps": w, "num_stages": s} for bm, bn, w, s in combos
+    )
+
+
+def make_plan(spec: Spec) -> Plan:
+    rule = MASK_RULES[spec.mask]
+    block_d, block_dv = next_pow2(spec.head_dim), next_pow2(spec.v_head_dim)
+    pad_d = block_d != spec.head_dim
+    pad_dv = block_dv != spec.v_head_dim
+    d_row = "(o_d[None, :] < HEAD_DIM)" if pad_d else ""  # D along columns
+    d_col = "(o_d[:, None] < HEAD_DIM)" if pad_d else ""  # D along rows (transposed tiles)
+    dv_row = "(o_dv[None, :] < V_HEAD_DIM)" if pad_dv else ""
+    dv_col = "(o_dv[:, None] < V_HEAD_DIM)" if pad_dv else ""
+
+    def opt_mask(m: str) -> str:
+        return f", mask={m}, other=0.0" if m else ""
+
+    pred = rule.predicate
+    mask_fwd = pred.format(q="o_m[:, None]", kv="o_n[None, :]") if pred else ""
+    mask_t = pred.format(q="o_m[None, :]", kv="o_n[:, None]") if pred else "True"
+    summary = (
+        f"{spec.grouping} attention, {spec.q_heads} query heads over {spec.kv_heads} KV heads, "
+        f"head_dim {spec.head_dim}" + (f" (v {spec.v_head_dim})" if spec.v_head_dim != spec.head_dim else "")
+        + f", mask {spec.mask}."
+    )
+    if pred:
+        paths = (
+            f"forward and dQ: KV tiles below ({rule.fwd_full_end}) run unmasked; tiles up to ({rule.fwd_end}) apply the mask; later tiles are skipped.",
+            f"dK/dV: query tiles from ({rule.dkdv_start}) to ({rule.dkdv_full_start}) apply the mask; later ones run unmasked; earlier ones are skipped.",
+        )
+    else:
+        paths = (
+            "forward and dQ: every KV tile runs unmasked except the last partial one (sequence end).",
+            "dK/dV: every query tile runs unmasked (rows past the end contribute p = 0).",
+        )
+    if spec.description:
+        summary = f"{spec.description.rstrip('.')}. {summary}"
+    return Plan(
+        name=spec.name,
+        summary=summary,
+        q_heads=spec.q_heads,
+        kv_heads=spec.kv_heads,
+        group=spec.group,
+        head_dim=spec.head_dim,
+        v_head_dim=spec.v_head_dim,
+        block_d=block_d,
+        block_dv=block_dv,
+        dtypes=spec.dtypes,
+        mask=spec.mask,
+        mask_doc=rule.doc,
+        backward=spec.backward,
+        space=autotune_space(spec),
+        paths=paths,
+        fwd_full_end=rule.fwd_full_end,
+        fwd_end=rule.fwd_end,
+        dkdv_start=rule.dkdv_start,
+        dkdv_full_start=rule.dkdv_full_start,
+        mask_and_fwd=f" & {mask_fwd}" if mask_fwd else "",
+        mask_bwd_t=mask_t,
+        q_rows_mask=_and("m_m[:, None]", d_row),
+        o_rows_mask=_and("m_m[:, None]", dv_row),
+        do_rows_mask=_and("m_m[:, None]", dv_row),
+        qt_cols_mask=_and("m_m[None, :]", d_col),
+        k_rows_mask=_and("m_n[:, None]", d_row),
+        v_rows_mask_m=_and("m_n[:, None]", dv_row),
+        k_cols_mask=opt_mask(d_col),
+        k_cols_mask_n=_and("(o_n[None, :] < N_K)", d_col),
+        v_rows_mask=opt_mask(dv_row),
+        v_rows_mask_n=_and("(o_n[:, None] < N_K)", dv_row),
+        vt_cols_mask=opt_mask(dv_col),
+        vt_cols_mask_n=_and("(o_n[None, :] < N_K)", dv_col),
+    )

@@ -1,0 +1,155 @@
+"""Helpers the generated modules import at run time: backend selection, input checks, allocation.
+
+This module needs torch and triton only (never jinja2 or sympy), so a generated module works
+wherever those two are installed alongside attngen.
+
+Importing it on a machine without a CUDA device selects Triton's CPU interpreter (by setting
+TRITON_INTERPRET=1 unless the caller has set it), which must happen before any @triton.jit function
+is defined: generated modules import this module first for that reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402  (after the interpreter choice above)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+"""True when kernels run in Triton's interpreter (on the CPU) rather than compiled for a GPU."""
+
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+
+_POISON = False
+
+
+def backend() -> str:
+    """The path kernels take in this process: 'triton-interpreter' (CPU) or 'cuda'."""
+    return "triton-interpreter" if INTERPRET else "cuda"
+
+
+@contextlib.contextmanager
+def poison_outputs(enabled: bool = True):
+    """Fill every output and gradient buffer with NaN before the kernels write it.
+
+    For tests: an element a kernel forgets to write then shows up as NaN instead of stale memory.
+    """
+    global _POISON
+    old, _POISON = _POISON, enabled
+    try:
+        yield
+    finally:
+        _POISON = old
+
+
+def empty(shape, *, dtype, device) -> torch.Tensor:
+    """torch.empty, or NaN-filled inside poison_outputs()."""
+    if _POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def empty_like_layout(ref: torch.Tensor, shape, *, dtype) -> torch.Tensor:
+    """A [B, H, N, D] buffer with `ref`'s memory layout when `ref` is a [B, N, H, D] tensor seen
+    through .transpose(1, 2), so callers can transpose the result back without a copy."""
+    b, h, n, d = shape
+    if ref.dim() == 4 and ref.stride(1) < ref.stride(2) and ref.stride(3) == 1:
+        return empty((b, n, h, d), dtype=dtype, device=ref.device).transpose(1, 2)
+    return empty(shape, dtype=dtype, device=ref.device)
+
+
+def empty_like(t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(t)
+    if _POISON:
+        out.fill_(float("nan"))
+    return out
+
+
+def configs(space: list[dict]) -> list[triton.Config]:
+    """Autotune configs from the plan's space. The interpreter runs one (the first in the space,
+    which the plan orders smallest tiles first): timing under the interpreter means nothing."""
+    chosen = space[:1] if INTERPRET else space
+    return [
+        triton.Config(
+            {"BLOCK_M": c["block_m"], "BLOCK_N": c["block_n"]},
+            num_warps=c["num_warps"],
+            num_stages=c["num_stages"],
+        )
+        for c in chosen
+    ]
+
+
+def seq_bucket(n: int) -> int:
+    """Autotune key for a sequence length: the next power of two, so new lengths in the same
+    bucket reuse the tuned config instead of re-tuning."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def dot_upcast(dtype: torch.dtype) -> bool:
+    """Whether kernels must upcast tl.dot operands to float32.
+
+    Triton's interpreter computes tl.dot on bf16 operands wrongly (errors around 1e10 on a 16x16
+    product), while fp16 and fp32 are exact; bf16 operands are exact in float32, so upcasting there
+    reproduces the GPU's bf16 x bf16 -> fp32 product.
+    """
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs are multiplied in full precision ('ieee'), not TF32: an fp32 kernel should be as
+    accurate as fp32 PyTorch."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def check_inputs(
+    name: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    q_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    v_head_dim: int,
+    dtypes: tuple[str, ...],
+) -> None:
+    """Raise ValueError naming the tensor and what was expected."""
+    allowed = ", ".join(dtypes)
+    for tname, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: {tname} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: {tname} must be 4-D [B, H, N, D], got shape {tuple(t.shape)}")
+        if t.dtype not in DTYPE_NAMES or DTYPE_NAMES[t.dtype] not in dtypes:
+            raise ValueError(f"{name}: {tname} has dtype {t.dtype}; this module was built for {allowed}")
+        if INTERPRET and t.device.type != "cpu":
+            raise ValueError(
+                f"{name}: {tname} is on {t.device}, but kernels run in Triton's CPU interpreter "
+                "(no CUDA device, or TRITON_INTERPRET=1): pass CPU tensors"
+            )
+        if not INTERPRET and t.device.type != "cuda":
+            raise ValueError(f"{name}: {tname} is on {t.device}; expected a CUDA tensor")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{name}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"{name}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    b, hq, _, d = q.shape
+    if hq != q_heads:
+        raise ValueError(f"{name}: q has {hq} heads (dim 1 of [B, H, N, D]); expected {q_heads}")
+    if d != head_dim:
+        raise ValueError(f"{name}: q has head_dim {d}; expected {head_dim}")
+    for tname, t, dim in (("k", k, head_dim), ("v", v, v_head_dim)):
+        if t.shape[0] != b:
+            raise ValueError(f"{name}: {tname} has batch {t.shape[0]}; expected {b} (q's batch)")
+        if t.shape[1] != kv_heads:
+            raise ValueError(f"{name}: {tname} has {t.shape[1]} heads; expected {kv_heads} KV heads")
+        if t.shape[3] != dim:
+            raise ValueError(f"{name}: {tname} has head_dim {t.shape[3]}; expected {dim}")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"{name}: v has {v.shape[2]} keys but k has {k.shape[2]}")

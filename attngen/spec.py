@@ -1,0 +1,393 @@
+"""Load and validate attention specs.
+
+A spec is untrusted input. It is read with PyYAML's safe composer (no Python tags, no aliases),
+every key is checked against a schema, and the result is a frozen :class:`Spec`. Every problem is
+reported as ``FILE:LINE: key: message``; nothing is built from a spec with any error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import keyword
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DTYPES = ("fp16", "bf16", "fp32")
+MASKS = ("none", "causal")
+MAX_SPEC_BYTES = 64 * 1024
+MAX_HEADS = 256
+HEAD_DIM_RANGE = (16, 256)
+BLOCK_RANGE = (16, 256)
+NUM_WARPS = (1, 2, 4, 8, 16)
+NUM_STAGES_RANGE = (1, 8)
+
+# The autotune space when a spec gives no `tiles`; see plan.py for how it is pruned.
+DEFAULT_TILES = {
+    "block_m": (64, 128),
+    "block_n": (32, 64, 128),
+    "num_warps": (4, 8),
+    "num_stages": (2, 3),
+}
+
+
+class SpecError(ValueError):
+    """One or more problems in a spec file, each located as FILE:LINE."""
+
+    def __init__(self, problems: list[tuple[str, int, str]]):
+        self.problems = sorted(problems, key=lambda p: p[1])
+        super().__init__("\n".join(f"{f}:{line}: {msg}" for f, line, msg in self.problems))
+
+
+@dataclass(frozen=True)
+class Tiles:
+    block_m: tuple[int, ...]
+    block_n: tuple[int, ...]
+    num_warps: tuple[int, ...]
+    num_stages: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    dtypes: tuple[str, ...]
+    mask: str
+    tiles: Tiles
+    backward: bool
+    description: str = ""
+    path: str = field(default="<string>", compare=False)
+    sha256: str = field(default="", compare=False)
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head (1 for MHA, q_heads for MQA)."""
+        return self.q_heads // self.kv_heads
+
+    @property
+    def grouping(self) -> str:
+        if self.kv_heads == self.q_heads:
+            return "MHA"
+        if self.kv_heads == 1:
+            return "MQA"
+        return "GQA"
+
+
+# --------------------------------------------------------------------------- YAML with lines
+
+
+class _Node:
+    """A YAML value with the 1-based line it starts on."""
+
+    __slots__ = ("value", "line", "key_lines")
+
+    def __init__(self, value: Any, line: int):
+        self.value = value
+        self.line = line
+        self.key_lines: dict[str, int] = {}
+
+
+class _Reader:
+    def __init__(self, filename: str):
+        self.filename = filename
+        self.problems: list[tuple[str, int, str]] = []
+        self.constructor = yaml.constructor.SafeConstructor()
+
+    def error(self, line: int, msg: str) -> None:
+        self.problems.append((self.filename, line, msg))
+
+    def convert(self, node: yaml.Node, depth: int = 0) -> _Node:
+        line = node.start_mark.line + 1
+        if depth > 8:
+            raise SpecError([(self.filename, line, "spec is nested too deeply")])
+        if node.tag.startswith("!") and not node.tag.startswith("!!"):
+            raise SpecError([(self.filename, line, f"YAML tag {node.tag!r} is not allowed")])
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                value = self.constructor.construct_object(node, deep=True)
+            except (yaml.YAMLError, ValueError) as e:
+                first = str(getattr(e, "problem", None) or e).splitlines()[0]
+                raise SpecError([(self.filename, line, f"invalid YAML value: {first}")]) from None
+            return _Node(value, line)
+        if isinstance(node, yaml.SequenceNode):
+            return _Node([self.convert(n, depth + 1) for n in node.value], line)
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, _Node] = {}
+            key_lines: dict[str, int] = {}
+            for knode, vnode in node.value:
+                key = self.convert(knode, depth + 1)
+                if not isinstance(key.value, str):
+                    self.error(key.line, f"keys must be strings, got {key.value!r}")
+                    continue
+                if key.value in out:
+                    self.error(key.line, f"{key.value}: duplicate key (first on line {key_lines[key.value]})")
+                    continue
+                out[key.value] = self.convert(vnode, depth + 1)
+                key_lines[key.value] = key.line
+            node_out = _Node(out, line)
+            node_out.key_lines = key_lines
+            return node_out
+        raise SpecError([(self.filename, line, "unsupported YAML node")])
+
+
+class _NoAliasComposer(yaml.SafeLoader):
+    def compose_node(self, parent, index):  # noqa: D401 - PyYAML hook
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise SpecError([(self.name, event.start_mark.line + 1, "YAML aliases are not allowed")])
+        event = self.peek_event()
+        if getattr(event, "anchor", None):
+            raise SpecError([(self.name, event.start_mark.line + 1, "YAML anchors are not allowed")])
+        return super().compose_node(parent, index)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class _Validator:
+    def __init__(self, reader: _Reader):
+        self.r = reader
+
+    def mapping(self, node: _Node, where: str, allowed: dict[str, bool]) -> dict[str, _Node] | None:
+        """Check that node is a mapping with known keys; `allowed` maps key -> required."""
+        if not isinstance(node.value, dict):
+            self.r.error(node.line, f"{where}: expected a mapping, got {_kind(node.value)}")
+            return None
+        lines = node.key_lines
+        for key in node.value:
+            if key not in allowed:
+                known = ", ".join(sorted(allowed))
+                self.r.error(lines.get(key, node.line), f"{_join(where, key)}: unknown key (known keys: {known})")
+        for key, required in allowed.items():
+            if required and key not in node.value:
+                self.r.error(node.line, f"{_join(where, key)}: required key is missing")
+        return node.value
+
+    def int_in(self, node: _Node, where: str, lo: int, hi: int, *, pow2: bool = False, multiple: int = 1) -> int | None:
+        v = node.value
+        if not _is_int(v):
+            self.r.error(node.line, f"{where}: expected an integer, got {_kind(v)}")
+            return None
+        if not lo <= v <= hi:
+            self.r.error(node.line, f"{where}: {v} is out of range [{lo}, {hi}]")
+            return None
+        if pow2 and v & (v - 1):
+            self.r.error(node.line, f"{where}: {v} is not a power of two")
+            return None
+        if v % multiple:
+            self.r.error(node.line, f"{where}: {v} is not a multiple of {multiple}")
+            return None
+        return v
+
+    def int_list(self, node: _Node, where: str, check) -> tuple[int, ...] | None:
+        """A scalar or a non-empty list of distinct integers, each passing `check`."""
+        items = node.value if isinstance(node.value, list) else [node]
+        if not items:
+            self.r.error(node.line, f"{where}: expected a value or a non-empty list")
+            return None
+        out = []
+        for i, item in enumerate(items):
+            v = check(item, where if not isinstance(node.value, list) else f"{where}[{i}]")
+            if v is None:
+                return None
+            if v in out:
+                self.r.error(item.line, f"{where}: {v} is listed twice")
+                return None
+            out.append(v)
+        return tuple(out)
+
+
+def _kind(v: Any) -> str:
+    if isinstance(v, bool):
+        return f"a boolean ({v})"
+    if v is None:
+        return "nothing (null)"
+    if isinstance(v, dict):
+        return "a mapping"
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, str):
+        return f"a string ({v!r})"
+    return f"{type(v).__name__} ({v!r})"
+
+
+def _join(where: str, key: str) -> str:
+    return key if where == "spec" else f"{where}.{key}"
+
+
+_TOP_KEYS = {
+    "name": True,
+    "description": False,
+    "heads": True,
+    "head_dim": True,
+    "v_head_dim": False,
+    "dtypes": True,
+    "mask": False,
+    "tiles": False,
+    "backward": False,
+}
+
+
+def parse_spec(text: str, filename: str = "<string>") -> Spec:
+    """Parse and validate spec text; raise SpecError listing every problem found."""
+    if len(text.encode()) > MAX_SPEC_BYTES:
+        raise SpecError([(filename, 1, f"spec is larger than {MAX_SPEC_BYTES} bytes")])
+    reader = _Reader(filename)
+    loader = _NoAliasComposer(text)
+    loader.name = filename
+    try:
+        root = loader.get_single_node()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else 1
+        raise SpecError([(filename, line, f"invalid YAML: {e.problem or e}")]) from None
+    except yaml.YAMLError as e:
+        raise SpecError([(filename, 1, f"invalid YAML: {e}")]) from None
+    finally:
+        loader.dispose()
+    if root is None:
+        raise SpecError([(filename, 1, "spec is empty")])
+    top = reader.convert(root)
+    v = _Validator(reader)
+    fields = v.mapping(top, "spec", _TOP_KEYS)
+    if fields is None:
+        raise SpecError(reader.problems)
+
+    name = None
+    if "name" in fields:
+        n = fields["name"]
+        if not isinstance(n.value, str):
+            reader.error(n.line, f"name: expected a string, got {_kind(n.value)}")
+        elif not n.value.isidentifier() or keyword.iskeyword(n.value) or not n.value.isascii():
+            reader.error(n.line, f"name: {n.value!r} is not a valid Python module name")
+        elif n.value.startswith("_"):
+            reader.error(n.line, f"name: {n.value!r} must not start with an underscore")
+        else:
+            name = n.value
+
+    description = ""
+    if "description" in fields:
+        d = fields["description"]
+        if not isinstance(d.value, str):
+            reader.error(d.line, f"description: expected a string, got {_kind(d.value)}")
+        else:
+            description = d.value.strip()
+
+    q_heads = kv_heads = None
+    if "heads" in fields:
+        h = v.mapping(fields["heads"], "heads", {"q": True, "kv": True})
+        if h is not None:
+            if "q" in h:
+                q_heads = v.int_in(h["q"], "heads.q", 1, MAX_HEADS)
+            if "kv" in h:
+                kv_heads = v.int_in(h["kv"], "heads.kv", 1, MAX_HEADS)
+            if q_heads is not None and kv_heads is not None and q_heads % kv_heads:
+                reader.error(h["kv"].line, f"heads.kv: {kv_heads} does not divide heads.q = {q_heads}")
+                kv_heads = None
+
+    lo, hi = HEAD_DIM_RANGE
+    head_dim = v.int_in(fields["head_dim"], "head_dim", lo, hi, multiple=8) if "head_dim" in fields else None
+    v_head_dim = head_dim
+    if "v_head_dim" in fields:
+        v_head_dim = v.int_in(fields["v_head_dim"], "v_head_dim", lo, hi, multiple=8)
+
+    dtypes = None
+    if "dtypes" in fields:
+        dn = fields["dtypes"]
+        items = dn.value if isinstance(dn.value, list) else [dn]
+        if not items:
+            reader.error(dn.line, "dtypes: expected at least one of " + ", ".join(DTYPES))
+        else:
+            seen: list[str] = []
+            for item in items:
+                if item.value not in DTYPES or not isinstance(item.value, str):
+                    reader.error(item.line, f"dtypes: {_kind(item.value)} is not one of {', '.join(DTYPES)}")
+                elif item.value in seen:
+                    reader.error(item.line, f"dtypes: {item.value} is listed twice")
+                else:
+                    seen.append(item.value)
+            if len(seen) == len(items):
+                dtypes = tuple(seen)
+
+    mask = "none"
+    if "mask" in fields:
+        m = fields["mask"]
+        if m.value not in MASKS or not isinstance(m.value, str):
+            reader.error(m.line, f"mask: {_kind(m.value)} is not one of {', '.join(MASKS)}")
+        else:
+            mask = m.value
+
+    tiles = Tiles(**DEFAULT_TILES)
+    if "tiles" in fields:
+        t = v.mapping(fields["tiles"], "tiles", {k: False for k in DEFAULT_TILES})
+        if t is not None:
+            blo, bhi = BLOCK_RANGE
+            slo, shi = NUM_STAGES_RANGE
+            checks = {
+                "block_m": lambda n, w: v.int_in(n, w, blo, bhi, pow2=True),
+                "block_n": lambda n, w: v.int_in(n, w, blo, bhi, pow2=True),
+                "num_warps": lambda n, w: _one_of(v, n, w, NUM_WARPS),
+                "num_stages": lambda n, w: v.int_in(n, w, slo, shi),
+            }
+            values = dict(DEFAULT_TILES)
+            for key, check in checks.items():
+                if key in t:
+                    values[key] = v.int_list(t[key], f"tiles.{key}", check)
+            if all(x is not None for x in values.values()):
+                tiles = Tiles(**values)
+
+    backward = True
+    if "backward" in fields:
+        b = fields["backward"]
+        if not isinstance(b.value, bool):
+            reader.error(b.line, f"backward: expected true or false, got {_kind(b.value)}")
+        else:
+            backward = b.value
+
+    if reader.problems:
+        raise SpecError(reader.problems)
+    assert None not in (name, q_heads, kv_heads, head_dim, v_head_dim, dtypes)
+    return Spec(
+        name=name,
+        q_heads=q_heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        v_head_dim=v_head_dim,
+        dtypes=dtypes,
+        mask=mask,
+        tiles=tiles,
+        backward=backward,
+        description=description,
+        path=filename,
+        sha256=hashlib.sha256(text.encode()).hexdigest(),
+    )
+
+
+def _one_of(v: _Validator, node: _Node, where: str, choices: tuple[int, ...]) -> int | None:
+    if not _is_int(node.value) or node.value not in choices:
+        v.r.error(node.line, f"{where}: {_kind(node.value)} is not one of {', '.join(map(str, choices))}")
+        return None
+    return node.value
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate one spec file."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise SpecError([(str(path), 1, f"cannot read spec: {e.strerror}")]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecError([(str(path), 1, "spec is not UTF-8 text")]) from None
+    return parse_spec(text, str(path))

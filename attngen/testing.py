@@ -1,0 +1,125 @@
+"""The one tolerance rule, and a comparison that says what went wrong.
+
+A kernel result passes when its error against the float64 reference is at most
+
+    K * (error of the same computation done by PyTorch at the input dtype) + ULP[dtype] * max(1, |ref|max)
+
+as flash-attention's tests do: the kernel may be a small factor worse than PyTorch at the same
+precision, never more, and the ulp floor covers cases where PyTorch happens to be exact (N = 1).
+Infinities must match exactly (a row that sees no key has lse = -inf in both); any NaN fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+K = 3.0
+ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-20}
+
+
+@dataclass
+class Comparison:
+    name: str
+    max_err: float
+    baseline_err: float
+    tolerance: float
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __str__(self) -> str:
+        head = f"{self.name}: max error {self.max_err:.3g} (PyTorch at dtype: {self.baseline_err:.3g}, tolerance {self.tolerance:.3g})"
+        return "\n  ".join([head, *self.problems])
+
+
+def compare(name: str, actual: torch.Tensor, ref: torch.Tensor, baseline: torch.Tensor, dtype: torch.dtype) -> Comparison:
+    """Compare a kernel result with the float64 reference under the tolerance rule."""
+    problems = []
+    if actual.shape != ref.shape:
+        return Comparison(name, float("inf"), 0.0, 0.0, [f"shape {tuple(actual.shape)} != reference {tuple(ref.shape)}"])
+    a = actual.detach().to(torch.float64).cpu()
+    r = ref.detach().to(torch.float64).cpu()
+    bl = baseline.detach().to(torch.float64).cpu()
+    nan = torch.isnan(a)
+    if nan.any():
+        where = nan.nonzero()[:3].tolist()
+        problems.append(f"{int(nan.sum())} NaN element(s), first at {where}")
+    inf_a, inf_r = torch.isinf(a), torch.isinf(r)
+    inf_bad = (inf_a | inf_r) & ~(inf_a & inf_r & (a == r))
+    if inf_bad.any():
+        where = inf_bad.nonzero()[:3].tolist()
+        problems.append(f"{int(inf_bad.sum())} element(s) infinite in one of kernel/reference only, first at {where}")
+    finite = torch.isfinite(a) & torch.isfinite(r)
+    diff = torch.where(finite, (a - r).abs(), torch.zeros_like(a))
+    bdiff = torch.where(torch.isfinite(bl) & torch.isfinite(r), (bl - r).abs(), torch.zeros_like(bl))
+    max_err = float(diff.max()) if diff.numel() else 0.0
+    base_err = float(bdiff.max()) if bdiff.numel() else 0.0
+    scale = float(torch.where(finite, r.abs(), torch.zeros_like(r)).max()) if r.numel() else 0.0
+    tol = K * base_err + ULP[dtype] * max(1.0, scale)
+    bad = diff > tol
+    if bad.any():
+        idx = diff.flatten().argmax().item()
+        pos = list(torch.unravel_index(torch.tensor(idx), diff.shape))
+        pos = [int(p) for p in pos]
+        problems.append(
+            f"{int(bad.sum())}/{diff.numel()} element(s) beyond tolerance; worst at {pos}: "
+            f"kernel {float(a.flatten()[idx]):.6g}, reference {float(r.flatten()[idx]):.6g}"
+        )
+    return Comparison(name, max_err, base_err, tol, problems)
+
+
+def random_inputs(mod, *, batch: int, n_q: int, n_k: int, dtype: torch.dtype, seed: int = 0, bnhd: bool = False):
+    """q, k, v for a generated module, as [B, H, N, D] tensors; with bnhd=True they are views of
+    [B, N, H, D] storage (the layout most models keep), exercising non-contiguous strides."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(h, n, d):
+        if bnhd:
+            return torch.randn(batch, n, h, d, generator=g).to(dtype).transpose(1, 2)
+        return torch.randn(batch, h, n, d, generator=g).to(dtype)
+
+    return (
+        make(mod.Q_HEADS, n_q, mod.HEAD_DIM),
+        make(mod.KV_HEADS, n_k, mod.HEAD_DIM),
+        make(mod.KV_HEADS, n_k, mod.V_HEAD_DIM),
+    )
+
+
+def _loss(o, lse, do, dlse):
+    # lse enters the loss too, so its gradient path is tested; -inf rows are left out
+    return (o.to(do.dtype) * do).sum() + (torch.where(torch.isfinite(lse), lse, 0).to(dlse.dtype) * dlse).sum()
+
+
+def check_module(mod, q, k, v, *, scale: float | None = None, backward: bool = True, seed: int = 0) -> list[Comparison]:
+    """Run a generated module on (q, k, v) and compare o, lse and (if backward) dq, dk, dv with the
+    float64 reference, using PyTorch at the input dtype as the baseline of the tolerance rule."""
+    from . import runtime
+    from .reference import attention_reference
+
+    dtype = q.dtype
+    leaves = [t.detach().requires_grad_(backward) for t in (q, k, v)]
+    with runtime.poison_outputs():
+        o, lse = mod.attention(*leaves, scale=scale, return_lse=True)
+    g = torch.Generator().manual_seed(seed + 1)
+    do = torch.randn(o.shape, generator=g, dtype=torch.float64)
+    dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64)
+    results = {}
+    for label, cdt in (("ref", torch.float64), ("base", None)):
+        ins = [t.detach().clone().requires_grad_(backward) for t in (q, k, v)]
+        ro, rlse = attention_reference(*ins, scale=scale, mask=mod.MASK, compute_dtype=cdt)
+        grads = [None, None, None]
+        if backward:
+            grads = torch.autograd.grad(_loss(ro, rlse, do.to(ro.dtype), dlse.to(rlse.dtype)), ins, allow_unused=True)
+        results[label] = (ro, rlse, *grads)
+    out = [compare("o", o, results["ref"][0], results["base"][0], dtype),
+           compare("lse", lse, results["ref"][1], results["base"][1], dtype)]
+    if backward:
+        with runtime.poison_outputs():
+            kernel_grads = torch.autograd.grad(_loss(o, lse, do.to(o.dtype), dlse.float()), leaves)
+        for name, kg, rg, bg in zip(("dq", "dk", "dv"), kernel_grads, results["ref"][2:], results["base"][2:]):
+            out.append(compare(name, kg, rg, bg, dtype))
+    return out
