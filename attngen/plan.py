@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Callable
 
 from .spec import Spec
 
@@ -26,6 +27,8 @@ class MaskRule:
       dkdv_full_start  first query (a multiple of BLOCK_M) from which every query sees every key of
                      the KV tile.
     `predicate` is the visibility test over `{q}` and `{kv}` index grids, or None.
+    `visible(q_idx, kv_idx)` and `fwd_bounds(start_m, block_m, n_k)` are the same rule in Python,
+    for counting tiles (benchmarks, `tile_counts`) and for checking the bounds against brute force.
     """
 
     doc: str
@@ -34,6 +37,8 @@ class MaskRule:
     fwd_end: str
     dkdv_start: str
     dkdv_full_start: str
+    visible: Callable[[int, int], bool]
+    fwd_bounds: Callable[[int, int, int], tuple[int, int]]
 
 
 MASK_RULES = {
@@ -44,6 +49,8 @@ MASK_RULES = {
         fwd_end="N_K",
         dkdv_start="0",
         dkdv_full_start="0",
+        visible=lambda q, kv: True,
+        fwd_bounds=lambda start_m, block_m, n_k: (n_k, n_k),
     ),
     "causal": MaskRule(
         doc="causal, q_idx >= kv_idx (top-left aligned, as SDPA's is_causal).",
@@ -52,8 +59,25 @@ MASK_RULES = {
         fwd_end="tl.minimum(start_m + BLOCK_M, N_K)",
         dkdv_start="start_n // BLOCK_M * BLOCK_M",
         dkdv_full_start="tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M",
+        visible=lambda q, kv: q >= kv,
+        fwd_bounds=lambda start_m, block_m, n_k: (min(start_m + 1, n_k), min(start_m + block_m, n_k)),
     ),
 }
+
+
+def tile_counts(mask: str, n_q: int, n_k: int, block_m: int, block_n: int) -> dict[str, int]:
+    """How many (query tile, KV tile) pairs the forward kernel visits, split into full (mask
+    skipped) and partial (mask applied), for one (batch, head). Mirrors the kernel's loops."""
+    rule = MASK_RULES[mask]
+    full = partial = 0
+    for start_m in range(0, n_q, block_m):
+        full_end, end = rule.fwd_bounds(start_m, block_m, n_k)
+        n_full = full_end // block_n
+        n_all = -(-end // block_n) if end > n_full * block_n else n_full
+        full += n_full
+        partial += n_all - n_full
+    total = -(-n_q // block_m) * -(-n_k // block_n)
+    return {"full": full, "partial": partial, "visited": full + partial, "total": total}
 
 
 def next_pow2(n: int) -> int:
