@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# GPU check for attngen, for a lent GPU machine with no network and no pip: records versions, runs
+# the test suite on the GPU, then the benchmark table, all within about 8 minutes.
+#
+#   scripts/gpu_check.sh OUTDIR
+#
+# Writes into OUTDIR: versions.txt, pytest.log, bench_*/ (bench.csv, meta.json, plots when
+# matplotlib is importable) with a log each, and summary.txt (each step's exit status and time).
+# One failing step does not stop the others. Exit status: 1 when the tests failed or did not finish,
+# 2 when only a benchmark step failed, 0 otherwise.
+# Environment: PYTHON (interpreter, default python, else python3), TOTAL_S (budget, default 470),
+# SKIP_TESTS=1 (benchmarks only, e.g. for a rerun; the exit status then ignores the tests).
+
+set -u -o pipefail
+
+if [ $# -ne 1 ]; then
+    echo "usage: $0 OUTDIR" >&2
+    exit 64
+fi
+OUT=$1
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT" || exit 1
+
+# attngen from this checkout, not installed (the `attngen` console script may not exist either)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-$(command -v python || command -v python3)}
+TOTAL_S=${TOTAL_S:-470}
+START=$(date +%s)
+SUMMARY="$OUT/summary.txt"
+: >"$SUMMARY"
+
+left() { echo $((TOTAL_S - ($(date +%s) - START))); }
+
+# step NAME LOG TIMEOUT_S CMD...: run with a timeout, log output, record status and duration
+step() {
+    local name=$1 log=$2 limit=$3
+    shift 3
+    local t0 rc
+    t0=$(date +%s)
+    echo "== $name (limit ${limit}s): $*" | tee -a "$SUMMARY"
+    timeout --signal=INT --kill-after=15 "$limit" "$@" >"$log" 2>&1
+    rc=$?
+    echo "   $name: exit $rc after $(($(date +%s) - t0))s, log $(basename "$log")" | tee -a "$SUMMARY"
+    tail -n 5 "$log" | sed 's/^/   | /'
+    return $rc
+}
+
+# -- versions
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "host: $(uname -a)"
+    echo "checkout: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+    git status --short 2>/dev/null | sed 's/^/  changed: /'
+    echo "python: $PY"
+    echo "--- nvidia-smi"
+    nvidia-smi 2>&1 || echo "nvidia-smi failed"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || true
+    echo "--- python packages"
+    "$PY" - <<'EOF' 2>&1
+import importlib, platform
+print("python", platform.python_version())
+for name in ("torch", "triton", "jinja2", "sympy", "yaml", "numpy", "pytest", "hypothesis", "matplotlib",
+             "flash_attn", "fla"):
+    try:
+        mod = importlib.import_module(name)
+        print(name, getattr(mod, "__version__", "(no __version__)"))
+    except Exception as e:
+        print(name, "not installed:", type(e).__name__, e)
+import torch
+print("torch.version.cuda", torch.version.cuda)
+print("cuda available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
+EOF
+} >"$OUT/versions.txt" 2>&1
+echo "== versions -> $OUT/versions.txt" | tee -a "$SUMMARY"
+grep -E "^(torch|triton|device|cuda available) " "$OUT/versions.txt" | sed 's/^/   | /'
+
+# -- generated/ up to date with specs/ (quick; informative only)
+step "attngen check" "$OUT/attngen_check.log" 60 "$PY" -m attngen.cli check
+check_rc=$?
+
+# -- tests on the GPU
+if [ "${SKIP_TESTS:-0}" = 1 ]; then
+    echo "== pytest: skipped (SKIP_TESTS=1)" | tee -a "$SUMMARY"
+    test_rc=0
+else
+    step "pytest" "$OUT/pytest.log" 210 "$PY" -m pytest -x -q
+    test_rc=$?
+fi
+
+# -- benchmarks: the headline table first, then whatever else fits
+bench_rc=0
+bench() {  # bench NAME MIN_S MAX_S ARGS...: run when at least MIN_S seconds are left
+    local name=$1 min_s=$2 max_s=$3
+    shift 3
+    local avail limit
+    avail=$(($(left) - 10))
+    if [ "$avail" -lt "$min_s" ]; then
+        echo "== $name: skipped, ${avail}s left" | tee -a "$SUMMARY"
+        return 0
+    fi
+    limit=$((avail < max_s ? avail : max_s))
+    mkdir -p "$OUT/$name"
+    step "$name" "$OUT/$name/log.txt" "$limit" "$PY" benchmarks/bench.py --device cuda --dtype bf16 \
+        --out "$OUT/$name" --budget $((limit - 25)) "$@" || bench_rc=1
+}
+
+bench bench_llama3_gqa 90 230 --specs specs/llama3_gqa.yaml --lengths 1k,2k,4k,8k,16k \
+    --sections timing --max-configs 6 --warmup 2 --seconds-per-measure 1
+bench bench_other_specs 60 120 --specs specs/mha.yaml specs/mqa.yaml specs/gqa_hd80.yaml --lengths 1k,4k,16k \
+    --sections timing --max-configs 4 --warmup 2 --seconds-per-measure 0.5
+bench bench_compile 45 90 --specs specs/llama3_gqa.yaml --sections tiles,compile --max-configs 6 \
+    --lengths 1k,4k,16k --probe-timeout 80
+
+echo "== total $(($(date +%s) - START))s" | tee -a "$SUMMARY"
+if [ "$test_rc" -ne 0 ]; then
+    echo "RESULT: tests FAILED (pytest exit $test_rc)" | tee -a "$SUMMARY"
+    exit 1
+fi
+if [ "$bench_rc" -ne 0 ]; then
+    echo "RESULT: tests passed; a benchmark step failed (see its log)" | tee -a "$SUMMARY"
+    exit 2
+fi
+[ "$check_rc" -ne 0 ] && echo "note: attngen check reported stale or missing generated modules" | tee -a "$SUMMARY"
+echo "RESULT: tests passed; benchmarks ran" | tee -a "$SUMMARY"
+exit 0
