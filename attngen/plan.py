@@ -27,7 +27,7 @@ class MaskRule:
       dkdv_full_start  first query (a multiple of BLOCK_M) from which every query sees every key of
                      the KV tile.
     `predicate` is the visibility test over `{q}` and `{kv}` index grids, or None.
-    `visible(q_idx, kv_idx)` and `fwd_bounds(start_m, block_m, n_k)` are the same rule in Python,
+    `visible(q_idx, kv_idx)` and `fwd_bounds(start_m, block_m, n_q, n_k)` are the same rule in Python,
     for counting tiles (benchmarks, `tile_counts`) and for checking the bounds against brute force.
     """
 
@@ -38,7 +38,7 @@ class MaskRule:
     dkdv_start: str
     dkdv_full_start: str
     visible: Callable[[int, int], bool]
-    fwd_bounds: Callable[[int, int, int], tuple[int, int]]
+    fwd_bounds: Callable[[int, int, int, int], tuple[int, int]]
 
 
 MASK_RULES = {
@@ -50,17 +50,17 @@ MASK_RULES = {
         dkdv_start="0",
         dkdv_full_start="0",
         visible=lambda q, kv: True,
-        fwd_bounds=lambda start_m, block_m, n_k: (n_k, n_k),
+        fwd_bounds=lambda start_m, block_m, n_q, n_k: (n_k, n_k),
     ),
     "causal": MaskRule(
         doc="causal, q_idx >= kv_idx (top-left aligned, as SDPA's is_causal).",
         predicate="({q} >= {kv})",
         fwd_full_end="tl.minimum(start_m + 1, N_K)",
-        fwd_end="tl.minimum(start_m + BLOCK_M, N_K)",
+        fwd_end="tl.minimum(tl.minimum(start_m + BLOCK_M, N_Q), N_K)",
         dkdv_start="start_n // BLOCK_M * BLOCK_M",
         dkdv_full_start="tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M",
         visible=lambda q, kv: q >= kv,
-        fwd_bounds=lambda start_m, block_m, n_k: (min(start_m + 1, n_k), min(start_m + block_m, n_k)),
+        fwd_bounds=lambda start_m, block_m, n_q, n_k: (min(start_m + 1, n_k), min(start_m + block_m, n_q, n_k)),
     ),
 }
 
@@ -71,7 +71,7 @@ def tile_counts(mask: str, n_q: int, n_k: int, block_m: int, block_n: int) -> di
     rule = MASK_RULES[mask]
     full = partial = 0
     for start_m in range(0, n_q, block_m):
-        full_end, end = rule.fwd_bounds(start_m, block_m, n_k)
+        full_end, end = rule.fwd_bounds(start_m, block_m, n_q, n_k)
         n_full = full_end // block_n
         n_all = -(-end // block_n) if end > n_full * block_n else n_full
         full += n_full

@@ -55,8 +55,8 @@ def attention_reference(
 
     q: [B, Hq, Nq, D]; k: [B, Hkv, Nk, D]; v: [B, Hkv, Nk, Dv]; Hkv divides Hq and query head h
     reads KV head h // (Hq // Hkv). Returns (o [B, Hq, Nq, Dv], lse [B, Hq, Nq]) in compute_dtype
-    (float64 by default; None keeps the inputs' dtype, with the softmax done in float32 as PyTorch
-    does, which is the baseline the tolerance rule compares against). lse is the natural log of the
+    (float64 by default; None computes at the inputs' dtype with PyTorch's own matmul and softmax,
+    the baseline the tolerance rule compares against; lse is then float32). lse is the natural log of the
     softmax denominator. A row with no visible key gives o = 0 and lse = -inf, and differentiates to
     zero gradients, never NaN. Differentiable in q, k and v (and through lse).
     """
@@ -74,26 +74,21 @@ def attention_reference(
     kc = kc.repeat_interleave(group, dim=1)
     vc = vc.repeat_interleave(group, dim=1)
     s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
-    if low:
-        s = s.float()
     visible = dense_mask(mask, b, hq, nq, nk, q.device)
+    if visible is None and nk == 0:
+        visible = torch.zeros(1, 1, nq, 0, dtype=torch.bool, device=q.device)
     if visible is not None:
         visible = visible.expand(b, hq, nq, nk)
-        s = s.masked_fill(~visible, float("-inf"))
         any_visible = visible.any(dim=-1, keepdim=True)
-        # Rows with nothing visible take a harmless stand-in so no NaN reaches autograd.
-        lse = torch.logsumexp(torch.where(any_visible, s, torch.zeros_like(s)), dim=-1, keepdim=True)
-        lse = torch.where(any_visible, lse, torch.full_like(lse, float("-inf")))
-        lse_safe = torch.where(any_visible, lse, torch.zeros_like(lse))
-    elif nk == 0:
-        lse = torch.full(s.shape[:-1] + (1,), float("-inf"), dtype=s.dtype, device=s.device)
-        lse_safe = torch.zeros_like(lse)
-    else:
-        lse = torch.logsumexp(s, dim=-1, keepdim=True)
-        lse_safe = lse
-    p = torch.exp(s - lse_safe)
-    if low:
-        p = p.to(dt)
+        # Masked scores are -inf; rows with nothing visible take a harmless stand-in of zeros so
+        # no NaN reaches autograd, and are zeroed afterwards.
+        s = torch.where(any_visible, s.masked_fill(~visible, float("-inf")), torch.zeros_like(s))
+    lse = torch.logsumexp(s.float() if low else s, dim=-1)
+    # Low precision: PyTorch's own softmax at the input dtype (it saves and differentiates the
+    # rounded probabilities), so the baseline has the errors an fp16/bf16 implementation has.
+    p = torch.softmax(s, dim=-1)
+    if visible is not None:
+        p = p * any_visible
+        lse = torch.where(any_visible.squeeze(-1), lse, torch.full_like(lse, float("-inf")))
     o = torch.matmul(p, vc)
-    lse = lse.squeeze(-1)
-    return o, (lse.to(dt) if not low else lse)
+    return o, lse

@@ -92,6 +92,9 @@ class _Node:
         self.key_lines: dict[str, int] = {}
 
 
+_PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map")}
+
+
 class _Reader:
     def __init__(self, filename: str):
         self.filename = filename
@@ -105,8 +108,9 @@ class _Reader:
         line = node.start_mark.line + 1
         if depth > 8:
             raise SpecError([(self.filename, line, "spec is nested too deeply")])
-        if node.tag.startswith("!") and not node.tag.startswith("!!"):
-            raise SpecError([(self.filename, line, f"YAML tag {node.tag!r} is not allowed")])
+        if node.tag not in _PLAIN_TAGS:
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            raise SpecError([(self.filename, line, f"YAML tag {tag!r} is not allowed")])
         if isinstance(node, yaml.ScalarNode):
             try:
                 value = self.constructor.construct_object(node, deep=True)
@@ -217,6 +221,10 @@ def _kind(v: Any) -> str:
         return "a list"
     if isinstance(v, str):
         return f"a string ({v!r})"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return f"a number ({v!r})"
     return f"{type(v).__name__} ({v!r})"
 
 

@@ -5,7 +5,8 @@ A kernel result passes when its error against the float64 reference is at most
     K * (error of the same computation done by PyTorch at the input dtype) + ULP[dtype] * max(1, |ref|max)
 
 as flash-attention's tests do: the kernel may be a small factor worse than PyTorch at the same
-precision, never more, and the ulp floor covers cases where PyTorch happens to be exact (N = 1).
+precision, never more, and the floor (about one fp16/bf16 ulp, or 32 fp32 ulps, of the largest reference value) covers
+cases where PyTorch happens to be exact (N = 1).
 Infinities must match exactly (a row that sees no key has lse = -inf in both); any NaN fails.
 """
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 K = 3.0
-ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-20}
+ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-18}
 
 
 @dataclass

@@ -8,7 +8,7 @@ Query head h reads KV head h // 8. Mask: causal, q_idx >= kv_idx (top-left align
 Dtypes: fp16, bf16. Backward: yes.
 
 Tile paths (decided at build time):
-  forward and dQ: KV tiles below (tl.minimum(start_m + 1, N_K)) run unmasked; tiles up to (tl.minimum(start_m + BLOCK_M, N_K)) apply the mask; later tiles are skipped.
+  forward and dQ: KV tiles below (tl.minimum(start_m + 1, N_K)) run unmasked; tiles up to (tl.minimum(tl.minimum(start_m + BLOCK_M, N_Q), N_K)) apply the mask; later tiles are skipped.
   dK/dV: query tiles from (start_n // BLOCK_M * BLOCK_M) to (tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M) apply the mask; later ones run unmasked; earlier ones are skipped.
 """
 
@@ -148,7 +148,7 @@ def _fwd_kernel(
             BLOCK_N, BLOCK_D, BLOCK_DV, False, DOT_UPCAST, DOT_PRECISION,
         )
     # -- partial tiles (mask and sequence end applied)
-    for start_n in range(full_end, tl.minimum(start_m + BLOCK_M, N_K), BLOCK_N):
+    for start_n in range(full_end, tl.minimum(tl.minimum(start_m + BLOCK_M, N_Q), N_K), BLOCK_N):
         b_m, b_l, b_acc = _fwd_tile(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
             stride_kn, stride_kd, stride_vn, stride_vd,
@@ -392,7 +392,7 @@ def _bwd_dq_kernel(
             stride_kn, stride_kd, stride_vn, stride_vd,
             BLOCK_N, BLOCK_D, BLOCK_DV, False, DOT_UPCAST, DOT_PRECISION,
         )
-    for start_n in range(full_end, tl.minimum(start_m + BLOCK_M, N_K), BLOCK_N):
+    for start_n in range(full_end, tl.minimum(tl.minimum(start_m + BLOCK_M, N_Q), N_K), BLOCK_N):
         b_dq = _bwd_dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
             stride_kn, stride_kd, stride_vn, stride_vd,

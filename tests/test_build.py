@@ -1,0 +1,141 @@
+"""The generator: deterministic, atomic, nothing written for a bad spec, and generated/ fresh."""
+
+import os
+import subprocess
+import sys
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attngen import __version__
+from attngen.build import build, check, render, spec_files
+from attngen.cli import main as cli
+from attngen.spec import load_spec
+from attngen.testing import check_module, random_inputs
+from attngen.verify import import_generated
+
+from helpers import ROOT, SPEC_PATHS, assert_all_ok
+
+SPEC = """\
+name: {name}
+heads: {{q: {q}, kv: {kv}}}
+head_dim: {d}
+dtypes: [{dtype}]
+mask: {mask}
+tiles: {{block_m: 16, block_n: 16, num_warps: 4, num_stages: 1}}
+"""
+
+
+def write_spec(dirpath, name="user_attn", q=4, kv=2, d=32, dtype="fp16", mask="causal", extra=""):
+    path = dirpath / f"{name}.yaml"
+    path.write_text(SPEC.format(name=name, q=q, kv=kv, d=d, dtype=dtype, mask=mask) + extra)
+    return path
+
+
+def test_generated_is_fresh():
+    """generated/ equals a fresh build of specs/ (regenerate with `attngen build`)."""
+    assert SPEC_PATHS, "no specs shipped"
+    assert check(ROOT / "specs", ROOT / "generated") == []
+
+
+def test_check_cli_passes_on_the_checkout():
+    assert cli(["check"]) == 0
+
+
+def test_build_is_deterministic_and_writes_only_when_changed(tmp_path):
+    spec = write_spec(tmp_path)
+    out = tmp_path / "out"
+    [(path, changed)] = build([spec], out)
+    assert changed and path == out / "user_attn.py"
+    first = path.read_bytes()
+    mtime = path.stat().st_mtime_ns
+    [(_, changed)] = build([spec], out)
+    assert not changed and path.read_bytes() == first and path.stat().st_mtime_ns == mtime
+    assert render(load_spec(spec)) == first.decode()
+    assert [p.name for p in out.iterdir()] == ["user_attn.py"], "no temporary files left behind"
+
+
+def test_header_names_spec_hash_version_and_command(tmp_path):
+    spec = write_spec(tmp_path)
+    text = render(load_spec(spec))
+    s = load_spec(spec)
+    assert f"attngen {__version__}" in text.splitlines()[0]
+    assert f"# spec-sha256: {s.sha256}" in text
+    assert "# regenerate: attngen build " in text
+
+
+def test_bad_spec_writes_nothing_and_exits_nonzero(tmp_path, capsys):
+    good = write_spec(tmp_path, name="good_one")
+    bad = write_spec(tmp_path, name="bad_one", kv=3)
+    out = tmp_path / "out"
+    assert cli(["build", str(good), str(bad), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:2: heads.kv: 3 does not divide heads.q = 4" in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_duplicate_names_are_rejected(tmp_path):
+    a = write_spec(tmp_path, name="same")
+    b = tmp_path / "other.yaml"
+    b.write_text(a.read_text())
+    assert cli(["build", str(a), str(b), "--out", str(tmp_path / "out")]) == 1
+
+
+def test_check_reports_stale_missing_and_orphan(tmp_path):
+    specs, out = tmp_path / "specs", tmp_path / "out"
+    specs.mkdir()
+    write_spec(specs, name="one")
+    write_spec(specs, name="two")
+    build(spec_files(specs), out)
+    assert check(specs, out) == []
+    (out / "one.py").write_text((out / "one.py").read_text() + "# edited\n")
+    (out / "two.py").unlink()
+    (out / "three.py").write_text("")
+    problems = "\n".join(check(specs, out))
+    assert "one.py: stale" in problems and "two.py: missing" in problems and "three.py: no spec" in problems
+    assert cli(["check", "--spec-dir", str(specs), "--out", str(out)]) == 1
+
+
+def test_module_entry_point_builds(tmp_path):
+    spec = write_spec(tmp_path)
+    env = dict(os.environ)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "attngen.cli", *a], capture_output=True, text=True, cwd=tmp_path, env=env)  # noqa: E731
+    r = run("build", str(spec), "--out", "gen")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "gen" / "user_attn.py").exists()
+
+
+@settings(max_examples=6)
+@given(
+    kv=st.sampled_from([1, 2, 3]),
+    group=st.sampled_from([1, 2, 3, 4, 5, 8]),
+    d=st.sampled_from([16, 24, 40, 64]),
+    mask=st.sampled_from(["none", "causal"]),
+    n_q=st.integers(1, 40),
+    n_k=st.integers(1, 40),
+)
+def test_a_new_spec_builds_imports_and_matches_reference(tmp_path_factory, kv, group, d, mask, n_q, n_k):
+    """The user's path: write a YAML with some head grouping and head_dim, build, import, check."""
+    tmp = tmp_path_factory.mktemp("user")
+    spec = write_spec(tmp, q=kv * group, kv=kv, d=d, mask=mask, extra=f"v_head_dim: {d + 8}\n")
+    [(path, _)] = build([spec], tmp / "out")
+    mod = import_generated(path)
+    import torch
+
+    q, k, v = random_inputs(mod, batch=1, n_q=n_q, n_k=n_k, dtype=torch.float16, seed=n_q)
+    assert_all_ok(check_module(mod, q, k, v), f"q={kv * group} kv={kv} d={d} {mask} {n_q}x{n_k}")
+
+
+def test_shipped_specs_cover_the_groupings():
+    specs = [load_spec(p) for p in SPEC_PATHS]
+    groupings = {s.grouping for s in specs}
+    assert groupings == {"MHA", "MQA", "GQA"}
+    assert any(s.head_dim & (s.head_dim - 1) for s in specs), "a head_dim that is not a power of two"
+    llama = next(s for s in specs if s.name == "llama3_gqa")
+    assert (llama.q_heads, llama.kv_heads, llama.head_dim, llama.mask) == (32, 8, 128, "causal")
+    assert set(llama.dtypes) == {"bf16", "fp16"}
+
+
+def test_cli_build_with_no_specs_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert cli(["build", "--spec-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2

@@ -1,0 +1,84 @@
+"""Spec validation: every kind of bad spec is rejected with FILE:LINE naming the key."""
+
+import pytest
+
+from attngen.spec import DEFAULT_TILES, SpecError, parse_spec
+
+GOOD = """\
+name: demo
+heads: {q: 8, kv: 2}
+head_dim: 64
+dtypes: [fp16, bf16]
+mask: causal
+"""
+
+
+def error_of(text: str) -> str:
+    with pytest.raises(SpecError) as info:
+        parse_spec(text, "demo.yaml")
+    return str(info.value)
+
+
+def test_good_spec_parses_with_defaults():
+    s = parse_spec(GOOD, "demo.yaml")
+    assert (s.name, s.q_heads, s.kv_heads, s.group, s.grouping) == ("demo", 8, 2, 4, "GQA")
+    assert s.v_head_dim == s.head_dim == 64
+    assert s.dtypes == ("fp16", "bf16") and s.mask == "causal" and s.backward is True
+    assert s.tiles.block_m == DEFAULT_TILES["block_m"]
+
+
+def test_spec_is_frozen():
+    s = parse_spec(GOOD, "demo.yaml")
+    with pytest.raises(AttributeError):
+        s.head_dim = 128
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (GOOD + "extra: 1\n", "demo.yaml:6: extra: unknown key"),
+        (GOOD.replace("{q: 8, kv: 2}", "{q: 8, kv: 3}"), "demo.yaml:2: heads.kv: 3 does not divide heads.q = 8"),
+        (GOOD.replace("{q: 8, kv: 2}", "{q: 8}"), "demo.yaml:2: heads.kv: required key is missing"),
+        (GOOD.replace("{q: 8, kv: 2}", "{q: 0, kv: 1}"), "demo.yaml:2: heads.q: 0 is out of range"),
+        (GOOD.replace("{q: 8, kv: 2}", "{q: 8, kv: 2, x: 1}"), "demo.yaml:2: heads.x: unknown key"),
+        (GOOD.replace("head_dim: 64", "head_dim: 60"), "demo.yaml:3: head_dim: 60 is not a multiple of 8"),
+        (GOOD.replace("head_dim: 64", "head_dim: 512"), "demo.yaml:3: head_dim: 512 is out of range"),
+        (GOOD.replace("head_dim: 64", "head_dim: '64'"), "demo.yaml:3: head_dim: expected an integer, got a string"),
+        (GOOD.replace("head_dim: 64", "head_dim: true"), "demo.yaml:3: head_dim: expected an integer, got a boolean"),
+        (GOOD + "v_head_dim: 12\n", "demo.yaml:6: v_head_dim: 12 is out of range"),
+        (GOOD.replace("[fp16, bf16]", "[fp16, fp8]"), "demo.yaml:4: dtypes: a string ('fp8') is not one of"),
+        (GOOD.replace("[fp16, bf16]", "[fp16, fp16]"), "demo.yaml:4: dtypes: fp16 is listed twice"),
+        (GOOD.replace("[fp16, bf16]", "[]"), "demo.yaml:4: dtypes: expected at least one"),
+        (GOOD.replace("mask: causal", "mask: sliding"), "demo.yaml:5: mask: a string ('sliding') is not one of"),
+        (GOOD.replace("name: demo", "name: 1st-module"), "demo.yaml:1: name: '1st-module' is not a valid Python module name"),
+        (GOOD.replace("name: demo", "name: class"), "demo.yaml:1: name: 'class' is not a valid Python module name"),
+        (GOOD.replace("name: demo", "name: _private"), "demo.yaml:1: name: '_private' must not start with an underscore"),
+        (GOOD.replace("name: demo\n", ""), "demo.yaml:1: name: required key is missing"),
+        (GOOD + "tiles: {block_m: 48}\n", "demo.yaml:6: tiles.block_m: 48 is not a power of two"),
+        (GOOD + "tiles: {block_n: [32, 512]}\n", "demo.yaml:6: tiles.block_n[1]: 512 is out of range"),
+        (GOOD + "tiles: {num_warps: 3}\n", "demo.yaml:6: tiles.num_warps: 3 is not one of 1, 2, 4, 8, 16"),
+        (GOOD + "tiles: {num_stages: [2, 2]}\n", "demo.yaml:6: tiles.num_stages: 2 is listed twice"),
+        (GOOD + "tiles: {blockm: 64}\n", "demo.yaml:6: tiles.blockm: unknown key"),
+        (GOOD + "tiles: 64\n", "demo.yaml:6: tiles: expected a mapping"),
+        (GOOD + "backward: 'no'\n", "demo.yaml:6: backward: expected true or false"),
+        (GOOD + "mask: none\n", "demo.yaml:6: mask: duplicate key (first on line 5)"),
+        (GOOD + "description: [a]\n", "demo.yaml:6: description: expected a string"),
+        ("- 1\n- 2\n", "demo.yaml:1: spec: expected a mapping, got a list"),
+        ("", "demo.yaml:1: spec is empty"),
+        ("name: [demo\n", "demo.yaml:2: invalid YAML"),
+        ("name: &n demo\nother: *n\n", "demo.yaml:1: YAML anchors are not allowed"),
+        ("name: !!python/object/apply:os.system ['true']\n", "demo.yaml:1: YAML tag '!!python/object/apply:os.system' is not allowed"),
+        ("name: !custom demo\n", "demo.yaml:1: YAML tag '!custom' is not allowed"),
+        ("head_dim: 1" + "0" * 5000 + "\n", "demo.yaml:1: invalid YAML value"),
+        ("a:\n" + "".join("  " * i + f"b{i}:\n" for i in range(1, 12)), "nested too deeply"),
+        ("name: x\n" * 1 + "#" * 70000, "larger than"),
+    ],
+)
+def test_bad_spec_is_rejected_with_location(text, expected):
+    assert expected in error_of(text)
+
+
+def test_all_problems_are_reported_in_line_order():
+    text = GOOD.replace("head_dim: 64", "head_dim: 60").replace("mask: causal", "mask: x") + "zzz: 1\n"
+    lines = error_of(text).splitlines()
+    assert [ln.split(":")[1] for ln in lines] == ["3", "5", "6"]
