@@ -29,7 +29,7 @@ class Header:
 def _env() -> jinja2.Environment:
     if not TEMPLATES.is_dir():
         raise FileNotFoundError(f"attngen templates not found at {TEMPLATES} (install attngen from a checkout)")
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES)),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
@@ -37,6 +37,8 @@ def _env() -> jinja2.Environment:
         keep_trailing_newline=True,
         autoescape=False,
     )
+    env.filters["py"] = repr  # a Python literal of a plan value
+    return env
 
 
 def display_path(path: str | Path) -> str:

@@ -50,6 +50,22 @@ def _cmd_verify(args) -> int:
     return verify_main(args.specs, spec_dir=args.spec_dir, out=args.out, seed=args.seed)
 
 
+def _cmd_report(args) -> int:
+    from .report import main as report_main
+
+    return report_main(
+        args.specs, spec_dir=args.spec_dir, out=args.out, archs=args.arch, configs=args.configs,
+        json_path=args.json, jobs=args.jobs,
+    )
+
+
+def _cmd_tune(args) -> int:
+    from .tune import main as tune_main
+
+    lengths = tuple(int(x) for x in args.lengths.split(","))
+    return tune_main(args.specs, spec_dir=args.spec_dir, out=args.out, lengths=lengths, batch=args.batch)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attngen", description="Generate Triton attention kernels from YAML specs.")
     parser.add_argument("--version", action="version", version=f"attngen {__version__}")
@@ -74,6 +90,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="generated", help="where the modules are built (default: generated)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser(
+        "report",
+        help="compile every kernel ahead of time for GPU archs; report registers, spills, shared memory, "
+        "tensor cores per autotune config",
+    )
+    p.add_argument("specs", nargs="*", help="spec files or generated modules (default: every spec in --spec-dir)")
+    p.add_argument("--spec-dir", default="specs")
+    p.add_argument("--out", default="generated", help="where the modules are built (default: generated)")
+    p.add_argument("--arch", default="sm_80,sm_90", help="comma-separated GPU architectures (default: sm_80,sm_90)")
+    p.add_argument(
+        "--configs", choices=("first", "all"), default="all",
+        help="autotune configs to compile: the first (smallest tiles) or all (default)",
+    )
+    p.add_argument("--json", metavar="FILE", help="also write every row to FILE as JSON")
+    p.add_argument("--jobs", type=int, default=None, help="compile processes (default: one per CPU)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("tune", help="autotune every kernel on this GPU and persist the winners")
+    p.add_argument("specs", nargs="*", help="spec files (default: every spec in --spec-dir)")
+    p.add_argument("--spec-dir", default="specs")
+    p.add_argument("--out", default="generated")
+    p.add_argument("--lengths", default="1024,4096,8192,16384", help="sequence lengths to tune for")
+    p.add_argument("--batch", type=int, default=1)
+    p.set_defaults(func=_cmd_tune)
 
     args = parser.parse_args(argv)
     return args.func(args)

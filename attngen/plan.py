@@ -104,6 +104,7 @@ class Plan:
     mask_doc: str
     backward: bool
     space: tuple[dict, ...]
+    pruned: int
     paths: tuple[str, ...]
     # Triton source fragments
     fwd_full_end: str
@@ -126,15 +127,41 @@ class Plan:
     vt_cols_mask_n: str
 
 
-def autotune_space(spec: Spec) -> tuple[dict, ...]:
-    """All tile combinations from the spec, smallest tiles first (the interpreter runs the first)."""
+# Shared memory a config may plan for: the smaller opt-in maximum of the targets (A100, sm_80),
+# so one generated module suits sm_80 and sm_90. `attngen report` shows the real figures.
+SMEM_BUDGET = 163 * 1024
+# fp32 accumulator elements per thread ([BLOCK_M, BLOCK_DV] over num_warps * 32 threads); beyond
+# this the forward spills on both targets.
+ACC_PER_THREAD = 128
+BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+
+def smem_estimate(c: dict, block_d: int, block_dv: int, elem_bytes: int) -> int:
+    """Forward shared memory: the Q tile plus num_stages buffered K and V tiles."""
+    return elem_bytes * (c["block_m"] * block_d + c["num_stages"] * c["block_n"] * (block_d + block_dv))
+
+
+def keep(c: dict, block_d: int, block_dv: int, elem_bytes: int) -> bool:
+    """The autotune pruning rule: fits shared memory, and the accumulator fits in registers."""
+    fits_smem = smem_estimate(c, block_d, block_dv, elem_bytes) <= SMEM_BUDGET
+    acc_ok = c["block_m"] * block_dv <= ACC_PER_THREAD * 32 * c["num_warps"]
+    return fits_smem and acc_ok
+
+
+def autotune_space(spec: Spec) -> tuple[tuple[dict, ...], int]:
+    """The spec's tile combinations that pass `keep`, smallest tiles first (the interpreter runs
+    the first), and how many were pruned. If the rule prunes everything the smallest is kept."""
     t = spec.tiles
-    combos = itertools.product(
-        sorted(t.block_m), sorted(t.block_n), sorted(t.num_warps), sorted(t.num_stages)
-    )
-    return tuple(
-        {"block_m": bm, "block_n": bn, "num_warps": w, "num_stages": s} for bm, bn, w, s in combos
-    )
+    block_d, block_dv = next_pow2(spec.head_dim), next_pow2(spec.v_head_dim)
+    elem = max(BYTES[d] for d in spec.dtypes)
+    combos = [
+        {"block_m": bm, "block_n": bn, "num_warps": w, "num_stages": s}
+        for bm, bn, w, s in itertools.product(
+            sorted(t.block_m), sorted(t.block_n), sorted(t.num_warps), sorted(t.num_stages)
+        )
+    ]
+    kept = [c for c in combos if keep(c, block_d, block_dv, elem)] or combos[:1]
+    return tuple(kept), len(combos) - len(kept)
 
 
 def make_plan(spec: Spec) -> Plan:
@@ -168,6 +195,7 @@ def make_plan(spec: Spec) -> Plan:
             "forward and dQ: every KV tile runs unmasked except the last partial one (sequence end).",
             "dK/dV: every query tile runs unmasked (rows past the end contribute p = 0).",
         )
+    space, pruned = autotune_space(spec)
     if spec.description:
         summary = f"{spec.description.rstrip('.')}. {summary}"
     return Plan(
@@ -184,7 +212,8 @@ def make_plan(spec: Spec) -> Plan:
         mask=spec.mask,
         mask_doc=rule.doc,
         backward=spec.backward,
-        space=autotune_space(spec),
+        space=space,
+        pruned=pruned,
         paths=paths,
         fwd_full_end=rule.fwd_full_end,
         fwd_end=rule.fwd_end,

@@ -11,7 +11,11 @@ is defined: generated modules import this module first for that reason.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import tempfile
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -83,6 +87,90 @@ def configs(space: list[dict]) -> list[triton.Config]:
         )
         for c in chosen
     ]
+
+
+# ----------------------------------------------------------------------------- autotune cache
+
+CACHE_VERSION = 1
+
+
+def cache_path() -> Path:
+    """Where tuned configs persist: $ATTNGEN_CACHE_DIR/autotune.json, else ~/.cache/attngen/."""
+    root = os.environ.get("ATTNGEN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "attngen")
+    return Path(root) / "autotune.json"
+
+
+def _device_name() -> str:
+    if INTERPRET or not torch.cuda.is_available():
+        return "interpreter"
+    return torch.cuda.get_device_name()
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        warnings.warn(f"attngen: ignoring unreadable autotune cache {path} ({e}); configs will be re-tuned")
+        return {}
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), dict):
+        warnings.warn(f"attngen: ignoring autotune cache {path} with an unknown format; configs will be re-tuned")
+        return {}
+    return data["entries"]
+
+
+def _config_dict(c: triton.Config) -> dict:
+    return {"block_m": c.kwargs["BLOCK_M"], "block_n": c.kwargs["BLOCK_N"], "num_warps": c.num_warps, "num_stages": c.num_stages}
+
+
+class TuneCache:
+    """Persists each kernel's autotune winner across processes.
+
+    Entries are keyed by kernel identity (module, kernel, spec hash), device name, Triton version and
+    the autotune key (sequence-length buckets and dtype). A corrupt file or an entry naming a config
+    that is not in the kernel's space gives a warning and a re-tune, never an error.
+    """
+
+    def __init__(self, kernel_id: str):
+        self.kernel_id = kernel_id
+        self.pending: str | None = None
+
+    def entry_key(self, named_args: dict) -> str:
+        dtype = next((str(v.dtype) for v in named_args.values() if hasattr(v, "dtype")), "-")
+        parts = [self.kernel_id, _device_name(), triton.__version__, dtype]
+        parts += [f"{k}={named_args[k]}" for k in sorted(named_args) if k.endswith("_BUCKET")]
+        return "|".join(parts)
+
+    def prune(self, configs, named_args, **kwargs):
+        """Autotune early-prune hook: a cached winner short-cuts the benchmark."""
+        key = self.entry_key(named_args)
+        entry = _read_cache(cache_path()).get(key)
+        if entry is not None:
+            for c in configs:
+                if _config_dict(c) == entry:
+                    self.pending = None
+                    return [c]
+            warnings.warn(f"attngen: cached config {entry} for {key} is not in the kernel's space; re-tuning")
+        self.pending = key
+        return configs
+
+    def record(self, kernel) -> None:
+        """After a launch: persist the winner of a benchmark that just ran."""
+        if self.pending is None or getattr(kernel, "best_config", None) is None:
+            return
+        key, self.pending = self.pending, None
+        path = cache_path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            entries = _read_cache(path)
+            entries[key] = _config_dict(kernel.best_config)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".autotune.", suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"version": CACHE_VERSION, "entries": entries}, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except OSError as e:
+            warnings.warn(f"attngen: could not write autotune cache {path} ({e})")
 
 
 def seq_bucket(n: int) -> int:

@@ -25,9 +25,12 @@ GROUP = 3
 HEAD_DIM = 80
 V_HEAD_DIM = 48
 MASK = "causal"
-DTYPES = ("fp16", "bf16", "fp32", )
+DTYPES = ('fp16', 'bf16', 'fp32')
 
-# Autotune space (block_m, block_n, num_warps, num_stages), smallest tiles first.
+SPEC_SHA256 = "3a0655745606f8ccb480f8140456514ca842c582c3c9c07636a658de0595908b"
+
+# Autotune space (block_m, block_n, num_warps, num_stages), smallest tiles first; 0 of the
+# spec's combinations were pruned by attngen.plan.keep (shared memory and accumulator size).
 _SPACE = [
     {"block_m": 32, "block_n": 16, "num_warps": 4, "num_stages": 1},
     {"block_m": 32, "block_n": 16, "num_warps": 4, "num_stages": 2},
@@ -43,6 +46,7 @@ _SPACE = [
     {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2},
 ]
 _KEY = ["N_Q_BUCKET", "N_K_BUCKET"]
+_TUNE_FWD = _rt.TuneCache(f"{NAME}._fwd_kernel@{SPEC_SHA256[:16]}")
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -91,7 +95,7 @@ def _fwd_tile(
     return b_m_new, b_l, b_acc
 
 
-@triton.autotune(configs=_rt.configs(_SPACE), key=_KEY)
+@triton.autotune(configs=_rt.configs(_SPACE), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_FWD.prune})
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE,
@@ -170,10 +174,14 @@ def _forward(q, k, v, scale):
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=128, BLOCK_DV=64,
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
     )
+    _TUNE_FWD.record(_fwd_kernel)
     return o, lse
 
 
 # ----------------------------------------------------------------------------- backward (FlashAttention-2)
+
+_TUNE_DKDV = _rt.TuneCache(f"{NAME}._bwd_dkdv_kernel@{SPEC_SHA256[:16]}")
+_TUNE_DQ = _rt.TuneCache(f"{NAME}._bwd_dq_kernel@{SPEC_SHA256[:16]}")
 
 
 @triton.jit
@@ -237,7 +245,7 @@ def _bwd_dkdv_tile(
     return b_dk, b_dv
 
 
-@triton.autotune(configs=_rt.configs(_SPACE), key=_KEY)
+@triton.autotune(configs=_rt.configs(_SPACE), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_DKDV.prune})
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
@@ -334,7 +342,7 @@ def _bwd_dq_tile(
     return b_dq
 
 
-@triton.autotune(configs=_rt.configs(_SPACE), key=_KEY)
+@triton.autotune(configs=_rt.configs(_SPACE), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_DQ.prune})
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
@@ -415,12 +423,14 @@ def _backward(q, k, v, o, lse, do, dlse, scale):
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         *sizes, H=Q_HEADS, H_KV=KV_HEADS, GROUP=GROUP, **common,
     )
+    _TUNE_DKDV.record(_bwd_dkdv_kernel)
     grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * Q_HEADS)  # noqa: E731
     _bwd_dq_kernel[grid_q](
         q, k, v, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         *sizes, H=Q_HEADS, GROUP=GROUP, **common,
     )
+    _TUNE_DQ.record(_bwd_dq_kernel)
     return dq, dk, dv
 
 

@@ -25,9 +25,12 @@ GROUP = 4
 HEAD_DIM = 128
 V_HEAD_DIM = 128
 MASK = "causal"
-DTYPES = ("bf16", "fp16", )
+DTYPES = ('bf16', 'fp16')
 
-# Autotune space (block_m, block_n, num_warps, num_stages), smallest tiles first.
+SPEC_SHA256 = "a9a7d6a63aa372d5a44efde64a068bdb5816392d9d2656d5bca0e3ea0087e887"
+
+# Autotune space (block_m, block_n, num_warps, num_stages), smallest tiles first; 6 of the
+# spec's combinations were pruned by attngen.plan.keep (shared memory and accumulator size).
 _SPACE = [
     {"block_m": 32, "block_n": 32, "num_warps": 4, "num_stages": 2},
     {"block_m": 32, "block_n": 32, "num_warps": 4, "num_stages": 3},
@@ -38,9 +41,7 @@ _SPACE = [
     {"block_m": 32, "block_n": 64, "num_warps": 8, "num_stages": 2},
     {"block_m": 32, "block_n": 64, "num_warps": 8, "num_stages": 3},
     {"block_m": 32, "block_n": 128, "num_warps": 4, "num_stages": 2},
-    {"block_m": 32, "block_n": 128, "num_warps": 4, "num_stages": 3},
     {"block_m": 32, "block_n": 128, "num_warps": 8, "num_stages": 2},
-    {"block_m": 32, "block_n": 128, "num_warps": 8, "num_stages": 3},
     {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2},
     {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 3},
     {"block_m": 64, "block_n": 32, "num_warps": 8, "num_stages": 2},
@@ -50,9 +51,7 @@ _SPACE = [
     {"block_m": 64, "block_n": 64, "num_warps": 8, "num_stages": 2},
     {"block_m": 64, "block_n": 64, "num_warps": 8, "num_stages": 3},
     {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 2},
-    {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3},
     {"block_m": 64, "block_n": 128, "num_warps": 8, "num_stages": 2},
-    {"block_m": 64, "block_n": 128, "num_warps": 8, "num_stages": 3},
     {"block_m": 128, "block_n": 32, "num_warps": 4, "num_stages": 2},
     {"block_m": 128, "block_n": 32, "num_warps": 4, "num_stages": 3},
     {"block_m": 128, "block_n": 32, "num_warps": 8, "num_stages": 2},
@@ -62,11 +61,10 @@ _SPACE = [
     {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 2},
     {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3},
     {"block_m": 128, "block_n": 128, "num_warps": 4, "num_stages": 2},
-    {"block_m": 128, "block_n": 128, "num_warps": 4, "num_stages": 3},
     {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 2},
-    {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3},
 ]
 _KEY = ["N_Q_BUCKET", "N_K_BUCKET"]
+_TUNE_FWD = _rt.TuneCache(f"{NAME}._fwd_kernel@{SPEC_SHA256[:16]}")
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -115,7 +113,7 @@ def _fwd_tile(
     return b_m_new, b_l, b_acc
 
 
-@triton.autotune(configs=_rt.configs(_SPACE), key=_KEY)
+@triton.autotune(configs=_rt.configs(_SPACE), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_FWD.prune})
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE,
@@ -194,10 +192,14 @@ def _forward(q, k, v, scale):
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=128, BLOCK_DV=128,
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
     )
+    _TUNE_FWD.record(_fwd_kernel)
     return o, lse
 
 
 # ----------------------------------------------------------------------------- backward (FlashAttention-2)
+
+_TUNE_DKDV = _rt.TuneCache(f"{NAME}._bwd_dkdv_kernel@{SPEC_SHA256[:16]}")
+_TUNE_DQ = _rt.TuneCache(f"{NAME}._bwd_dq_kernel@{SPEC_SHA256[:16]}")
 
 
 @triton.jit
@@ -261,7 +263,7 @@ def _bwd_dkdv_tile(
     return b_dk, b_dv
 
 
-@triton.autotune(configs=_rt.configs(_SPACE), key=_KEY)
+@triton.autotune(configs=_rt.configs(_SPACE), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_DKDV.prune})
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
@@ -358,7 +360,7 @@ def _bwd_dq_tile(
     return b_dq
 
 
-@triton.autotune(configs=_rt.configs(_SPACE), key=_KEY)
+@triton.autotune(configs=_rt.configs(_SPACE), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_DQ.prune})
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
@@ -439,12 +441,14 @@ def _backward(q, k, v, o, lse, do, dlse, scale):
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         *sizes, H=Q_HEADS, H_KV=KV_HEADS, GROUP=GROUP, **common,
     )
+    _TUNE_DKDV.record(_bwd_dkdv_kernel)
     grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * Q_HEADS)  # noqa: E731
     _bwd_dq_kernel[grid_q](
         q, k, v, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         *sizes, H=Q_HEADS, GROUP=GROUP, **common,
     )
+    _TUNE_DQ.record(_bwd_dq_kernel)
     return dq, dk, dv
 
 

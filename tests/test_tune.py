@@ -1,0 +1,89 @@
+"""The persistent autotune cache: a second process reuses winners; bad entries re-tune, never crash."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import triton
+
+from attngen import runtime
+from attngen.cli import main as cli
+from attngen.plan import SMEM_BUDGET, autotune_space, keep, smem_estimate
+from attngen.spec import parse_spec
+
+from helpers import ROOT
+
+
+def _configs():
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=2)
+        for bm, bn in ((32, 32), (64, 32), (64, 64))
+    ]
+
+
+class _FakeKernel:
+    def __init__(self, best):
+        self.best_config = best
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+ARGS = {"Q": runtime.empty((1,), dtype=runtime.torch.float16, device="cpu"), "N_Q_BUCKET": 1024, "N_K_BUCKET": 1024}
+
+
+def test_winner_is_persisted_and_reused(cache_dir):
+    configs = _configs()
+    tuner = runtime.TuneCache("mod._fwd_kernel@abc")
+    assert tuner.prune(configs, ARGS) == configs, "a miss benchmarks every config"
+    tuner.record(_FakeKernel(configs[1]))
+    saved = json.loads((cache_dir / "autotune.json").read_text())
+    assert list(saved["entries"].values()) == [{"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2}]
+    fresh = runtime.TuneCache("mod._fwd_kernel@abc")  # as in a second process
+    assert fresh.prune(_configs(), ARGS)[0].kwargs == configs[1].kwargs
+    other_bucket = dict(ARGS, N_Q_BUCKET=2048)
+    assert len(fresh.prune(_configs(), other_bucket)) == 3, "another length bucket is tuned on its own"
+
+
+def test_corrupt_cache_warns_and_retunes(cache_dir):
+    (cache_dir / "autotune.json").write_text("{not json")
+    tuner = runtime.TuneCache("k")
+    with pytest.warns(UserWarning, match="unreadable autotune cache"):
+        assert len(tuner.prune(_configs(), ARGS)) == 3
+    with pytest.warns(UserWarning):
+        tuner.record(_FakeKernel(_configs()[0]))
+    assert json.loads((cache_dir / "autotune.json").read_text())["version"] == runtime.CACHE_VERSION
+
+
+def test_stale_entry_warns_and_retunes(cache_dir):
+    tuner = runtime.TuneCache("k")
+    key = tuner.entry_key(ARGS)
+    stale = {"block_m": 256, "block_n": 256, "num_warps": 8, "num_stages": 5}
+    (cache_dir / "autotune.json").write_text(json.dumps({"version": runtime.CACHE_VERSION, "entries": {key: stale}}))
+    with pytest.warns(UserWarning, match="not in the kernel's space"):
+        assert len(tuner.prune(_configs(), ARGS)) == 3
+
+
+def test_pruning_rule():
+    # D = 128 bf16: a 128x128 tile with 3 stages needs more than the sm_80 budget
+    big = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3}
+    assert smem_estimate(big, 128, 128, 2) > SMEM_BUDGET and not keep(big, 128, 128, 2)
+    assert keep({"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}, 128, 128, 2)
+    # the accumulator rule: 128 x 256 fp32 over 4 warps is 256 registers per thread
+    assert not keep({"block_m": 128, "block_n": 16, "num_warps": 4, "num_stages": 1}, 256, 256, 2)
+    spec = parse_spec(
+        "name: x\nheads: {q: 1, kv: 1}\nhead_dim: 256\ndtypes: fp32\n"
+        "tiles: {block_m: 256, block_n: 256, num_warps: 4, num_stages: 4}\n",
+        "x.yaml",
+    )
+    space, pruned = autotune_space(spec)
+    assert len(space) == 1 and pruned == 0, "when the rule prunes everything the smallest config stays"
+
+
+def test_tune_command_on_the_cpu(capsys):
+    assert cli(["tune", "specs/mha.yaml", "--out", "generated"]) == 0
+    assert "nothing to tune without a GPU" in capsys.readouterr().out
