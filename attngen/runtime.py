@@ -27,6 +27,9 @@ import triton  # noqa: E402  (after the interpreter choice above)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 """True when kernels run in Triton's interpreter (on the CPU) rather than compiled for a GPU."""
 
+DEVICE = "cpu" if INTERPRET else "cuda"
+"""Where generated modules expect their tensors in this process."""
+
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
@@ -77,8 +80,10 @@ def empty_like(t: torch.Tensor) -> torch.Tensor:
 
 def configs(space: list[dict]) -> list[triton.Config]:
     """Autotune configs from the plan's space. The interpreter runs one (the first in the space,
-    which the plan orders smallest tiles first): timing under the interpreter means nothing."""
-    chosen = space[:1] if INTERPRET else space
+    which the plan orders smallest tiles first): timing under the interpreter means nothing.
+    ATTNGEN_CONFIGS=first does the same on a GPU (quick test runs without autotuning)."""
+    only_first = INTERPRET or os.environ.get("ATTNGEN_CONFIGS", "all") == "first"
+    chosen = space[:1] if only_first else space
     return [
         triton.Config(
             {"BLOCK_M": c["block_m"], "BLOCK_N": c["block_n"]},

@@ -74,14 +74,17 @@ def compare(name: str, actual: torch.Tensor, ref: torch.Tensor, baseline: torch.
 
 
 def random_inputs(mod, *, batch: int, n_q: int, n_k: int, dtype: torch.dtype, seed: int = 0, bnhd: bool = False):
-    """q, k, v for a generated module, as [B, H, N, D] tensors; with bnhd=True they are views of
+    """q, k, v for a generated module, as [B, H, N, D] tensors on the device the module runs on
+    (CPU under the interpreter, else CUDA); with bnhd=True they are views of
     [B, N, H, D] storage (the layout most models keep), exercising non-contiguous strides."""
+    from .runtime import DEVICE
+
     g = torch.Generator().manual_seed(seed)
 
     def make(h, n, d):
         if bnhd:
-            return torch.randn(batch, n, h, d, generator=g).to(dtype).transpose(1, 2)
-        return torch.randn(batch, h, n, d, generator=g).to(dtype)
+            return torch.randn(batch, n, h, d, generator=g).to(DEVICE, dtype).transpose(1, 2)
+        return torch.randn(batch, h, n, d, generator=g).to(DEVICE, dtype)
 
     return (
         make(mod.Q_HEADS, n_q, mod.HEAD_DIM),
@@ -106,8 +109,8 @@ def check_module(mod, q, k, v, *, scale: float | None = None, backward: bool = T
     with runtime.poison_outputs():
         o, lse = mod.attention(*leaves, scale=scale, return_lse=True)
     g = torch.Generator().manual_seed(seed + 1)
-    do = torch.randn(o.shape, generator=g, dtype=torch.float64)
-    dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64)
+    do = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)
+    dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64).to(o.device)
     results = {}
     for label, cdt in (("ref", torch.float64), ("base", None)):
         ins = [t.detach().clone().requires_grad_(backward) for t in (q, k, v)]

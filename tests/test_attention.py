@@ -74,9 +74,9 @@ def test_gqa_head_mapping(spec):
     mod = generated(spec.name)
     dtype = runtime.TORCH_DTYPES[spec.dtypes[0]]
     q, k, _ = random_inputs(mod, batch=1, n_q=9, n_k=9, dtype=dtype)
-    v = torch.arange(spec.kv_heads, dtype=dtype).view(1, -1, 1, 1).expand(1, spec.kv_heads, 9, spec.v_head_dim)
+    v = torch.arange(spec.kv_heads, dtype=dtype, device=q.device).view(1, -1, 1, 1).expand(1, spec.kv_heads, 9, spec.v_head_dim)
     o = mod.attention(q, k, v.contiguous())
-    expect = (torch.arange(spec.q_heads) // spec.group).float().view(1, -1, 1, 1).expand_as(o)
+    expect = (torch.arange(spec.q_heads, device=q.device) // spec.group).float().view(1, -1, 1, 1).expand_as(o)
     # the softmax weights sum to 1 up to rounding, far closer than the 1 between heads
     torch.testing.assert_close(o.float(), expect, atol=0.05, rtol=0.01)
 
