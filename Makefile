@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	else \
 		$(BIN)/pip install --quiet $(CPU_TORCH); \
 	fi
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,bench]'
 	@touch $@
 
 verify: $(VENV)/.installed

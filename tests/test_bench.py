@@ -61,6 +61,8 @@ def test_quick_run_on_cpu(tmp_path):
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert {"device", "torch", "triton", "date", "command", "flop_rule", "columns"} <= set(meta)
     assert "2.5" in meta["flop_rule"]
+    if importlib.util.find_spec("matplotlib") is not None:  # the `bench` extra, installed by the Makefile
+        assert list(tmp_path.glob("*.png")), "matplotlib is installed but no plot was written"
 
 
 @pytest.mark.parametrize("n_q,n_k", [(1, 1), (77, 77), (64, 64), (33, 50), (50, 33), (300, 129)])
