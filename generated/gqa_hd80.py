@@ -48,8 +48,7 @@ _SPACE = [
 _KEY = ["N_Q_BUCKET", "N_K_BUCKET"]
 _TUNE_FWD = _rt.TuneCache(f"{NAME}._fwd_kernel@{SPEC_SHA256[:16]}")
 
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
+_LOG2E = 1.4426950408889634  # host side; kernels spell their constants out (no non-constexpr globals)
 
 
 @triton.jit
@@ -150,7 +149,8 @@ def _fwd_kernel(
     # -- rows with no visible key: o = 0, lse = -inf
     m_any = b_l > 0.0
     b_o = b_acc / tl.where(m_any, b_l, 1.0)[:, None]
-    b_lse = tl.where(m_any, (b_m + tl.math.log2(tl.where(m_any, b_l, 1.0))) * _LN2, float("-inf"))
+    # lse in natural log: (m + log2 l) * ln 2
+    b_lse = tl.where(m_any, (b_m + tl.math.log2(tl.where(m_any, b_l, 1.0))) * 0.6931471805599453, float("-inf"))
     p_o = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
     tl.store(p_o + o_m[:, None] * stride_om + o_dv[None, :] * stride_od, b_o.to(O.dtype.element_ty), mask=m_m[:, None] & (o_dv[None, :] < V_HEAD_DIM))
     tl.store(LSE + i_bh.to(tl.int64) * N_Q + o_m, b_lse, mask=m_m)
