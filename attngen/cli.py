@@ -55,7 +55,7 @@ def _cmd_report(args) -> int:
 
     return report_main(
         args.specs, spec_dir=args.spec_dir, out=args.out, archs=args.arch, configs=args.configs,
-        json_path=args.json, jobs=args.jobs,
+        json_path=args.json, jobs=args.jobs, timeout=args.timeout,
     )
 
 
@@ -106,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", metavar="FILE", help="also write every row to FILE as JSON")
     p.add_argument("--jobs", type=int, default=None, help="compile processes (default: one per CPU)")
+    p.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds one compilation may take (default: 300); "
+        "a config past it is reported as an error",
+    )
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("tune", help="autotune every kernel on this GPU and persist the winners")
