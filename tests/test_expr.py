@@ -1,12 +1,14 @@
 """The mask / score_mod language: parsing, rejection of hostile text, helpers against brute force,
 and the Triton printout run in a tiny kernel against to_torch (Triton's interpreter on the CPU)."""
 
+import atexit
 import hashlib
 import importlib.util
 import itertools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -97,7 +99,8 @@ def brute(fn, values, q0=0, kv0=0):
 
 # --------------------------------------------------------------------------- the kernel harness
 
-_KERNEL_DIR = Path(tempfile.mkdtemp(prefix="attngen_expr_"))
+_KERNEL_DIR = Path(tempfile.mkdtemp(prefix="attngen_expr_"))  # kernels need a source file
+atexit.register(shutil.rmtree, _KERNEL_DIR, ignore_errors=True)
 KERNEL = """\
 import triton
 import triton.language as tl
