@@ -103,8 +103,7 @@ class Plan:
     mask: str
     mask_doc: str
     backward: bool
-    space: tuple[dict, ...]
-    pruned: int
+    spaces: dict[str, tuple[tuple[dict, ...], int]]
     paths: tuple[str, ...]
     # Triton source fragments
     fwd_full_end: str
@@ -130,27 +129,43 @@ class Plan:
 # Shared memory a config may plan for: the smaller opt-in maximum of the targets (A100, sm_80),
 # so one generated module suits sm_80 and sm_90. `attngen report` shows the real figures.
 SMEM_BUDGET = 163 * 1024
-# fp32 accumulator elements per thread ([BLOCK_M, BLOCK_DV] over num_warps * 32 threads); beyond
-# this the forward spills on both targets.
-ACC_PER_THREAD = 128
+# Register words per thread each kernel may plan for (over num_warps * 32 threads), against the
+# estimate in `footprint`. Calibrated with `attngen report` at sm_90, D = 128, fp16 (llama3_gqa):
+# forward 128x128 w8 (64 words) compiles to 244 registers and 128x64 w4 (128 words) spills;
+# dK/dV 32x32 w4 (112 words) compiles to 214 registers and 64x32 w4 (160 words) spills.
+REGISTER_BUDGET = {"_fwd_kernel": 64, "_bwd_dq_kernel": 64, "_bwd_dkdv_kernel": 112}
 BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+KERNELS = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
 
 
-def smem_estimate(c: dict, block_d: int, block_dv: int, elem_bytes: int) -> int:
-    """Forward shared memory: the Q tile plus num_stages buffered K and V tiles."""
-    return elem_bytes * (c["block_m"] * block_d + c["num_stages"] * c["block_n"] * (block_d + block_dv))
+def footprint(kernel: str, c: dict, block_d: int, block_dv: int) -> tuple[int, int]:
+    """(elements of shared memory, 32-bit register words) one program of `kernel` needs.
+
+    Shared memory: the forward and dQ keep a query tile and stream num_stages K/V tiles; dK/dV
+    keeps a K/V tile and streams num_stages Q/dO tiles. Registers: the fp32 accumulators (O
+    [BM, DV]; dQ [BM, D]; dK and dV [BN, D + DV]); dK/dV also holds its [BN, BM] score and
+    probability tiles and the streamed 16-bit Q/dO operands, which is where it runs out first.
+    """
+    bm, bn, st = c["block_m"], c["block_n"], c["num_stages"]
+    if kernel == "_fwd_kernel":
+        return bm * block_d + st * bn * (block_d + block_dv), bm * block_dv
+    if kernel == "_bwd_dq_kernel":
+        return bm * (block_d + block_dv) + st * bn * (block_d + block_dv), bm * block_d
+    regs = bn * (block_d + block_dv) + 2 * bm * bn + bm * (block_d + block_dv) // 2
+    return bn * (block_d + block_dv) + st * bm * (block_d + block_dv), regs
 
 
-def keep(c: dict, block_d: int, block_dv: int, elem_bytes: int) -> bool:
-    """The autotune pruning rule: fits shared memory, and the accumulator fits in registers."""
-    fits_smem = smem_estimate(c, block_d, block_dv, elem_bytes) <= SMEM_BUDGET
-    acc_ok = c["block_m"] * block_dv <= ACC_PER_THREAD * 32 * c["num_warps"]
-    return fits_smem and acc_ok
+def keep(kernel: str, c: dict, block_d: int, block_dv: int, elem_bytes: int) -> bool:
+    """The autotune pruning rule: the tiles fit shared memory and the estimate fits registers."""
+    smem, regs = footprint(kernel, c, block_d, block_dv)
+    return smem * elem_bytes <= SMEM_BUDGET and regs <= REGISTER_BUDGET[kernel] * 32 * c["num_warps"]
 
 
-def autotune_space(spec: Spec) -> tuple[tuple[dict, ...], int]:
-    """The spec's tile combinations that pass `keep`, smallest tiles first (the interpreter runs
-    the first), and how many were pruned. If the rule prunes everything the smallest is kept."""
+def autotune_spaces(spec: Spec) -> dict[str, tuple[tuple[dict, ...], int]]:
+    """Per kernel: the spec's tile combinations that pass `keep`, smallest tiles first (the
+    interpreter runs the first), and how many were pruned. Shared memory is sized for the spec's
+    widest dtype; registers for 16-bit inputs (fp32 kernels may still spill: `attngen report`
+    says). If the rule prunes everything the smallest combination is kept."""
     t = spec.tiles
     block_d, block_dv = next_pow2(spec.head_dim), next_pow2(spec.v_head_dim)
     elem = max(BYTES[d] for d in spec.dtypes)
@@ -160,8 +175,11 @@ def autotune_space(spec: Spec) -> tuple[tuple[dict, ...], int]:
             sorted(t.block_m), sorted(t.block_n), sorted(t.num_warps), sorted(t.num_stages)
         )
     ]
-    kept = [c for c in combos if keep(c, block_d, block_dv, elem)] or combos[:1]
-    return tuple(kept), len(combos) - len(kept)
+    spaces = {}
+    for kernel in KERNELS if spec.backward else KERNELS[:1]:
+        kept = [c for c in combos if keep(kernel, c, block_d, block_dv, elem)] or combos[:1]
+        spaces[kernel] = (tuple(kept), len(combos) - len(kept))
+    return spaces
 
 
 def make_plan(spec: Spec) -> Plan:
@@ -169,10 +187,12 @@ def make_plan(spec: Spec) -> Plan:
     block_d, block_dv = next_pow2(spec.head_dim), next_pow2(spec.v_head_dim)
     pad_d = block_d != spec.head_dim
     pad_dv = block_dv != spec.v_head_dim
-    d_row = "(o_d[None, :] < HEAD_DIM)" if pad_d else ""  # D along columns
-    d_col = "(o_d[:, None] < HEAD_DIM)" if pad_d else ""  # D along rows (transposed tiles)
-    dv_row = "(o_dv[None, :] < V_HEAD_DIM)" if pad_dv else ""
-    dv_col = "(o_dv[:, None] < V_HEAD_DIM)" if pad_dv else ""
+    # Padded head dims: literal bounds, so the tile helpers need no extra constexpr arguments.
+    d, dv = spec.head_dim, spec.v_head_dim
+    d_row = f"(o_d[None, :] < {d})" if pad_d else ""  # D along columns
+    d_col = f"(o_d[:, None] < {d})" if pad_d else ""  # D along rows (transposed tiles)
+    dv_row = f"(o_dv[None, :] < {dv})" if pad_dv else ""
+    dv_col = f"(o_dv[:, None] < {dv})" if pad_dv else ""
 
     def opt_mask(m: str) -> str:
         return f", mask={m}, other=0.0" if m else ""
@@ -195,7 +215,6 @@ def make_plan(spec: Spec) -> Plan:
             "forward and dQ: every KV tile runs unmasked except the last partial one (sequence end).",
             "dK/dV: every query tile runs unmasked (rows past the end contribute p = 0).",
         )
-    space, pruned = autotune_space(spec)
     if spec.description:
         summary = f"{spec.description.rstrip('.')}. {summary}"
     return Plan(
@@ -212,8 +231,7 @@ def make_plan(spec: Spec) -> Plan:
         mask=spec.mask,
         mask_doc=rule.doc,
         backward=spec.backward,
-        space=space,
-        pruned=pruned,
+        spaces=autotune_spaces(spec),
         paths=paths,
         fwd_full_end=rule.fwd_full_end,
         fwd_end=rule.fwd_end,

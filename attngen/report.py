@@ -76,7 +76,7 @@ class Row:
     kernel: str
     dtype: str
     arch: int
-    config: dict | None  # the module's _SPACE entry; None for a kernel launched with fixed tiles
+    config: dict | None  # the module's _SPACES[kernel] entry; None for a kernel launched with fixed tiles
     label: str = ""  # the config as the table shows it
     regs: int | None = None
     spill_stores: int | None = None
@@ -120,7 +120,7 @@ class _Job:
     kernel: str
     dtype: str
     arch: int
-    index: int | None  # into the module's _SPACE; None for a kernel launched with fixed tiles
+    index: int | None  # into the module's _SPACES[kernel]; None for a kernel launched with fixed tiles
     config: dict | None
 
     def row(self, **fields) -> Row:
@@ -229,14 +229,14 @@ def _describe(path: str) -> dict:
     try:
         mod = _module(path)
         launches = _launches(path, mod.DTYPES[0])
-        space = list(mod._SPACE)
         kernels = []
         for name, launch in launches.items():
+            space = list(mod._SPACES.get(name, ())) if launch.configs is not None else []
             if launch.configs is None:
                 kernels.append((name, [None]))
             elif len(launch.configs) != len(space):
                 raise RuntimeError(
-                    f"{name} autotunes over {len(launch.configs)} configs but _SPACE has {len(space)}"
+                    f"{name} autotunes over {len(launch.configs)} configs but _SPACES has {len(space)}"
                 )
             else:
                 kernels.append((name, space))
@@ -360,7 +360,7 @@ def _run_job(job: _Job) -> Row:
         launch = _launches(job.module, job.dtype)[job.kernel]
         values, options = dict(launch.values), dict(launch.options)
         if job.index is not None:
-            config = launch.configs[job.index]  # the triton.Config the autotuner builds from _SPACE
+            config = launch.configs[job.index]  # the triton.Config the autotuner builds from _SPACES[kernel]
             values.update(config.kwargs)
             options.update(num_warps=config.num_warps, num_stages=config.num_stages)
         sig, consts, attrs = _signature(launch.fn, values)
@@ -536,7 +536,7 @@ def run_report(
     """Compile every selected (kernel, dtype, arch, config) of the generated modules; one Row each.
 
     configs: 'all', 'first' (the first, smallest, config of the space) or a predicate over the
-    module's _SPACE entries. dtypes and kernels restrict the report when given. jobs: worker
+    module's _SPACES entries. dtypes and kernels restrict the report when given. jobs: worker
     processes (default: one per CPU); timeout: seconds one compilation may take before its row
     becomes an error. Workers are started with multiprocessing's spawn method, so a script calling
     this needs the usual `if __name__ == "__main__":` guard.
@@ -567,7 +567,7 @@ def unusable(rows: list[Row]) -> list[tuple[str, str, str, int]]:
 def usable_configs(
     source: str | Path, kernel: str, dtype: str, arch: str | int, *, jobs: int = 1, timeout: float = DEFAULT_TIMEOUT
 ) -> list[dict]:
-    """The _SPACE entries with which `kernel` compiles for `arch` at `dtype` without spilling or
+    """The _SPACES[kernel] entries with which `kernel` compiles for `arch` at `dtype` without spilling or
     overflowing shared memory. `source` is a generated module (.py) or a spec (.yaml), which is
     built into a temporary directory first. A kernel launched with fixed tiles yields [{}] when
     usable."""

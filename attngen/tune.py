@@ -23,7 +23,7 @@ def main(specs: list[str], *, spec_dir: str = "specs", out: str = "generated", l
     for path, _ in built:
         mod = import_generated(path)
         if runtime.INTERPRET:
-            c = mod._SPACE[0]
+            c = mod._SPACES["_fwd_kernel"][0]
             print(
                 f"{mod.NAME}: kernels run in Triton's interpreter with one config "
                 f"(block_m {c['block_m']}, block_n {c['block_n']}); nothing to tune without a GPU"

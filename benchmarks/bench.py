@@ -342,7 +342,7 @@ def run_tiles(report: Report, infos: list[SpecInfo], lengths: list[int]) -> None
     for info in infos:
         for n in lengths:
             pairs = unmasked_pairs(info.mask, n, n)
-            for role, cfg in tile_configs(info.mod._SPACE):
+            for role, cfg in tile_configs(info.mod._SPACES["_fwd_kernel"]):
                 bm, bn = cfg["block_m"], cfg["block_n"]
                 counts = tile_counts(info.mask, n, n, bm, bn)
                 need = min_tiles(info.mask, n, n, bm, bn)
@@ -521,7 +521,7 @@ def limit_configs(mod, max_configs: int) -> int:
     the space, the largest included). Returns how many configs each kernel now tunes over."""
     from triton.runtime.autotuner import Autotuner
 
-    count = len(mod._SPACE)
+    count = len(mod._SPACES["_fwd_kernel"])
     for obj in vars(mod).values():
         if isinstance(obj, Autotuner):
             cfgs = list(obj.configs)
@@ -737,7 +737,7 @@ def _make_impl(impl: str, info: SpecInfo, n: int, batch: int, dev: str, dtype, n
     if impl == "attngen":
         if rt.DTYPE_NAMES[dtype] not in info.mod.DTYPES:
             raise NotImplementedError(f"spec built for {', '.join(info.mod.DTYPES)}")
-        total = len(info.mod._SPACE)
+        total = len(info.mod._SPACES["_fwd_kernel"])
         pruned = 0 < max_configs < total
         return info.mod.attention, (f"autotune over {n_cfg} of {total} configs (--max-configs)" if pruned else ""), True
     if impl == "sdpa_flash":

@@ -29,22 +29,46 @@ DTYPES = ('fp16', 'bf16', 'fp32')
 
 SPEC_SHA256 = "3a0655745606f8ccb480f8140456514ca842c582c3c9c07636a658de0595908b"
 
-# Autotune space (block_m, block_n, num_warps, num_stages), smallest tiles first; 0 of the
-# spec's combinations were pruned by attngen.plan.keep (shared memory and accumulator size).
-_SPACE = [
-    {"block_m": 32, "block_n": 16, "num_warps": 4, "num_stages": 1},
-    {"block_m": 32, "block_n": 16, "num_warps": 4, "num_stages": 2},
-    {"block_m": 32, "block_n": 32, "num_warps": 4, "num_stages": 1},
-    {"block_m": 32, "block_n": 32, "num_warps": 4, "num_stages": 2},
-    {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 1},
-    {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 2},
-    {"block_m": 64, "block_n": 16, "num_warps": 4, "num_stages": 1},
-    {"block_m": 64, "block_n": 16, "num_warps": 4, "num_stages": 2},
-    {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 1},
-    {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2},
-    {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 1},
-    {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2},
-]
+# Autotune space per kernel (block_m, block_n, num_warps, num_stages), smallest tiles first, after
+# attngen.plan.keep pruned combinations that overflow shared memory or the accumulator budget.
+_SPACES = {
+    "_fwd_kernel": [  # 0 pruned
+        {'block_m': 32, 'block_n': 16, 'num_warps': 4, 'num_stages': 1},
+        {'block_m': 32, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 1},
+        {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 32, 'block_n': 64, 'num_warps': 4, 'num_stages': 1},
+        {'block_m': 32, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 16, 'num_warps': 4, 'num_stages': 1},
+        {'block_m': 64, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 32, 'num_warps': 4, 'num_stages': 1},
+        {'block_m': 64, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 1},
+        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
+    ],
+    "_bwd_dkdv_kernel": [  # 6 pruned
+        {'block_m': 32, 'block_n': 16, 'num_warps': 4, 'num_stages': 1},
+        {'block_m': 32, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 1},
+        {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 16, 'num_warps': 4, 'num_stages': 1},
+        {'block_m': 64, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},
+    ],
+    "_bwd_dq_kernel": [  # 0 pruned
+        {'block_m': 32, 'block_n': 16, 'num_warps': 4, 'num_stages': 1},
+        {'block_m': 32, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 1},
+        {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 32, 'block_n': 64, 'num_warps': 4, 'num_stages': 1},
+        {'block_m': 32, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 16, 'num_warps': 4, 'num_stages': 1},
+        {'block_m': 64, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 32, 'num_warps': 4, 'num_stages': 1},
+        {'block_m': 64, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 1},
+        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
+    ],
+}
 _KEY = ["N_Q_BUCKET", "N_K_BUCKET"]
 _TUNE_FWD = _rt.TuneCache(f"{NAME}._fwd_kernel@{SPEC_SHA256[:16]}")
 
@@ -64,11 +88,11 @@ def _fwd_tile(
     p_kt = p_k0 + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd  # [BD, BN]
     p_v = p_v0 + o_n[:, None] * stride_vn + o_dv[None, :] * stride_vd  # [BN, BDV]
     if MASKED:
-        b_kt = tl.load(p_kt, mask=(o_n[None, :] < N_K) & (o_d[:, None] < HEAD_DIM), other=0.0)
-        b_v = tl.load(p_v, mask=(o_n[:, None] < N_K) & (o_dv[None, :] < V_HEAD_DIM), other=0.0)
+        b_kt = tl.load(p_kt, mask=(o_n[None, :] < N_K) & (o_d[:, None] < 80), other=0.0)
+        b_v = tl.load(p_v, mask=(o_n[:, None] < N_K) & (o_dv[None, :] < 48), other=0.0)
     else:
-        b_kt = tl.load(p_kt, mask=(o_d[:, None] < HEAD_DIM), other=0.0)
-        b_v = tl.load(p_v, mask=(o_dv[None, :] < V_HEAD_DIM), other=0.0)
+        b_kt = tl.load(p_kt, mask=(o_d[:, None] < 80), other=0.0)
+        b_v = tl.load(p_v, mask=(o_dv[None, :] < 48), other=0.0)
     if DOT_UPCAST:
         b_kt = b_kt.to(tl.float32)
     # -- scores in base-2 units: s = q.k * scale * log2(e)
@@ -94,7 +118,7 @@ def _fwd_tile(
     return b_m_new, b_l, b_acc
 
 
-@triton.autotune(configs=_rt.configs(_SPACE), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_FWD.prune})
+@triton.autotune(configs=_rt.configs(_SPACES["_fwd_kernel"]), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_FWD.prune})
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE,
@@ -120,7 +144,7 @@ def _fwd_kernel(
     m_m = o_m < N_Q
 
     p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-    b_q = tl.load(p_q + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd, mask=m_m[:, None] & (o_d[None, :] < HEAD_DIM), other=0.0)  # [BM, BD]
+    b_q = tl.load(p_q + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd, mask=m_m[:, None] & (o_d[None, :] < 80), other=0.0)  # [BM, BD]
     if DOT_UPCAST:
         b_q = b_q.to(tl.float32)
     p_k0 = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
@@ -152,7 +176,7 @@ def _fwd_kernel(
     # lse in natural log: (m + log2 l) * ln 2
     b_lse = tl.where(m_any, (b_m + tl.math.log2(tl.where(m_any, b_l, 1.0))) * 0.6931471805599453, float("-inf"))
     p_o = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
-    tl.store(p_o + o_m[:, None] * stride_om + o_dv[None, :] * stride_od, b_o.to(O.dtype.element_ty), mask=m_m[:, None] & (o_dv[None, :] < V_HEAD_DIM))
+    tl.store(p_o + o_m[:, None] * stride_om + o_dv[None, :] * stride_od, b_o.to(O.dtype.element_ty), mask=m_m[:, None] & (o_dv[None, :] < 48))
     tl.store(LSE + i_bh.to(tl.int64) * N_Q + o_m, b_lse, mask=m_m)
 
 
@@ -220,8 +244,8 @@ def _bwd_dkdv_tile(
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     m_m = o_m < N_Q
-    b_qt = tl.load(p_q0 + o_m[None, :] * stride_qm + o_d[:, None] * stride_qd, mask=m_m[None, :] & (o_d[:, None] < HEAD_DIM), other=0.0)  # [BD, BM]
-    b_do = tl.load(p_do0 + o_m[:, None] * stride_dom + o_dv[None, :] * stride_dod, mask=m_m[:, None] & (o_dv[None, :] < V_HEAD_DIM), other=0.0)  # [BM, BDV]
+    b_qt = tl.load(p_q0 + o_m[None, :] * stride_qm + o_d[:, None] * stride_qd, mask=m_m[None, :] & (o_d[:, None] < 80), other=0.0)  # [BD, BM]
+    b_do = tl.load(p_do0 + o_m[:, None] * stride_dom + o_dv[None, :] * stride_dod, mask=m_m[:, None] & (o_dv[None, :] < 48), other=0.0)  # [BM, BDV]
     # rows past the end and rows that see no key load lse = +inf, so their p is exactly 0
     b_lse = tl.load(p_lse0 + o_m, mask=m_m, other=float("inf"))
     b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse) * 1.4426950408889634  # base 2
@@ -245,7 +269,7 @@ def _bwd_dkdv_tile(
     return b_dk, b_dv
 
 
-@triton.autotune(configs=_rt.configs(_SPACE), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_DKDV.prune})
+@triton.autotune(configs=_rt.configs(_SPACES["_bwd_dkdv_kernel"]), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_DKDV.prune})
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
@@ -273,8 +297,8 @@ def _bwd_dkdv_kernel(
     m_n = o_n < N_K
     p_k = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
     p_v = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
-    b_k = tl.load(p_k + o_n[:, None] * stride_kn + o_d[None, :] * stride_kd, mask=m_n[:, None] & (o_d[None, :] < HEAD_DIM), other=0.0)  # [BN, BD]
-    b_v = tl.load(p_v + o_n[:, None] * stride_vn + o_dv[None, :] * stride_vd, mask=m_n[:, None] & (o_dv[None, :] < V_HEAD_DIM), other=0.0)  # [BN, BDV]
+    b_k = tl.load(p_k + o_n[:, None] * stride_kn + o_d[None, :] * stride_kd, mask=m_n[:, None] & (o_d[None, :] < 80), other=0.0)  # [BN, BD]
+    b_v = tl.load(p_v + o_n[:, None] * stride_vn + o_dv[None, :] * stride_vd, mask=m_n[:, None] & (o_dv[None, :] < 48), other=0.0)  # [BN, BDV]
     if DOT_UPCAST:
         b_k = b_k.to(tl.float32)
         b_v = b_v.to(tl.float32)
@@ -305,8 +329,8 @@ def _bwd_dkdv_kernel(
 
     p_dk = DK + i_b.to(tl.int64) * stride_dkb + i_hk.to(tl.int64) * stride_dkh
     p_dv = DV + i_b.to(tl.int64) * stride_dvb + i_hk.to(tl.int64) * stride_dvh
-    tl.store(p_dk + o_n[:, None] * stride_dkn + o_d[None, :] * stride_dkd, (b_dk * sm_scale).to(DK.dtype.element_ty), mask=m_n[:, None] & (o_d[None, :] < HEAD_DIM))
-    tl.store(p_dv + o_n[:, None] * stride_dvn + o_dv[None, :] * stride_dvd, b_dv.to(DV.dtype.element_ty), mask=m_n[:, None] & (o_dv[None, :] < V_HEAD_DIM))
+    tl.store(p_dk + o_n[:, None] * stride_dkn + o_d[None, :] * stride_dkd, (b_dk * sm_scale).to(DK.dtype.element_ty), mask=m_n[:, None] & (o_d[None, :] < 80))
+    tl.store(p_dv + o_n[:, None] * stride_dvn + o_dv[None, :] * stride_dvd, b_dv.to(DV.dtype.element_ty), mask=m_n[:, None] & (o_dv[None, :] < 48))
 
 
 @triton.jit
@@ -322,11 +346,11 @@ def _bwd_dq_tile(
     p_kt = p_k0 + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd  # [BD, BN]
     p_vt = p_v0 + o_n[None, :] * stride_vn + o_dv[:, None] * stride_vd  # [BDV, BN]
     if MASKED:
-        b_kt = tl.load(p_kt, mask=(o_n[None, :] < N_K) & (o_d[:, None] < HEAD_DIM), other=0.0)
-        b_vt = tl.load(p_vt, mask=(o_n[None, :] < N_K) & (o_dv[:, None] < V_HEAD_DIM), other=0.0)
+        b_kt = tl.load(p_kt, mask=(o_n[None, :] < N_K) & (o_d[:, None] < 80), other=0.0)
+        b_vt = tl.load(p_vt, mask=(o_n[None, :] < N_K) & (o_dv[:, None] < 48), other=0.0)
     else:
-        b_kt = tl.load(p_kt, mask=(o_d[:, None] < HEAD_DIM), other=0.0)
-        b_vt = tl.load(p_vt, mask=(o_dv[:, None] < V_HEAD_DIM), other=0.0)
+        b_kt = tl.load(p_kt, mask=(o_d[:, None] < 80), other=0.0)
+        b_vt = tl.load(p_vt, mask=(o_dv[:, None] < 48), other=0.0)
     if DOT_UPCAST:
         b_kt = b_kt.to(tl.float32)
         b_vt = b_vt.to(tl.float32)
@@ -342,7 +366,7 @@ def _bwd_dq_tile(
     return b_dq
 
 
-@triton.autotune(configs=_rt.configs(_SPACE), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_DQ.prune})
+@triton.autotune(configs=_rt.configs(_SPACES["_bwd_dq_kernel"]), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_DQ.prune})
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
@@ -369,8 +393,8 @@ def _bwd_dq_kernel(
     m_m = o_m < N_Q
     p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
     p_do = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
-    b_q = tl.load(p_q + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd, mask=m_m[:, None] & (o_d[None, :] < HEAD_DIM), other=0.0)  # [BM, BD]
-    b_do = tl.load(p_do + o_m[:, None] * stride_dom + o_dv[None, :] * stride_dod, mask=m_m[:, None] & (o_dv[None, :] < V_HEAD_DIM), other=0.0)  # [BM, BDV]
+    b_q = tl.load(p_q + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd, mask=m_m[:, None] & (o_d[None, :] < 80), other=0.0)  # [BM, BD]
+    b_do = tl.load(p_do + o_m[:, None] * stride_dom + o_dv[None, :] * stride_dod, mask=m_m[:, None] & (o_dv[None, :] < 48), other=0.0)  # [BM, BDV]
     b_lse = tl.load(LSE + i_bh.to(tl.int64) * N_Q + o_m, mask=m_m, other=float("inf"))
     b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse) * 1.4426950408889634  # base 2
     b_delta = tl.load(DELTA + i_bh.to(tl.int64) * N_Q + o_m, mask=m_m, other=0.0)
@@ -395,7 +419,7 @@ def _bwd_dq_kernel(
             BLOCK_N, BLOCK_D, BLOCK_DV, True, DOT_UPCAST, DOT_PRECISION,
         )
     p_dq = DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
-    tl.store(p_dq + o_m[:, None] * stride_dqm + o_d[None, :] * stride_dqd, (b_dq * sm_scale).to(DQ.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < HEAD_DIM))
+    tl.store(p_dq + o_m[:, None] * stride_dqm + o_d[None, :] * stride_dqd, (b_dq * sm_scale).to(DQ.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < 80))
 
 
 def _backward(q, k, v, o, lse, do, dlse, scale):

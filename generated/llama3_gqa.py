@@ -29,40 +29,73 @@ DTYPES = ('bf16', 'fp16')
 
 SPEC_SHA256 = "a9a7d6a63aa372d5a44efde64a068bdb5816392d9d2656d5bca0e3ea0087e887"
 
-# Autotune space (block_m, block_n, num_warps, num_stages), smallest tiles first; 6 of the
-# spec's combinations were pruned by attngen.plan.keep (shared memory and accumulator size).
-_SPACE = [
-    {"block_m": 32, "block_n": 32, "num_warps": 4, "num_stages": 2},
-    {"block_m": 32, "block_n": 32, "num_warps": 4, "num_stages": 3},
-    {"block_m": 32, "block_n": 32, "num_warps": 8, "num_stages": 2},
-    {"block_m": 32, "block_n": 32, "num_warps": 8, "num_stages": 3},
-    {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 2},
-    {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 3},
-    {"block_m": 32, "block_n": 64, "num_warps": 8, "num_stages": 2},
-    {"block_m": 32, "block_n": 64, "num_warps": 8, "num_stages": 3},
-    {"block_m": 32, "block_n": 128, "num_warps": 4, "num_stages": 2},
-    {"block_m": 32, "block_n": 128, "num_warps": 8, "num_stages": 2},
-    {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2},
-    {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 3},
-    {"block_m": 64, "block_n": 32, "num_warps": 8, "num_stages": 2},
-    {"block_m": 64, "block_n": 32, "num_warps": 8, "num_stages": 3},
-    {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2},
-    {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3},
-    {"block_m": 64, "block_n": 64, "num_warps": 8, "num_stages": 2},
-    {"block_m": 64, "block_n": 64, "num_warps": 8, "num_stages": 3},
-    {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 2},
-    {"block_m": 64, "block_n": 128, "num_warps": 8, "num_stages": 2},
-    {"block_m": 128, "block_n": 32, "num_warps": 4, "num_stages": 2},
-    {"block_m": 128, "block_n": 32, "num_warps": 4, "num_stages": 3},
-    {"block_m": 128, "block_n": 32, "num_warps": 8, "num_stages": 2},
-    {"block_m": 128, "block_n": 32, "num_warps": 8, "num_stages": 3},
-    {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 2},
-    {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3},
-    {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 2},
-    {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3},
-    {"block_m": 128, "block_n": 128, "num_warps": 4, "num_stages": 2},
-    {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 2},
-]
+# Autotune space per kernel (block_m, block_n, num_warps, num_stages), smallest tiles first, after
+# attngen.plan.keep pruned combinations that overflow shared memory or the accumulator budget.
+_SPACES = {
+    "_fwd_kernel": [  # 11 pruned
+        {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
+        {'block_m': 32, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 32, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 32, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 32, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
+        {'block_m': 32, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 32, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 32, 'block_n': 128, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 32, 'block_n': 128, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
+        {'block_m': 64, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
+        {'block_m': 64, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 64, 'block_n': 128, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 128, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 128, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 128, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 128, 'block_n': 128, 'num_warps': 8, 'num_stages': 2},
+    ],
+    "_bwd_dkdv_kernel": [  # 28 pruned
+        {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
+        {'block_m': 32, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 32, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 32, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 32, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 64, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
+    ],
+    "_bwd_dq_kernel": [  # 12 pruned
+        {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
+        {'block_m': 32, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 32, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 32, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 32, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
+        {'block_m': 32, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 32, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 32, 'block_n': 128, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 32, 'block_n': 128, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
+        {'block_m': 64, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
+        {'block_m': 64, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 64, 'block_n': 128, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 128, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 128, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 128, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
+    ],
+}
 _KEY = ["N_Q_BUCKET", "N_K_BUCKET"]
 _TUNE_FWD = _rt.TuneCache(f"{NAME}._fwd_kernel@{SPEC_SHA256[:16]}")
 
@@ -112,7 +145,7 @@ def _fwd_tile(
     return b_m_new, b_l, b_acc
 
 
-@triton.autotune(configs=_rt.configs(_SPACE), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_FWD.prune})
+@triton.autotune(configs=_rt.configs(_SPACES["_fwd_kernel"]), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_FWD.prune})
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE,
@@ -263,7 +296,7 @@ def _bwd_dkdv_tile(
     return b_dk, b_dv
 
 
-@triton.autotune(configs=_rt.configs(_SPACE), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_DKDV.prune})
+@triton.autotune(configs=_rt.configs(_SPACES["_bwd_dkdv_kernel"]), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_DKDV.prune})
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
@@ -360,7 +393,7 @@ def _bwd_dq_tile(
     return b_dq
 
 
-@triton.autotune(configs=_rt.configs(_SPACE), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_DQ.prune})
+@triton.autotune(configs=_rt.configs(_SPACES["_bwd_dq_kernel"]), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_DQ.prune})
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,

@@ -29,34 +29,80 @@ DTYPES = ('fp16', 'bf16')
 
 SPEC_SHA256 = "c6ce95d99d90bf555340a52319d86b12c30e480ab9d71c8024e096ff1970a37b"
 
-# Autotune space (block_m, block_n, num_warps, num_stages), smallest tiles first; 0 of the
-# spec's combinations were pruned by attngen.plan.keep (shared memory and accumulator size).
-_SPACE = [
-    {"block_m": 16, "block_n": 32, "num_warps": 4, "num_stages": 2},
-    {"block_m": 16, "block_n": 32, "num_warps": 4, "num_stages": 3},
-    {"block_m": 16, "block_n": 32, "num_warps": 8, "num_stages": 2},
-    {"block_m": 16, "block_n": 32, "num_warps": 8, "num_stages": 3},
-    {"block_m": 16, "block_n": 64, "num_warps": 4, "num_stages": 2},
-    {"block_m": 16, "block_n": 64, "num_warps": 4, "num_stages": 3},
-    {"block_m": 16, "block_n": 64, "num_warps": 8, "num_stages": 2},
-    {"block_m": 16, "block_n": 64, "num_warps": 8, "num_stages": 3},
-    {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2},
-    {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 3},
-    {"block_m": 64, "block_n": 32, "num_warps": 8, "num_stages": 2},
-    {"block_m": 64, "block_n": 32, "num_warps": 8, "num_stages": 3},
-    {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2},
-    {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3},
-    {"block_m": 64, "block_n": 64, "num_warps": 8, "num_stages": 2},
-    {"block_m": 64, "block_n": 64, "num_warps": 8, "num_stages": 3},
-    {"block_m": 128, "block_n": 32, "num_warps": 4, "num_stages": 2},
-    {"block_m": 128, "block_n": 32, "num_warps": 4, "num_stages": 3},
-    {"block_m": 128, "block_n": 32, "num_warps": 8, "num_stages": 2},
-    {"block_m": 128, "block_n": 32, "num_warps": 8, "num_stages": 3},
-    {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 2},
-    {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3},
-    {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 2},
-    {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3},
-]
+# Autotune space per kernel (block_m, block_n, num_warps, num_stages), smallest tiles first, after
+# attngen.plan.keep pruned combinations that overflow shared memory or the accumulator budget.
+_SPACES = {
+    "_fwd_kernel": [  # 0 pruned
+        {'block_m': 16, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 16, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
+        {'block_m': 16, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 16, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
+        {'block_m': 16, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 16, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 64, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
+        {'block_m': 64, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
+        {'block_m': 64, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 128, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 128, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
+        {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 128, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 128, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
+        {'block_m': 128, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 128, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
+    ],
+    "_bwd_dkdv_kernel": [  # 8 pruned
+        {'block_m': 16, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 16, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
+        {'block_m': 16, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 16, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
+        {'block_m': 16, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 16, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 64, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
+        {'block_m': 64, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 64, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
+    ],
+    "_bwd_dq_kernel": [  # 0 pruned
+        {'block_m': 16, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 16, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
+        {'block_m': 16, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 16, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
+        {'block_m': 16, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 16, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 64, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
+        {'block_m': 64, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
+        {'block_m': 64, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 64, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 128, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 128, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
+        {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 128, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 128, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
+        {'block_m': 128, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
+        {'block_m': 128, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
+    ],
+}
 _KEY = ["N_Q_BUCKET", "N_K_BUCKET"]
 _TUNE_FWD = _rt.TuneCache(f"{NAME}._fwd_kernel@{SPEC_SHA256[:16]}")
 
@@ -106,7 +152,7 @@ def _fwd_tile(
     return b_m_new, b_l, b_acc
 
 
-@triton.autotune(configs=_rt.configs(_SPACE), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_FWD.prune})
+@triton.autotune(configs=_rt.configs(_SPACES["_fwd_kernel"]), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_FWD.prune})
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE,
@@ -257,7 +303,7 @@ def _bwd_dkdv_tile(
     return b_dk, b_dv
 
 
-@triton.autotune(configs=_rt.configs(_SPACE), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_DKDV.prune})
+@triton.autotune(configs=_rt.configs(_SPACES["_bwd_dkdv_kernel"]), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_DKDV.prune})
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
@@ -354,7 +400,7 @@ def _bwd_dq_tile(
     return b_dq
 
 
-@triton.autotune(configs=_rt.configs(_SPACE), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_DQ.prune})
+@triton.autotune(configs=_rt.configs(_SPACES["_bwd_dq_kernel"]), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_DQ.prune})
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,

@@ -21,7 +21,8 @@ MAX_LEN = 130
 
 
 def _interp_tiles(mod):
-    return mod._SPACE[0]["block_m"], mod._SPACE[0]["block_n"]
+    first = mod._SPACES["_fwd_kernel"][0]
+    return first["block_m"], first["block_n"]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)

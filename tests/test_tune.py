@@ -9,7 +9,7 @@ import triton
 
 from attngen import runtime
 from attngen.cli import main as cli
-from attngen.plan import SMEM_BUDGET, autotune_space, keep, smem_estimate
+from attngen.plan import KERNELS, SMEM_BUDGET, autotune_spaces, footprint, keep
 from attngen.spec import parse_spec
 
 from helpers import ROOT
@@ -69,19 +69,26 @@ def test_stale_entry_warns_and_retunes(cache_dir):
 
 
 def test_pruning_rule():
-    # D = 128 bf16: a 128x128 tile with 3 stages needs more than the sm_80 budget
+    # D = 128 bf16 forward: a 128x128 tile with 3 stages needs more than the sm_80 budget
     big = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3}
-    assert smem_estimate(big, 128, 128, 2) > SMEM_BUDGET and not keep(big, 128, 128, 2)
-    assert keep({"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}, 128, 128, 2)
-    # the accumulator rule: 128 x 256 fp32 over 4 warps is 256 registers per thread
-    assert not keep({"block_m": 128, "block_n": 16, "num_warps": 4, "num_stages": 1}, 256, 256, 2)
+    smem, _ = footprint("_fwd_kernel", big, 128, 128)
+    assert smem * 2 > SMEM_BUDGET and not keep("_fwd_kernel", big, 128, 128, 2)
+    assert keep("_fwd_kernel", {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}, 128, 128, 2)
+    # the accumulator rule: a 128 x 128 fp32 accumulator over 4 warps is 128 per thread (spills at sm_90)
+    assert not keep("_fwd_kernel", {"block_m": 128, "block_n": 16, "num_warps": 4, "num_stages": 1}, 128, 128, 2)
+    # dK/dV accumulates [BLOCK_N, D + DV]: the same tiles are fine for dQ but not for dK/dV
+    c = {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 2}
+    assert keep("_bwd_dq_kernel", c, 128, 128, 2) and not keep("_bwd_dkdv_kernel", c, 128, 128, 2)
     spec = parse_spec(
         "name: x\nheads: {q: 1, kv: 1}\nhead_dim: 256\ndtypes: fp32\n"
         "tiles: {block_m: 256, block_n: 256, num_warps: 4, num_stages: 4}\n",
         "x.yaml",
     )
-    space, pruned = autotune_space(spec)
-    assert len(space) == 1 and pruned == 0, "when the rule prunes everything the smallest config stays"
+    spaces = autotune_spaces(spec)
+    assert set(spaces) == set(KERNELS)
+    assert all(len(space) == 1 and pruned == 0 for space, pruned in spaces.values()), (
+        "when the rule prunes everything the smallest config stays"
+    )
 
 
 def test_tune_command_on_the_cpu(capsys):
