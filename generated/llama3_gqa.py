@@ -97,6 +97,8 @@ _SPACES = {
     ],
 }
 _KEY = ["N_Q_BUCKET", "N_K_BUCKET"]
+# Sequence lengths are plain runtime integers: a new length never compiles a new kernel variant.
+_LENGTHS = ["N_Q", "N_K", "N_Q_BUCKET", "N_K_BUCKET"]
 _TUNE_FWD = _rt.TuneCache(f"{NAME}._fwd_kernel@{SPEC_SHA256[:16]}")
 
 _LOG2E = 1.4426950408889634  # host side; kernels spell their constants out (no non-constexpr globals)
@@ -146,7 +148,7 @@ def _fwd_tile(
 
 
 @triton.autotune(configs=_rt.configs(_SPACES["_fwd_kernel"]), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_FWD.prune})
-@triton.jit
+@triton.jit(do_not_specialize=_LENGTHS)
 def _fwd_kernel(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -235,7 +237,7 @@ _TUNE_DKDV = _rt.TuneCache(f"{NAME}._bwd_dkdv_kernel@{SPEC_SHA256[:16]}")
 _TUNE_DQ = _rt.TuneCache(f"{NAME}._bwd_dq_kernel@{SPEC_SHA256[:16]}")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N_Q"])
 def _bwd_preprocess(
     O, DO, DLSE, DELTA,
     stride_ob, stride_oh, stride_om, stride_od,
@@ -297,7 +299,7 @@ def _bwd_dkdv_tile(
 
 
 @triton.autotune(configs=_rt.configs(_SPACES["_bwd_dkdv_kernel"]), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_DKDV.prune})
-@triton.jit
+@triton.jit(do_not_specialize=_LENGTHS)
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -394,7 +396,7 @@ def _bwd_dq_tile(
 
 
 @triton.autotune(configs=_rt.configs(_SPACES["_bwd_dq_kernel"]), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_DQ.prune})
-@triton.jit
+@triton.jit(do_not_specialize=_LENGTHS)
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
