@@ -277,8 +277,15 @@ def selection_mask(block_indices: torch.Tensor, *, select_block: int, n_keys: in
     indices (-1 entries ignored) and s <= t."""
     b, hkv, n, _ = block_indices.shape
     nk = n if n_keys is None else n_keys
-    key_block = (torch.arange(nk, device=block_indices.device) // select_block).view(1, 1, 1, 1, nk)
-    hit = (block_indices.unsqueeze(-1) == key_block).any(dim=3)  # [B, Hkv, N, Nk]
+    nb = num_selection_blocks(nk, select_block)
+    if block_indices.numel() and (block_indices.min() < -1 or block_indices.max() >= nb):
+        raise ValueError(f"block_indices: entries must be -1 or in 0..{nb - 1}")
+    # Block-level hits [B, Hkv, N, S + 1] (-1 lands in the spare last column), then per key.
+    slot = torch.where(block_indices < 0, torch.full_like(block_indices, nb), block_indices)
+    blk = torch.zeros(b, hkv, n, nb + 1, dtype=torch.bool, device=block_indices.device)
+    blk.scatter_(3, slot, True)
+    key_block = torch.arange(nk, device=block_indices.device) // select_block
+    hit = blk[..., :nb].index_select(3, key_block)  # [B, Hkv, N, Nk]
     causal = torch.arange(n, device=block_indices.device).view(n, 1) >= torch.arange(nk, device=block_indices.device).view(1, nk)
     return hit & causal
 
