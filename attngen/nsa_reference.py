@@ -286,7 +286,8 @@ def selection_mask(block_indices: torch.Tensor, *, select_block: int, n_keys: in
     blk.scatter_(3, slot, True)
     key_block = torch.arange(nk, device=block_indices.device) // select_block
     hit = blk[..., :nb].index_select(3, key_block)  # [B, Hkv, N, Nk]
-    causal = torch.arange(n, device=block_indices.device).view(n, 1) >= torch.arange(nk, device=block_indices.device).view(1, nk)
+    dev = block_indices.device
+    causal = torch.arange(n, device=dev).view(n, 1) >= torch.arange(nk, device=dev).view(1, nk)
     return hit & causal
 
 
@@ -405,6 +406,8 @@ def nsa_reference(
                 group_scores(s, hkv), select_block=select_block, top_n=top_n,
                 initial=initial, local=local, per=per,
             )
+    elif block_indices.dtype != torch.int64:
+        raise ValueError(f"block_indices: expected int64, got {block_indices.dtype}")
     elif block_indices.shape != (b, hkv, n, top_n):
         raise ValueError(f"block_indices: expected shape [{b}, {hkv}, {n}, {top_n}], got {list(block_indices.shape)}")
     o_slc, lse_slc = selected_attention(q, k, v, block_indices, select_block=select_block, scale=scale)

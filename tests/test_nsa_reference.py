@@ -206,7 +206,9 @@ def test_overlap_mapping_formula_example():
         close(got[..., j], want)
 
 
-@pytest.mark.parametrize("block,stride,select_block", [(8, 4, 16), (4, 4, 4), (8, 8, 16), (12, 4, 8), (16, 4, 16), (6, 2, 4)])
+@pytest.mark.parametrize(
+    "block,stride,select_block", [(8, 4, 16), (4, 4, 4), (8, 8, 16), (12, 4, 8), (16, 4, 16), (6, 2, 4)]
+)
 @pytest.mark.parametrize("n", [1, 7, 37, 64, 101])
 def test_map_to_selection_blocks_vs_brute(block, stride, select_block, n):
     c = num_compressed(n, block, stride)
@@ -513,11 +515,14 @@ def test_shape_errors():
     with pytest.raises(ValueError, match="KV heads"):
         nsa_reference(q, k[:, :1].expand(1, 3, 20, 8), v[:, :1].expand(1, 3, 20, 6), gates, **SMALL)
     with pytest.raises(ValueError, match="k_cmp"):
-        nsa_reference(q, k, v, gates, k_cmp=torch.zeros(1, 2, 2, 8, dtype=F64), v_cmp=torch.zeros(1, 2, 2, 6, dtype=F64), **SMALL)
+        kc, vc = torch.zeros(1, 2, 2, 8, dtype=F64), torch.zeros(1, 2, 2, 6, dtype=F64)  # C is 4, not 2
+        nsa_reference(q, k, v, gates, k_cmp=kc, v_cmp=vc, **SMALL)
     with pytest.raises(ValueError, match="both or neither"):
         nsa_reference(q, k, v, gates, k_cmp=torch.zeros(1, 2, 4, 8, dtype=F64), **SMALL)
     with pytest.raises(ValueError, match="block_indices"):
         nsa_reference(q, k, v, gates, block_indices=torch.zeros(1, 2, 20, 2, dtype=torch.int64), **SMALL)
+    with pytest.raises(ValueError, match="int64"):
+        nsa_reference(q, k, v, gates, block_indices=torch.zeros(1, 2, 20, 3, dtype=torch.int32), **SMALL)
     bad = torch.zeros(1, 2, 20, 3, dtype=torch.int64)
     bad[0, 0, 5, 1] = 2  # 20 tokens hold selection blocks 0 and 1 only
     with pytest.raises(ValueError, match="block_indices"):
