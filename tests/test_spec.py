@@ -49,7 +49,7 @@ def test_spec_is_frozen():
         (GOOD.replace("[fp16, bf16]", "[fp16, fp8]"), "demo.yaml:4: dtypes: a string ('fp8') is not one of"),
         (GOOD.replace("[fp16, bf16]", "[fp16, fp16]"), "demo.yaml:4: dtypes: fp16 is listed twice"),
         (GOOD.replace("[fp16, bf16]", "[]"), "demo.yaml:4: dtypes: expected at least one"),
-        (GOOD.replace("mask: causal", "mask: sliding"), "demo.yaml:5: mask: a string ('sliding') is not one of"),
+        (GOOD.replace("mask: causal", "mask: sliding"), "demo.yaml:5: mask: unknown name 'sliding'"),
         (GOOD.replace("name: demo", "name: 1st-module"), "demo.yaml:1: name: '1st-module' is not a valid Python module name"),
         (GOOD.replace("name: demo", "name: class"), "demo.yaml:1: name: 'class' is not a valid Python module name"),
         (GOOD.replace("name: demo", "name: _private"), "demo.yaml:1: name: '_private' must not start with an underscore"),
