@@ -47,6 +47,9 @@ class MaskRule:
     dkdv_end: str = "N_Q"
     general: bool = False
     path: str = ""
+    # whether a tile has any visible pair, over its clipped range `lo`/`hi` (`q_lo`/`q_hi`)
+    fwd_visit: str = "lo < hi"
+    dkdv_visit: str = "q_lo < q_hi"
 
 
 MASK_RULES = {
@@ -89,7 +92,7 @@ def _combine(fn: str, texts: list[str]) -> str:
     return out
 
 
-def _affine_bounds(conj, var: str, other: str, names_lo: dict, names_hi: dict, n: str, printer):
+def _affine_bounds(conj, var: str, other: str, names_lo: dict, names_hi: dict, n: str, printer, lo_hi=("lo", "hi")):
     """Bounds on `var` (q_idx or kv_idx) as a function of `other` over a tile [first, last] of it.
 
     Each inequality a*var + c*other + rest >= 0 with a = +1 is a lower bound var >= -(c*other + rest),
@@ -117,13 +120,21 @@ def _affine_bounds(conj, var: str, other: str, names_lo: dict, names_hi: dict, n
         f = -(c * x + ineq.rest) if a == 1 else c * x + ineq.rest + 1
         slope = -c if a == 1 else c
         at_min, at_max = (names_lo, names_hi) if slope >= 0 else (names_hi, names_lo)
-        pair = (printer(sympy.expand(f), at_min), printer(sympy.expand(f), at_max))
+        f = sympy.expand(f)
+        pair = (printer(f, at_min), printer(f, at_max), printer(f, names_lo), printer(f, names_hi))
         (lows if a == 1 else highs).append(pair)
     v_lo = _clip(_combine("tl.maximum", [p[0] for p in lows]), n) if lows else "0"
     f_lo = _clip(_combine("tl.maximum", [p[1] for p in lows]), n) if lows else "0"
     f_hi = _clip(_combine("tl.minimum", [p[0] for p in highs]), n) if highs else n
     v_hi = _clip(_combine("tl.minimum", [p[1] for p in highs]), n) if highs else n
-    return v_lo, f_lo, ("0" if free else f_hi), v_hi
+    # With one lower and one upper bound the width hi - lo is affine over the tile: if it is empty at
+    # both ends, no row has a visible pair although [visited_lo, visited_hi) may not be empty.
+    lo, hi = lo_hi
+    visit = f"{lo} < {hi}"
+    if len(lows) == 1 and len(highs) == 1:
+        (_, _, lo_first, lo_last), (_, _, hi_first, hi_last) = lows[0], highs[0]
+        visit = f"({lo} < {hi}) & (({lo_first} < {hi_first}) | ({lo_last} < {hi_last}))"
+    return v_lo, f_lo, ("0" if free else f_hi), v_hi, visit
 
 
 def expr_rule(text: str, params: tuple[tuple[str, str], ...] = ()) -> MaskRule:
@@ -156,7 +167,7 @@ def expr_rule(text: str, params: tuple[tuple[str, str], ...] = ()) -> MaskRule:
         last_m = {"q_idx": "last_m"}
         last_n = {"kv_idx": "last_n"}
         fwd = _affine_bounds(dnf[0], "kv_idx", "q_idx", {"q_idx": "start_m"}, last_m, "N_K", printer)
-        bwd = _affine_bounds(dnf[0], "q_idx", "kv_idx", {"kv_idx": "start_n"}, last_n, "N_Q", printer)
+        bwd = _affine_bounds(dnf[0], "q_idx", "kv_idx", {"kv_idx": "start_n"}, last_n, "N_Q", printer, ("q_lo", "q_hi"))
         if fwd is None or bwd is None:
             reason = "a coefficient on q_idx or kv_idx other than -1, 0, 1"
         else:
@@ -167,11 +178,12 @@ def expr_rule(text: str, params: tuple[tuple[str, str], ...] = ()) -> MaskRule:
             visible=None, fwd_bounds=None, general=False,
             path=f"safe path ({reason}): every tile is visited with the mask applied",
         )
-    (f_vlo, f_flo, f_fhi, f_vhi), (b_vlo, b_flo, b_fhi, b_vhi) = bounds
+    (f_vlo, f_flo, f_fhi, f_vhi, f_visit), (b_vlo, b_flo, b_fhi, b_vhi, b_visit) = bounds
     return MaskRule(
         doc=doc, predicate=predicate,
         fwd_start=f_vlo, fwd_full_start=f_flo, fwd_full_end=f_fhi, fwd_end=f_vhi,
         dkdv_start=b_vlo, dkdv_full_start=b_flo, dkdv_full_end=f"({b_fhi}) // BLOCK_M * BLOCK_M", dkdv_end=b_vhi,
+        fwd_visit=f_visit, dkdv_visit=b_visit,
         visible=None, fwd_bounds=None, general=True,
         path="closed-form tile bounds (one conjunction of affine inequalities)",
     )
@@ -229,6 +241,8 @@ class Plan:
     spaces: dict[str, tuple[tuple[dict, ...], int]]
     paths: tuple[str, ...]
     # Triton source fragments
+    fwd_visit: str
+    dkdv_visit: str
     fwd_start: str
     fwd_full_start: str
     fwd_full_end: str
@@ -370,6 +384,8 @@ def make_plan(spec: Spec) -> Plan:
         backward=spec.backward,
         spaces=autotune_spaces(spec),
         paths=paths,
+        fwd_visit=rule.fwd_visit,
+        dkdv_visit=rule.dkdv_visit,
         fwd_start=rule.fwd_start,
         fwd_full_start=rule.fwd_full_start,
         fwd_full_end=rule.fwd_full_end,

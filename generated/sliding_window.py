@@ -238,8 +238,9 @@ def _fwd_kernel(
     # -- KV tiles [lo, full_lo) and [full_hi, hi) are partly visible (mask applied), [full_lo,
     # full_hi) visible to every row of this query tile (no mask evaluated); the rest are skipped
     last_m = tl.minimum(start_m + BLOCK_M, N_Q) - 1
-    lo = (tl.minimum(tl.maximum((start_m - arg_w + 1), 0), N_K)) // BLOCK_N * BLOCK_N
     hi = tl.minimum(tl.maximum((last_m + 1), 0), N_K)
+    lo = tl.minimum(tl.maximum((start_m - arg_w + 1), 0), N_K)
+    lo = tl.where((lo < hi) & (((start_m - arg_w + 1) < (start_m + 1)) | ((last_m - arg_w + 1) < (last_m + 1))), lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
     full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.minimum(tl.maximum((last_m - arg_w + 1), 0), N_K), BLOCK_N) * BLOCK_N, lo), hi)
     full_hi = tl.maximum((tl.minimum(tl.maximum((start_m + 1), 0), N_K)) // BLOCK_N * BLOCK_N, full_lo)
     for start_n in range(lo, full_lo, BLOCK_N):
@@ -406,8 +407,9 @@ def _bwd_dkdv_kernel(
         p_delta0 = DELTA + (i_b * H + i_h).to(tl.int64) * N_Q
         # query tiles [q_lo, q_full) and [q_full_end, q_hi) see this KV tile partly (mask applied),
         # [q_full, q_full_end) see all of it; the rest see none of it
-        q_lo = (tl.minimum(tl.maximum(start_n, 0), N_Q)) // BLOCK_M * BLOCK_M
         q_hi = tl.minimum(tl.maximum((last_n + arg_w), 0), N_Q)
+        q_lo = tl.minimum(tl.maximum(start_n, 0), N_Q)
+        q_lo = tl.where((q_lo < q_hi) & ((start_n < (start_n + arg_w)) | (last_n < (last_n + arg_w))), q_lo // BLOCK_M * BLOCK_M, q_hi)  # no query sees it: visit nothing
         q_full = tl.minimum(tl.maximum(tl.cdiv(tl.minimum(tl.maximum(last_n, 0), N_Q), BLOCK_M) * BLOCK_M, q_lo), q_hi)
         q_full_end = tl.maximum((tl.minimum(tl.maximum((start_n + arg_w), 0), N_Q)) // BLOCK_M * BLOCK_M, q_full)
         for start_m in range(q_lo, q_full, BLOCK_M):
@@ -509,8 +511,9 @@ def _bwd_dq_kernel(
 
     # the forward's KV tile ranges: partial [lo, full_lo), full [full_lo, full_hi), partial [full_hi, hi)
     last_m = tl.minimum(start_m + BLOCK_M, N_Q) - 1
-    lo = (tl.minimum(tl.maximum((start_m - arg_w + 1), 0), N_K)) // BLOCK_N * BLOCK_N
     hi = tl.minimum(tl.maximum((last_m + 1), 0), N_K)
+    lo = tl.minimum(tl.maximum((start_m - arg_w + 1), 0), N_K)
+    lo = tl.where((lo < hi) & (((start_m - arg_w + 1) < (start_m + 1)) | ((last_m - arg_w + 1) < (last_m + 1))), lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
     full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.minimum(tl.maximum((last_m - arg_w + 1), 0), N_K), BLOCK_N) * BLOCK_N, lo), hi)
     full_hi = tl.maximum((tl.minimum(tl.maximum((start_m + 1), 0), N_K)) // BLOCK_N * BLOCK_N, full_lo)
     for start_n in range(lo, full_lo, BLOCK_N):
