@@ -26,6 +26,10 @@ class MaskRule:
       dkdv_start     first query (a multiple of BLOCK_M) that can see any key of the KV tile;
       dkdv_full_start  first query (a multiple of BLOCK_M) from which every query sees every key of
                      the KV tile.
+    Expression masks (`expr_rule`, `general`) also give the lower bounds fwd_start (first key any
+    row of the query tile sees) and fwd_full_start (first key every row sees), and dkdv_full_end /
+    dkdv_end (the end of the queries that see all / any of the KV tile), each over `start_m` /
+    `last_m` or `start_n` / `last_n`; fwd_visit / dkdv_visit say whether the tile sees anything.
     `predicate` is the visibility test over `{q}` and `{kv}` index grids, or None.
     `visible(q_idx, kv_idx)` and `fwd_bounds(start_m, block_m, n_q, n_k)` are the same rule in Python,
     for counting tiles (benchmarks, `tile_counts`) and for checking the bounds against brute force.
