@@ -26,6 +26,10 @@ class MaskRule:
       dkdv_start     first query (a multiple of BLOCK_M) that can see any key of the KV tile;
       dkdv_full_start  first query (a multiple of BLOCK_M) from which every query sees every key of
                      the KV tile.
+    Expression masks (`expr_rule`, `general`) also give the lower bounds fwd_start (first key any
+    row of the query tile sees) and fwd_full_start (first key every row sees), and dkdv_full_end /
+    dkdv_end (the end of the queries that see all / any of the KV tile), each over `start_m` /
+    `last_m` or `start_n` / `last_n`; fwd_visit / dkdv_visit say whether the tile sees anything.
     `predicate` is the visibility test over `{q}` and `{kv}` index grids, or None.
     `visible(q_idx, kv_idx)` and `fwd_bounds(start_m, block_m, n_q, n_k)` are the same rule in Python,
     for counting tiles (benchmarks, `tile_counts`) and for checking the bounds against brute force.
@@ -37,8 +41,19 @@ class MaskRule:
     fwd_end: str
     dkdv_start: str
     dkdv_full_start: str
-    visible: Callable[[int, int], bool]
-    fwd_bounds: Callable[[int, int, int, int], tuple[int, int]]
+    visible: Callable[[int, int], bool] | None
+    fwd_bounds: Callable[[int, int, int, int], tuple[int, int]] | None
+    # Expression masks (see `expr_rule`): lower bounds too, and the dK/dV range may end before
+    # N_Q. `general` makes the kernels run three loops (partial, full, partial) per tile.
+    fwd_start: str = "0"
+    fwd_full_start: str = "0"
+    dkdv_full_end: str = "N_Q"
+    dkdv_end: str = "N_Q"
+    general: bool = False
+    path: str = ""
+    # whether a tile has any visible pair, over its clipped range `lo`/`hi` (`q_lo`/`q_hi`)
+    fwd_visit: str = "lo < hi"
+    dkdv_visit: str = "q_lo < q_hi"
 
 
 MASK_RULES = {
@@ -63,6 +78,126 @@ MASK_RULES = {
         fwd_bounds=lambda start_m, block_m, n_q, n_k: (min(start_m + 1, n_k), min(start_m + block_m, n_q, n_k)),
     ),
 }
+
+
+# Source names of the expression symbols in the kernels (bounds and predicates).
+_RANGE_NAMES = {"b": "i_b", "h": "i_h", "q_len": "N_Q", "kv_len": "N_K"}
+PARAM_PREFIX = "arg_"
+
+
+def _clip(text: str, n: str) -> str:
+    return f"tl.minimum(tl.maximum({text}, 0), {n})"
+
+
+def _combine(fn: str, texts: list[str]) -> str:
+    out = texts[-1]
+    for t in reversed(texts[:-1]):
+        out = f"{fn}({t}, {out})"
+    return out
+
+
+def _affine_bounds(conj, var: str, other: str, names_lo: dict, names_hi: dict, n: str, printer, lo_hi=("lo", "hi")):
+    """Bounds on `var` (q_idx or kv_idx) as a function of `other` over a tile [first, last] of it.
+
+    Each inequality a*var + c*other + rest >= 0 with a = +1 is a lower bound var >= -(c*other + rest),
+    with a = -1 an upper bound var < c*other + rest + 1. Over the tile, an affine function of
+    `other` takes its extremes at the ends, so (visited_lo, full_lo, full_hi, visited_hi) are:
+      visited_lo = max over lower bounds of their minimum over the tile (no visible pair below),
+      full_lo    = max over lower bounds of their maximum (every row sees from here),
+      full_hi    = min over upper bounds of their minimum, visited_hi = min of their maximum,
+    each clipped to [0, n]. Returns None when a coefficient on `var` is not -1, 0 or +1;
+    inequalities without `var` leave no full range (`full_hi` = "0").
+    """
+    import sympy
+
+    from .expr import _SYMBOLS
+
+    x = _SYMBOLS[other]
+    lows, highs, free = [], [], False
+    for ineq in conj:
+        a, c = (ineq.q, ineq.kv) if var == "q_idx" else (ineq.kv, ineq.q)
+        if a == 0:
+            free = True
+            continue
+        if abs(a) != 1:
+            return None
+        f = -(c * x + ineq.rest) if a == 1 else c * x + ineq.rest + 1
+        slope = -c if a == 1 else c
+        at_min, at_max = (names_lo, names_hi) if slope >= 0 else (names_hi, names_lo)
+        f = sympy.expand(f)
+        pair = (printer(f, at_min), printer(f, at_max), printer(f, names_lo), printer(f, names_hi))
+        (lows if a == 1 else highs).append(pair)
+    v_lo = _clip(_combine("tl.maximum", [p[0] for p in lows]), n) if lows else "0"
+    f_lo = _clip(_combine("tl.maximum", [p[1] for p in lows]), n) if lows else "0"
+    f_hi = _clip(_combine("tl.minimum", [p[0] for p in highs]), n) if highs else n
+    v_hi = _clip(_combine("tl.minimum", [p[1] for p in highs]), n) if highs else n
+    # With one lower and one upper bound the width hi - lo is affine over the tile: if it is empty at
+    # both ends, no row has a visible pair although [visited_lo, visited_hi) may not be empty.
+    lo, hi = lo_hi
+    visit = f"{lo} < {hi}"
+    if len(lows) == 1 and len(highs) == 1:
+        (_, _, lo_first, lo_last), (_, _, hi_first, hi_last) = lows[0], highs[0]
+        visit = f"({lo} < {hi}) & (({lo_first} < {hi_first}) | ({lo_last} < {hi_last}))"
+    return v_lo, f_lo, ("0" if free else f_hi), v_hi, visit
+
+
+def expr_rule(text: str, params: tuple[tuple[str, str], ...] = ()) -> MaskRule:
+    """The MaskRule of a mask expression. One conjunction of affine inequalities whose coefficients
+    on q_idx and kv_idx are -1, 0 or 1 (and integer constant parts) gets closed-form tile bounds;
+    anything else takes the safe path: every tile visited with the mask applied."""
+    from .expr import _TritonPrinter, affine_dnf, parse_expr, parse_params, to_triton
+
+    decls = parse_params(dict(params)) if params else {}
+    expr = parse_expr(text, kind="mask", params=decls)
+    base = {**_RANGE_NAMES, **{n: PARAM_PREFIX + n for n in decls}}
+    predicate = to_triton(expr, {**base, "q_idx": "{q}", "kv_idx": "{kv}"}).replace("{", "{{").replace("}", "}}")
+    predicate = predicate.replace("{{q}}", "{q}").replace("{{kv}}", "{kv}")
+
+    def printer(e, names):
+        out, _ = _TritonPrinter(expr, {**base, **names}).p(e)
+        return f"({out})" if not out.replace("_", "").isalnum() else out
+
+    doc = f"expression {expr}"  # sympy's printout: no quotes or backslashes to escape in a docstring
+    dnf = affine_dnf(expr)
+    reason = ""
+    if dnf is None:
+        reason = "not an affine condition on q_idx and kv_idx"
+    elif len(dnf) != 1:
+        reason = f"a disjunction of {len(dnf)} conditions" if dnf else "never true"
+    elif any(i.strict or not i.rest.is_integer for i in dnf[0]):
+        reason = "an inequality with a non-integer constant part"
+    bounds = None
+    if not reason:
+        last_m = {"q_idx": "last_m"}
+        last_n = {"kv_idx": "last_n"}
+        fwd = _affine_bounds(dnf[0], "kv_idx", "q_idx", {"q_idx": "start_m"}, last_m, "N_K", printer)
+        bwd = _affine_bounds(dnf[0], "q_idx", "kv_idx", {"kv_idx": "start_n"}, last_n, "N_Q", printer, ("q_lo", "q_hi"))
+        if fwd is None or bwd is None:
+            reason = "a coefficient on q_idx or kv_idx other than -1, 0, 1"
+        else:
+            bounds = fwd, bwd
+    if bounds is None:
+        return MaskRule(
+            doc=doc, predicate=predicate, fwd_full_end="0", fwd_end="N_K", dkdv_start="0", dkdv_full_start="N_Q",
+            visible=None, fwd_bounds=None, general=False,
+            path=f"safe path ({reason}): every tile is visited with the mask applied",
+        )
+    (f_vlo, f_flo, f_fhi, f_vhi, f_visit), (b_vlo, b_flo, b_fhi, b_vhi, b_visit) = bounds
+    return MaskRule(
+        doc=doc, predicate=predicate,
+        fwd_start=f_vlo, fwd_full_start=f_flo, fwd_full_end=f_fhi, fwd_end=f_vhi,
+        dkdv_start=b_vlo, dkdv_full_start=b_flo, dkdv_full_end=f"({b_fhi}) // BLOCK_M * BLOCK_M", dkdv_end=b_vhi,
+        fwd_visit=f_visit, dkdv_visit=b_visit,
+        visible=None, fwd_bounds=None, general=True,
+        path="closed-form tile bounds (one conjunction of affine inequalities)",
+    )
+
+
+def mask_rule(spec: Spec) -> MaskRule:
+    """The shipped hand-written rule for none / causal, else the expression's rule."""
+    if spec.mask in MASK_RULES:
+        return MASK_RULES[spec.mask]
+    return expr_rule(spec.mask, spec.params)
 
 
 def tile_counts(mask: str, n_q: int, n_k: int, block_m: int, block_n: int) -> dict[str, int]:
@@ -102,14 +237,24 @@ class Plan:
     dtypes: tuple[str, ...]
     mask: str
     mask_doc: str
+    mask_path: str
+    params: dict[str, str]
+    param_args: str  # ", arg_w, arg_c": kernel arguments (signatures and calls), "" without params
+    general: bool  # three tile loops with lower bounds (expression masks on the fast path)
     backward: bool
     spaces: dict[str, tuple[tuple[dict, ...], int]]
     paths: tuple[str, ...]
     # Triton source fragments
+    fwd_visit: str
+    dkdv_visit: str
+    fwd_start: str
+    fwd_full_start: str
     fwd_full_end: str
     fwd_end: str
     dkdv_start: str
     dkdv_full_start: str
+    dkdv_full_end: str
+    dkdv_end: str
     mask_and_fwd: str
     mask_bwd_t: str
     q_rows_mask: str
@@ -183,7 +328,7 @@ def autotune_spaces(spec: Spec) -> dict[str, tuple[tuple[dict, ...], int]]:
 
 
 def make_plan(spec: Spec) -> Plan:
-    rule = MASK_RULES[spec.mask]
+    rule = mask_rule(spec)
     block_d, block_dv = next_pow2(spec.head_dim), next_pow2(spec.v_head_dim)
     pad_d = block_d != spec.head_dim
     pad_dv = block_dv != spec.v_head_dim
@@ -203,9 +348,15 @@ def make_plan(spec: Spec) -> Plan:
     summary = (
         f"{spec.grouping} attention, {spec.q_heads} query heads over {spec.kv_heads} KV heads, "
         f"head_dim {spec.head_dim}" + (f" (v {spec.v_head_dim})" if spec.v_head_dim != spec.head_dim else "")
-        + f", mask {spec.mask}."
+        + f", mask {spec.mask if spec.mask in MASK_RULES else rule.doc.removeprefix('expression ')}."
     )
-    if pred:
+    if rule.general or (pred and rule.visible is None):
+        paths = (
+            f"mask: {rule.path}.",
+            f"forward and dQ: KV tiles from ({rule.fwd_start}) to ({rule.fwd_end}) are visited; those from ({rule.fwd_full_start}) to ({rule.fwd_full_end}) run unmasked.",
+            f"dK/dV: query tiles from ({rule.dkdv_start}) to ({rule.dkdv_end}) are visited; those from ({rule.dkdv_full_start}) to ({rule.dkdv_full_end}) run unmasked.",
+        )
+    elif pred:
         paths = (
             f"forward and dQ: KV tiles below ({rule.fwd_full_end}) run unmasked; tiles up to ({rule.fwd_end}) apply the mask; later tiles are skipped.",
             f"dK/dV: query tiles from ({rule.dkdv_start}) to ({rule.dkdv_full_start}) apply the mask; later ones run unmasked; earlier ones are skipped.",
@@ -230,13 +381,23 @@ def make_plan(spec: Spec) -> Plan:
         dtypes=spec.dtypes,
         mask=spec.mask,
         mask_doc=rule.doc,
+        mask_path=rule.path or ("hand-written tile bounds" if pred else "no mask"),
+        params=dict(spec.params),
+        param_args="".join(f", {PARAM_PREFIX}{n}" for n, _ in spec.params),
+        general=rule.general,
         backward=spec.backward,
         spaces=autotune_spaces(spec),
         paths=paths,
+        fwd_visit=rule.fwd_visit,
+        dkdv_visit=rule.dkdv_visit,
+        fwd_start=rule.fwd_start,
+        fwd_full_start=rule.fwd_full_start,
         fwd_full_end=rule.fwd_full_end,
         fwd_end=rule.fwd_end,
         dkdv_start=rule.dkdv_start,
         dkdv_full_start=rule.dkdv_full_start,
+        dkdv_full_end=rule.dkdv_full_end,
+        dkdv_end=rule.dkdv_end,
         mask_and_fwd=f" & {mask_fwd}" if mask_fwd else "",
         mask_bwd_t=mask_t,
         q_rows_mask=_and("m_m[:, None]", d_row),

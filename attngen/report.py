@@ -196,12 +196,14 @@ def _record_launches(mod, dtype: str) -> dict[str, _Launch]:
     k = torch.empty(1, mod.KV_HEADS, n, mod.HEAD_DIM, dtype=t)
     v = torch.empty(1, mod.KV_HEADS, n, mod.V_HEAD_DIM, dtype=t)
     scale = mod.HEAD_DIM**-0.5
+    # mask parameters are plain runtime scalars (never specialised on): any representative value
+    params = tuple(64 if kind == "int" else 1.0 for kind in getattr(mod, "PARAMS", {}).values())
     try:
         for name in kernels:
             setattr(mod, name, _Recorder(name))
-        o, lse = mod._forward(q, k, v, scale)
+        o, lse = mod._forward(q, k, v, scale, params)
         if hasattr(mod, "_backward"):
-            mod._backward(q, k, v, o, lse, torch.empty_like(o), torch.zeros_like(lse), scale)
+            mod._backward(q, k, v, o, lse, torch.empty_like(o), torch.zeros_like(lse), scale, params)
     finally:
         for name, obj in kernels.items():
             setattr(mod, name, obj)

@@ -246,3 +246,32 @@ def check_inputs(
             raise ValueError(f"{name}: {tname} has head_dim {t.shape[3]}; expected {dim}")
     if v.shape[2] != k.shape[2]:
         raise ValueError(f"{name}: v has {v.shape[2]} keys but k has {k.shape[2]}")
+
+
+# Kernel integer arithmetic is 32-bit: an int parameter enters sums with positions and lengths.
+PARAM_INT_RANGE = (-(2**30), 2**30)
+
+
+def check_params(name: str, decls: dict, values: dict) -> tuple:
+    """The mask parameters as a tuple in declaration order; ValueError naming a missing or
+    ill-typed one. `decls` maps name -> 'int' | 'float'."""
+    import math
+    import numbers
+
+    out = []
+    for pname, kind in decls.items():
+        v = values.get(pname)
+        if v is None:
+            raise ValueError(f"{name}: missing parameter {pname} ({kind}); pass {pname}=...")
+        if kind == "int":
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"{name}: parameter {pname} must be an int, got {type(v).__name__}")
+            lo, hi = PARAM_INT_RANGE
+            if not lo <= int(v) <= hi:
+                raise ValueError(f"{name}: parameter {pname} = {int(v)} is out of range [{lo}, {hi}]")
+            out.append(int(v))
+        else:
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+                raise ValueError(f"{name}: parameter {pname} must be a finite float, got {v!r}")
+            out.append(float(v))
+    return tuple(out)

@@ -61,6 +61,8 @@ class Spec:
     tiles: Tiles
     backward: bool
     description: str = ""
+    # runtime scalar parameters of the mask, in declaration order: (name, "int" | "float")
+    params: tuple[tuple[str, str], ...] = ()
     path: str = field(default="<string>", compare=False)
     sha256: str = field(default="", compare=False)
 
@@ -240,9 +242,13 @@ _TOP_KEYS = {
     "v_head_dim": False,
     "dtypes": True,
     "mask": False,
+    "params": False,
     "tiles": False,
     "backward": False,
 }
+
+
+_ATTENTION_ARGS = ("q", "k", "v", "scale", "return_lse", "params")
 
 
 def parse_spec(text: str, filename: str = "<string>") -> Spec:
@@ -326,13 +332,52 @@ def parse_spec(text: str, filename: str = "<string>") -> Spec:
             if len(seen) == len(items):
                 dtypes = tuple(seen)
 
+    params: tuple[tuple[str, str], ...] = ()
+    decls: dict = {}
+    params_ok = True
+    if "params" in fields:
+        params_ok = False
+        pn = fields["params"]
+        if not isinstance(pn.value, dict):
+            reader.error(pn.line, f"params: expected a mapping of name -> int | float, got {_kind(pn.value)}")
+        else:
+            plain = {}
+            for key, node in pn.value.items():
+                if key in _ATTENTION_ARGS or not key[:1].islower():
+                    # the generated attention(q, k, v, *, <params>, scale, return_lse) takes them as
+                    # keyword arguments; module constants are upper case
+                    reader.error(pn.key_lines.get(key, pn.line), f"params.{key}: a parameter name starts with a lower-case letter and is not one of {', '.join(_ATTENTION_ARGS)}")
+                elif isinstance(node.value, dict):
+                    reader.error(node.line, f"params.{key}: tensor parameters are not supported yet (only int and float)")
+                else:
+                    plain[key] = node.value
+            if len(plain) == len(pn.value):
+                from .expr import parse_params  # expr imports this module
+
+                try:
+                    decls = parse_params(plain, filename, pn.key_lines)
+                except SpecError as e:
+                    reader.problems.extend(e.problems)
+                else:
+                    params = tuple((n, d.kind) for n, d in decls.items())
+                    params_ok = True
+
     mask = "none"
     if "mask" in fields:
         m = fields["mask"]
-        if m.value not in MASKS or not isinstance(m.value, str):
-            reader.error(m.line, f"mask: {_kind(m.value)} is not one of {', '.join(MASKS)}")
-        else:
-            mask = m.value
+        if not isinstance(m.value, str):
+            reader.error(m.line, f"mask: expected an expression (none, causal, sliding_window(w), ...), got {_kind(m.value)}")
+        elif m.value.strip() in MASKS:
+            mask = m.value.strip()
+        elif params_ok:
+            from .expr import parse_expr
+
+            try:
+                parse_expr(m.value, kind="mask", params=decls, file=filename, line=m.line)
+            except SpecError as e:
+                reader.problems.extend(e.problems)
+            else:
+                mask = m.value.strip()
 
     tiles = Tiles(**DEFAULT_TILES)
     if "tiles" in fields:
@@ -372,6 +417,7 @@ def parse_spec(text: str, filename: str = "<string>") -> Spec:
         v_head_dim=v_head_dim,
         dtypes=dtypes,
         mask=mask,
+        params=params,
         tiles=tiles,
         backward=backward,
         description=description,

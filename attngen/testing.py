@@ -98,23 +98,46 @@ def _loss(o, lse, do, dlse):
     return (o.to(do.dtype) * do).sum() + (torch.where(torch.isfinite(lse), lse, 0).to(dlse.dtype) * dlse).sum()
 
 
-def check_module(mod, q, k, v, *, scale: float | None = None, backward: bool = True, seed: int = 0) -> list[Comparison]:
+def reference_mask(mod, params: dict | None = None):
+    """The mask of a generated module for attngen.reference: 'none' / 'causal', or a callable built
+    from the module's MASK expression text and PARAMS declarations with the given values
+    (generated modules do not import sympy, so this is done here)."""
+    if mod.MASK in ("none", "causal"):
+        return mod.MASK
+    from .expr import parse_expr, parse_params, to_torch
+
+    decls = parse_params(dict(mod.PARAMS)) if mod.PARAMS else {}
+    fn = to_torch(parse_expr(mod.MASK, kind="mask", params=decls))
+    values = dict(params or {})
+
+    def mask(b, h, q_idx, kv_idx):
+        return fn(b, h, q_idx, kv_idx, q_idx.shape[2], kv_idx.shape[3], **values)
+
+    return mask
+
+
+def check_module(
+    mod, q, k, v, *, scale: float | None = None, backward: bool = True, seed: int = 0, params: dict | None = None
+) -> list[Comparison]:
     """Run a generated module on (q, k, v) and compare o, lse and (if backward) dq, dk, dv with the
-    float64 reference, using PyTorch at the input dtype as the baseline of the tolerance rule."""
+    float64 reference, using PyTorch at the input dtype as the baseline of the tolerance rule.
+    `params` are the mask's parameters (keyword arguments of the module's attention)."""
     from . import runtime
     from .reference import attention_reference
 
     dtype = q.dtype
+    params = dict(params or {})
+    ref_mask = reference_mask(mod, params)
     leaves = [t.detach().requires_grad_(backward) for t in (q, k, v)]
     with runtime.poison_outputs():
-        o, lse = mod.attention(*leaves, scale=scale, return_lse=True)
+        o, lse = mod.attention(*leaves, scale=scale, return_lse=True, **params)
     g = torch.Generator().manual_seed(seed + 1)
     do = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)
     dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64).to(o.device)
     results = {}
     for label, cdt in (("ref", torch.float64), ("base", None)):
         ins = [t.detach().clone().requires_grad_(backward) for t in (q, k, v)]
-        ro, rlse = attention_reference(*ins, scale=scale, mask=mod.MASK, compute_dtype=cdt)
+        ro, rlse = attention_reference(*ins, scale=scale, mask=ref_mask, compute_dtype=cdt)
         grads = [None, None, None]
         if backward:
             grads = torch.autograd.grad(_loss(ro, rlse, do.to(ro.dtype), dlse.to(rlse.dtype)), ins, allow_unused=True)

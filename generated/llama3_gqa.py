@@ -24,7 +24,9 @@ KV_HEADS = 8
 GROUP = 4
 HEAD_DIM = 128
 V_HEAD_DIM = 128
-MASK = "causal"
+MASK = 'causal'
+# Runtime parameters of the mask (name -> int | float): required keyword arguments of attention().
+PARAMS = {}
 DTYPES = ('bf16', 'fp16')
 
 SPEC_SHA256 = "a9a7d6a63aa372d5a44efde64a068bdb5816392d9d2656d5bca0e3ea0087e887"
@@ -107,7 +109,7 @@ _LOG2E = 1.4426950408889634  # host side; kernels spell their constants out (no 
 @triton.jit
 def _fwd_tile(
     b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-    stride_kn, stride_kd, stride_vn, stride_vd,
+    stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -184,18 +186,20 @@ def _fwd_kernel(
     b_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     # -- KV tiles visible to every row of this query tile: no mask evaluated
-    full_end = (tl.minimum(start_m + 1, N_K)) // BLOCK_N * BLOCK_N
-    for start_n in range(0, full_end, BLOCK_N):
+    full_lo = 0
+    full_hi = (tl.minimum(start_m + 1, N_K)) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(tl.minimum(start_m + BLOCK_M, N_Q), N_K)
+    for start_n in range(full_lo, full_hi, BLOCK_N):
         b_m, b_l, b_acc = _fwd_tile(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
             BLOCK_N, BLOCK_D, BLOCK_DV, False, DOT_UPCAST, DOT_PRECISION,
         )
     # -- partial tiles (mask and sequence end applied)
-    for start_n in range(full_end, tl.minimum(tl.minimum(start_m + BLOCK_M, N_Q), N_K), BLOCK_N):
+    for start_n in range(full_hi, hi, BLOCK_N):
         b_m, b_l, b_acc = _fwd_tile(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
             BLOCK_N, BLOCK_D, BLOCK_DV, True, DOT_UPCAST, DOT_PRECISION,
         )
 
@@ -209,7 +213,7 @@ def _fwd_kernel(
     tl.store(LSE + i_bh.to(tl.int64) * N_Q + o_m, b_lse, mask=m_m)
 
 
-def _forward(q, k, v, scale):
+def _forward(q, k, v, scale, params):
     b, _, n_q, _ = q.shape
     n_k = k.shape[2]
     o = _rt.empty_like_layout(q, (b, Q_HEADS, n_q, V_HEAD_DIM), dtype=q.dtype)
@@ -222,7 +226,7 @@ def _forward(q, k, v, scale):
     _fwd_kernel[grid](
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        scale * _LOG2E, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k),
+        scale * _LOG2E, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), *params,
         H=Q_HEADS, GROUP=GROUP,
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=128, BLOCK_DV=128,
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
@@ -265,7 +269,7 @@ def _bwd_preprocess(
 @triton.jit
 def _bwd_dkdv_tile(
     b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
-    stride_qm, stride_qd, stride_dom, stride_dod,
+    stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -334,25 +338,27 @@ def _bwd_dkdv_kernel(
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
-    # query tiles [q_lo, q_full) see this KV tile partly (mask applied); [q_full, N_Q) see all of it
-    q_lo = start_n // BLOCK_M * BLOCK_M
-    q_full = tl.minimum(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, N_Q)
     for g in range(GROUP):
         i_h = i_hk * GROUP + g
         p_q0 = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
         p_do0 = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
         p_lse0 = LSE + (i_b * H + i_h).to(tl.int64) * N_Q
         p_delta0 = DELTA + (i_b * H + i_h).to(tl.int64) * N_Q
+        # query tiles [q_lo, q_full) see this KV tile partly (mask applied); [q_full, N_Q) see all of it
+        q_lo = start_n // BLOCK_M * BLOCK_M
+        q_full = tl.minimum(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, N_Q)
+        q_full_end = N_Q
+        q_hi = N_Q
         for start_m in range(q_lo, q_full, BLOCK_M):
             b_dk, b_dv = _bwd_dkdv_tile(
                 b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
-                stride_qm, stride_qd, stride_dom, stride_dod,
+                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K,
                 BLOCK_M, BLOCK_D, BLOCK_DV, True, DOT_UPCAST, DOT_PRECISION,
             )
-        for start_m in range(q_full, N_Q, BLOCK_M):
+        for start_m in range(q_full, q_full_end, BLOCK_M):
             b_dk, b_dv = _bwd_dkdv_tile(
                 b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
-                stride_qm, stride_qd, stride_dom, stride_dod,
+                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K,
                 BLOCK_M, BLOCK_D, BLOCK_DV, False, DOT_UPCAST, DOT_PRECISION,
             )
 
@@ -365,7 +371,7 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _bwd_dq_tile(
     b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-    stride_kn, stride_kd, stride_vn, stride_vd,
+    stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -434,24 +440,26 @@ def _bwd_dq_kernel(
     p_v0 = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    full_end = (tl.minimum(start_m + 1, N_K)) // BLOCK_N * BLOCK_N
-    for start_n in range(0, full_end, BLOCK_N):
+    full_lo = 0
+    full_hi = (tl.minimum(start_m + 1, N_K)) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(tl.minimum(start_m + BLOCK_M, N_Q), N_K)
+    for start_n in range(full_lo, full_hi, BLOCK_N):
         b_dq = _bwd_dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
             BLOCK_N, BLOCK_D, BLOCK_DV, False, DOT_UPCAST, DOT_PRECISION,
         )
-    for start_n in range(full_end, tl.minimum(tl.minimum(start_m + BLOCK_M, N_Q), N_K), BLOCK_N):
+    for start_n in range(full_hi, hi, BLOCK_N):
         b_dq = _bwd_dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
             BLOCK_N, BLOCK_D, BLOCK_DV, True, DOT_UPCAST, DOT_PRECISION,
         )
     p_dq = DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
     tl.store(p_dq + o_m[:, None] * stride_dqm + o_d[None, :] * stride_dqd, (b_dq * sm_scale).to(DQ.dtype.element_ty), mask=m_m[:, None])
 
 
-def _backward(q, k, v, o, lse, do, dlse, scale):
+def _backward(q, k, v, o, lse, do, dlse, scale, params):
     b, _, n_q, _ = q.shape
     n_k = k.shape[2]
     dq, dk, dv = _rt.empty_like(q), _rt.empty_like(k), _rt.empty_like(v)
@@ -469,7 +477,7 @@ def _backward(q, k, v, o, lse, do, dlse, scale):
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=128, BLOCK_DV=128,
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
     )
-    sizes = (scale * _LOG2E, scale, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k))
+    sizes = (scale * _LOG2E, scale, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), *params)
     grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * KV_HEADS)  # noqa: E731
     _bwd_dkdv_kernel[grid_kv](
         q, k, v, do, lse, delta, dk, dv,
@@ -489,17 +497,18 @@ def _backward(q, k, v, o, lse, do, dlse, scale):
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale):
-        o, lse = _forward(q, k, v, scale)
+    def forward(ctx, q, k, v, scale, params):
+        o, lse = _forward(q, k, v, scale, params)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale = scale
+        ctx.params = params
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, do, dlse, ctx.scale)
-        return dq, dk, dv, None
+        dq, dk, dv = _backward(q, k, v, o, lse, do, dlse, ctx.scale, ctx.params)
+        return dq, dk, dv, None, None
 
 
 def attention(q, k, v, *, scale=None, return_lse=False):
@@ -510,12 +519,13 @@ def attention(q, k, v, *, scale=None, return_lse=False):
     Returns o [B, 32, Nq, 128] in q's dtype, and with return_lse=True also
     lse [B, 32, Nq] float32 (natural log of the softmax denominator; -inf for a row that sees no key).
     """
+    params = _rt.check_params(NAME, PARAMS, {})
     _rt.check_inputs(
         NAME, q, k, v, q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, v_head_dim=V_HEAD_DIM, dtypes=DTYPES
     )
     scale = HEAD_DIM ** -0.5 if scale is None else float(scale)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        o, lse = _Attention.apply(q, k, v, scale)
+        o, lse = _Attention.apply(q, k, v, scale, params)
     else:
-        o, lse = _forward(q, k, v, scale)
+        o, lse = _forward(q, k, v, scale, params)
     return (o, lse) if return_lse else o

@@ -16,8 +16,26 @@ from helpers import SPEC_PATHS, assert_all_ok, generated
 
 SPECS = [load_spec(p) for p in SPEC_PATHS]
 # The interpreter costs grow with heads x head_dim; keep each spec's share of the suite similar.
-EXAMPLES = {s.name: (6 if s.q_heads * s.head_dim > 1024 else 15) for s in SPECS}
+# Expression-mask specs run 16x16 tiles in the interpreter (many tiles per call): fewer examples.
+EXAMPLES = {s.name: (4 if s.params else 6 if s.q_heads * s.head_dim > 1024 else 15) for s in SPECS}
 MAX_LEN = 130
+# Mask parameters per shipped spec: values the properties draw (negative and oversized included),
+# a default that leaves every row some key, and one that leaves rows with no key at all.
+PARAM_STRATEGIES = {
+    "sliding_window": {"w": st.integers(-3, MAX_LEN + 5)},
+    "prefix_lm": {"p": st.integers(-3, MAX_LEN + 5)},
+    "chunked_local": {"c": st.integers(1, MAX_LEN + 5)},
+    "global_window": {"g": st.integers(-1, 20), "w": st.integers(-1, 60)},
+}
+DEFAULT_PARAMS = {"sliding_window": {"w": 4}, "prefix_lm": {"p": 3}, "chunked_local": {"c": 5}, "global_window": {"g": 1, "w": 3}}
+EMPTY_ROW_PARAMS = {"sliding_window": {"w": 0}, "prefix_lm": {"p": 0}, "chunked_local": {"c": 1}, "global_window": {"g": 0, "w": 0}}
+
+
+def test_every_parametrised_spec_has_strategies():
+    for s in SPECS:
+        names = {n for n, _ in s.params}
+        assert set(PARAM_STRATEGIES.get(s.name, {})) == names, s.name
+        assert set(DEFAULT_PARAMS.get(s.name, {})) == names, s.name
 
 
 def _interp_tiles(mod):
@@ -40,16 +58,22 @@ def test_matches_reference(spec):
         scale=st.one_of(st.none(), st.floats(0.05, 2.0 / math.sqrt(spec.head_dim))),
         bnhd=st.booleans(),
         seed=st.integers(0, 2**16),
+        params=st.fixed_dictionaries(PARAM_STRATEGIES.get(spec.name, {})),
     )
     # length 1, one past a query tile, one short of a key tile, and a square length off the tile grid
-    @example(batch=1, n_q=1, n_k=1, dtype=spec.dtypes[0], scale=None, bnhd=False, seed=0)
-    @example(batch=1, n_q=bm + 1, n_k=bn - 1, dtype=spec.dtypes[-1], scale=None, bnhd=True, seed=1)
-    @example(batch=2, n_q=3 * bn + 5, n_k=3 * bn + 5, dtype=spec.dtypes[0], scale=0.3, bnhd=False, seed=2)
-    def run(batch, n_q, n_k, dtype, scale, bnhd, seed):
+    @example(batch=1, n_q=1, n_k=1, dtype=spec.dtypes[0], scale=None, bnhd=False, seed=0, params=DEFAULT_PARAMS.get(spec.name, {}))
+    @example(batch=1, n_q=bm + 1, n_k=bn - 1, dtype=spec.dtypes[-1], scale=None, bnhd=True, seed=1, params=DEFAULT_PARAMS.get(spec.name, {}))
+    @example(batch=2, n_q=3 * bn + 5, n_k=3 * bn + 5, dtype=spec.dtypes[0], scale=0.3, bnhd=False, seed=2, params=DEFAULT_PARAMS.get(spec.name, {}))
+    # parameters that leave rows with no visible key (o = 0, lse = -inf, zero gradients, no NaN)
+    @example(batch=1, n_q=3 * bm + 3, n_k=2 * bn + 1, dtype=spec.dtypes[-1], scale=None, bnhd=False, seed=3, params=EMPTY_ROW_PARAMS.get(spec.name, {}))
+    def run(batch, n_q, n_k, dtype, scale, bnhd, seed, params):
         q, k, v = random_inputs(
             mod, batch=batch, n_q=n_q, n_k=n_k, dtype=runtime.TORCH_DTYPES[dtype], seed=seed, bnhd=bnhd
         )
-        assert_all_ok(check_module(mod, q, k, v, scale=scale, seed=seed), f"{spec.name} {dtype} B={batch} Nq={n_q} Nk={n_k}")
+        assert_all_ok(
+            check_module(mod, q, k, v, scale=scale, seed=seed, params=params),
+            f"{spec.name} {dtype} B={batch} Nq={n_q} Nk={n_k} {params}",
+        )
 
     run()
 
@@ -61,7 +85,7 @@ def test_no_keys_gives_zeros_not_nan(spec):
     dtype = runtime.TORCH_DTYPES[spec.dtypes[0]]
     q, k, v = (t.requires_grad_() for t in random_inputs(mod, batch=1, n_q=5, n_k=0, dtype=dtype))
     with runtime.poison_outputs():
-        o, lse = mod.attention(q, k, v, return_lse=True)
+        o, lse = mod.attention(q, k, v, return_lse=True, **DEFAULT_PARAMS.get(spec.name, {}))
         assert torch.equal(o, torch.zeros_like(o))
         assert torch.equal(lse, torch.full_like(lse, -math.inf))
         o.float().sum().backward()
@@ -76,7 +100,7 @@ def test_gqa_head_mapping(spec):
     dtype = runtime.TORCH_DTYPES[spec.dtypes[0]]
     q, k, _ = random_inputs(mod, batch=1, n_q=9, n_k=9, dtype=dtype)
     v = torch.arange(spec.kv_heads, dtype=dtype, device=q.device).view(1, -1, 1, 1).expand(1, spec.kv_heads, 9, spec.v_head_dim)
-    o = mod.attention(q, k, v.contiguous())
+    o = mod.attention(q, k, v.contiguous(), **DEFAULT_PARAMS.get(spec.name, {}))
     expect = (torch.arange(spec.q_heads, device=q.device) // spec.group).float().view(1, -1, 1, 1).expand_as(o)
     # the softmax weights sum to 1 up to rounding, far closer than the 1 between heads
     torch.testing.assert_close(o.float(), expect, atol=0.05, rtol=0.01)
@@ -91,3 +115,44 @@ def test_comparison_catches_a_wrong_kernel():
     o_base, _ = attention_reference(q, k, v, mask="causal", compute_dtype=None)
     assert not compare("o", o_wrong, o_ref, o_base, torch.float16).ok
     assert compare("o", o_base, o_ref, o_base, torch.float16).ok
+
+
+@pytest.mark.parametrize("name, params", [(n, p) for n, p in EMPTY_ROW_PARAMS.items() if n != "prefix_lm"])
+def test_parameters_that_hide_every_key_give_zeros(name, params):
+    """A mask that no pair passes (window 0, no global tokens): o = 0, lse = -inf, zero grads."""
+    mod = generated(name)
+    q, k, v = (t.requires_grad_() for t in random_inputs(mod, batch=1, n_q=20, n_k=20, dtype=torch.float16))
+    if name == "chunked_local":
+        k, v = k[:, :, :0].detach().requires_grad_(), v[:, :, :0].detach().requires_grad_()
+    with runtime.poison_outputs():
+        o, lse = mod.attention(q, k, v, return_lse=True, **params)
+        if name != "chunked_local":
+            assert torch.equal(o, torch.zeros_like(o))
+            assert torch.equal(lse, torch.full_like(lse, -math.inf))
+            o.float().sum().backward()
+            assert torch.equal(q.grad, torch.zeros_like(q)) and not torch.isnan(k.grad).any()
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({}, "sliding_window: missing parameter w (int)"),
+        ({"w": 2.5}, "sliding_window: parameter w must be an int, got float"),
+        ({"w": True}, "sliding_window: parameter w must be an int, got bool"),
+        ({"w": 2**40}, "sliding_window: parameter w = 1099511627776 is out of range"),
+    ],
+)
+def test_bad_mask_parameters_raise_valueerror_naming_them(params, message):
+    mod = generated("sliding_window")
+    q, k, v = random_inputs(mod, batch=1, n_q=3, n_k=3, dtype=torch.float16)
+    with pytest.raises(ValueError) as info:
+        mod.attention(q, k, v, **params)
+    assert message in str(info.value)
+
+
+def test_float_parameter_is_checked():
+    from attngen.runtime import check_params
+
+    assert check_params("m", {"t": "float", "n": "int"}, {"t": 2, "n": 3}) == (2.0, 3)
+    with pytest.raises(ValueError, match="m: parameter t must be a finite float"):
+        check_params("m", {"t": "float"}, {"t": math.inf})

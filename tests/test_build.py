@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -139,3 +140,27 @@ def test_shipped_specs_cover_the_groupings():
 def test_cli_build_with_no_specs_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     assert cli(["build", "--spec-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+
+
+@pytest.mark.parametrize(
+    "mask, params, values",
+    [
+        # affine, one conjunction, reading the head, the batch index and a length: closed-form bounds
+        ("kv_idx >= q_idx - w - h and kv_idx <= q_idx + 3 and kv_idx < kv_len - b", "{w: int}", {"w": 5}),
+        # not affine (floor division of a length) and a float parameter: the safe path
+        ("q_idx < q_len // 2 or kv_idx * t < 20.5", "{t: float}", {"t": 1.5}),
+    ],
+)
+def test_expression_mask_spec_builds_and_matches_reference(tmp_path, mask, params, values):
+    """Index symbols b, h, q_len, kv_len and int/float parameters reach the kernels' bounds and
+    predicates (forward, dQ and dK/dV) under the names the plan gives them."""
+    import torch
+
+    spec = write_spec(tmp_path, name="expr_attn", mask=f'"{mask}"', extra=f"params: {params}\n")
+    [(path, _)] = build([spec], tmp_path / "out")
+    mod = import_generated(path)
+    doc = mod.__doc__
+    assert ("closed-form" in doc) == ("w" in values) and ("safe path" in doc) != ("w" in values)
+    for n_q, n_k, seed in ((40, 37, 0), (19, 45, 1)):
+        q, k, v = random_inputs(mod, batch=2, n_q=n_q, n_k=n_k, dtype=torch.float16, seed=seed)
+        assert_all_ok(check_module(mod, q, k, v, params=values, seed=seed), f"{mask} {n_q}x{n_k}")

@@ -135,3 +135,126 @@ def test_tile_bounds_against_brute_force(mask, n_q, n_k, block_m, block_n):
     )
     assert counts["visited"] == needed
     assert counts["total"] == math.ceil(n_q / block_m) * math.ceil(n_k / block_n)
+
+
+def _general_bounds(rule, n_q, n_k, block_m, block_n, **params):
+    """The KV tiles (partial, full) per query tile and the query tiles (partial, full) per KV tile,
+    exactly as the generated kernels' three loops compute them (templates/dense.py.jinja)."""
+    tl = type("tl", (), {
+        "minimum": staticmethod(min), "maximum": staticmethod(max), "cdiv": staticmethod(lambda a, b: -(-a // b)),
+    })
+    env = {"tl": tl, "BLOCK_M": block_m, "BLOCK_N": block_n, "N_Q": n_q, "N_K": n_k, "i_b": 0, "i_h": 0,
+           **{f"arg_{k}": v for k, v in params.items()}}
+
+    def ev(text, **names):
+        # the plan's own bound expressions over integers, never user text (params are numbers here)
+        return eval(text, {"__builtins__": {}}, {**env, **names})
+
+    fwd = {}
+    for start_m in range(0, n_q, block_m):
+        names = {"start_m": start_m, "last_m": min(start_m + block_m, n_q) - 1}
+        hi = ev(rule.fwd_end, **names)
+        lo = ev(rule.fwd_start, **names)
+        lo = lo // block_n * block_n if ev(rule.fwd_visit, lo=lo, hi=hi, **names) else hi
+        full_lo = min(max(-(-ev(rule.fwd_full_start, **names) // block_n) * block_n, lo), hi)
+        full_hi = max(ev(rule.fwd_full_end, **names) // block_n * block_n, full_lo)
+        partial = [*range(lo, full_lo, block_n), *range(full_hi, hi, block_n)]
+        fwd[start_m] = (partial, list(range(full_lo, full_hi, block_n)))
+    bwd = {}
+    for start_n in range(0, n_k, block_n):
+        names = {"start_n": start_n, "last_n": min(start_n + block_n, n_k) - 1}
+        q_hi = ev(rule.dkdv_end, **names)
+        q_lo = ev(rule.dkdv_start, **names)
+        q_lo = q_lo // block_m * block_m if ev(rule.dkdv_visit, q_lo=q_lo, q_hi=q_hi, **names) else q_hi
+        q_full = min(max(-(-ev(rule.dkdv_full_start, **names) // block_m) * block_m, q_lo), q_hi)
+        q_full_end = max(ev(rule.dkdv_full_end, **names), q_full)
+        partial = [*range(q_lo, q_full, block_m), *range(q_full_end, q_hi, block_m)]
+        bwd[start_n] = (partial, list(range(q_full, q_full_end, block_m)))
+    return fwd, bwd
+
+
+# (mask, params): the shipped sliding window and other single affine conjunctions (bands, offsets,
+# conditions on one index only, head-dependent bounds)
+AFFINE_MASKS = [
+    ("sliding_window(w)", ("w",)),
+    ("kv_idx <= q_idx + w and q_idx <= kv_idx + w", ("w",)),
+    ("causal and kv_idx >= w", ("w",)),
+    ("q_idx < q_len - w and kv_idx < kv_len - 1", ("w",)),
+    ("kv_idx - h <= q_idx and q_idx - kv_idx < w + h", ("w",)),
+]
+
+
+@settings(max_examples=150)
+@given(
+    case=st.sampled_from(AFFINE_MASKS),
+    w=st.integers(-5, 320),
+    n_q=st.integers(1, 300),
+    n_k=st.integers(1, 300),
+    block_m=st.sampled_from([16, 32, 64, 128]),
+    block_n=st.sampled_from([16, 32, 64, 128]),
+    h=st.integers(0, 3),
+)
+def test_expression_tile_bounds_against_brute_force(case, w, n_q, n_k, block_m, block_n, h):
+    """Closed-form bounds of single-conjunction masks: no visible pair is skipped, full tiles hold
+    only visible pairs (inside the sequence), and for the sliding window no visited tile is wholly
+    masked."""
+    from attngen.expr import parse_expr, parse_params, to_torch
+    from attngen.plan import expr_rule
+
+    text, names = case
+    params = tuple((n, "int") for n in names)
+    rule = expr_rule(text, params)
+    assert rule.general, rule.path
+    fn = to_torch(parse_expr(text, kind="mask", params=parse_params(dict(params))))
+    qi = torch.arange(n_q).view(-1, 1)
+    ki = torch.arange(n_k).view(1, -1)
+    vis = torch.as_tensor(fn(0, h, qi, ki, n_q, n_k, w=w), dtype=torch.bool).expand(n_q, n_k)
+    # the rules that read the head (i_h) are evaluated at head h
+    fwd, bwd = _general_bounds_at_head(rule, n_q, n_k, block_m, block_n, h, w=w)
+    sliding = text == "sliding_window(w)"
+    for start_m, (partial, full) in fwd.items():
+        rows = vis[start_m:start_m + block_m]
+        seen = torch.zeros(n_k, dtype=torch.bool)
+        for n in partial + full:
+            assert 0 <= n < n_k
+            seen[n:n + block_n] = True
+            if sliding:
+                assert rows[:, n:n + block_n].any(), "visited a KV tile with no visible pair"
+        for n in full:
+            assert n + block_n <= n_k and rows[:, n:n + block_n].all(), "an unmasked tile has a masked pair"
+        assert not (rows & ~seen).any(), "a visible pair lies in a skipped KV tile"
+        assert len(set(partial + full)) == len(partial + full), "a KV tile visited twice"
+    for start_n, (partial, full) in bwd.items():
+        cols = vis[:, start_n:start_n + block_n]
+        seen = torch.zeros(n_q, dtype=torch.bool)
+        for m in partial + full:
+            assert 0 <= m < n_q and m % block_m == 0
+            seen[m:m + block_m] = True
+            if sliding:
+                assert cols[m:m + block_m].any(), "dK/dV visited a query tile with no visible pair"
+        for m in full:
+            assert cols[m:m + block_m].all(), "dK/dV ran unmasked over a masked pair"
+        assert not (cols & ~seen[:, None]).any(), "dK/dV skipped a query that sees this tile"
+        assert len(set(partial + full)) == len(partial + full), "a query tile visited twice"
+
+
+def _general_bounds_at_head(rule, n_q, n_k, block_m, block_n, h, **params):
+    import dataclasses
+
+    sub = {k: getattr(rule, k).replace("i_h", f"({h})") for k in (
+        "fwd_start", "fwd_full_start", "fwd_full_end", "fwd_end", "dkdv_start", "dkdv_full_start", "dkdv_full_end", "dkdv_end")}
+    return _general_bounds(dataclasses.replace(rule, **sub), n_q, n_k, block_m, block_n, **params)
+
+
+@pytest.mark.parametrize("mask, params, reason", [
+    ("prefix_lm(p)", (("p", "int"),), "disjunction"),
+    ("chunked(c)", (("c", "int"),), "not an affine"),
+    ("global_tokens(g) or sliding_window(w)", (("g", "int"), ("w", "int")), "disjunction"),
+    ("causal and 2 * kv_idx <= q_idx", (), "coefficient"),
+])
+def test_other_masks_take_the_safe_path(mask, params, reason):
+    from attngen.plan import expr_rule
+
+    rule = expr_rule(mask, params)
+    assert not rule.general and reason in rule.path and "safe path" in rule.path
+    assert (rule.fwd_full_end, rule.fwd_end, rule.dkdv_start, rule.dkdv_full_start) == ("0", "N_K", "0", "N_Q")

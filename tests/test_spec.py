@@ -49,7 +49,7 @@ def test_spec_is_frozen():
         (GOOD.replace("[fp16, bf16]", "[fp16, fp8]"), "demo.yaml:4: dtypes: a string ('fp8') is not one of"),
         (GOOD.replace("[fp16, bf16]", "[fp16, fp16]"), "demo.yaml:4: dtypes: fp16 is listed twice"),
         (GOOD.replace("[fp16, bf16]", "[]"), "demo.yaml:4: dtypes: expected at least one"),
-        (GOOD.replace("mask: causal", "mask: sliding"), "demo.yaml:5: mask: a string ('sliding') is not one of"),
+        (GOOD.replace("mask: causal", "mask: sliding"), "demo.yaml:5: mask: unknown name 'sliding'"),
         (GOOD.replace("name: demo", "name: 1st-module"), "demo.yaml:1: name: '1st-module' is not a valid Python module name"),
         (GOOD.replace("name: demo", "name: class"), "demo.yaml:1: name: 'class' is not a valid Python module name"),
         (GOOD.replace("name: demo", "name: _private"), "demo.yaml:1: name: '_private' must not start with an underscore"),
@@ -82,3 +82,29 @@ def test_all_problems_are_reported_in_line_order():
     text = GOOD.replace("head_dim: 64", "head_dim: 60").replace("mask: causal", "mask: x") + "zzz: 1\n"
     lines = error_of(text).splitlines()
     assert [ln.split(":")[1] for ln in lines] == ["3", "5", "6"]
+
+
+def test_expression_mask_and_params_parse():
+    s = parse_spec(GOOD.replace("mask: causal", "params: {w: int, t: float}\nmask: sliding_window(w)"), "demo.yaml")
+    assert s.mask == "sliding_window(w)" and s.params == (("w", "int"), ("t", "float"))
+    hash(s)  # frozen and hashable
+
+
+@pytest.mark.parametrize(
+    "tail, expected",
+    [
+        ("mask: sliding_window(w)\n", "demo.yaml:5: mask: unknown name 'w'"),
+        ("params: {w: int}\nmask: sliding_window(w\n", "demo.yaml:6: mask: invalid syntax"),
+        ("params: {w: int}\nmask: q_idx + w\n", "demo.yaml:6: mask: a mask must be a boolean expression"),
+        ("params: {w: int}\nmask: __import__('os')\n", "demo.yaml:6: mask:"),
+        ("mask: [causal]\n", "demo.yaml:5: mask: expected an expression"),
+        ("params:\n  w: int\n  d: {tensor: int32, dims: 2}\nmask: causal\n", "demo.yaml:7: params.d: tensor parameters are not supported yet"),
+        ("params:\n  w: int\n  x: str\nmask: causal\n", "demo.yaml:7: params.x: expected 'int', 'float'"),
+        ("params:\n  causal: int\nmask: causal\n", "demo.yaml:6: params.causal: 'causal' is reserved"),
+        ("params:\n  scale: float\nmask: causal\n", "demo.yaml:6: params.scale: a parameter name starts with a lower-case letter"),
+        ("params:\n  W: int\nmask: causal\n", "demo.yaml:6: params.W: a parameter name starts with a lower-case letter"),
+        ("params: [w]\nmask: causal\n", "demo.yaml:5: params: expected a mapping"),
+    ],
+)
+def test_bad_mask_expressions_and_params_are_located(tail, expected):
+    assert expected in error_of(GOOD.replace("mask: causal\n", tail))
