@@ -27,6 +27,26 @@ import triton  # noqa: E402  (after the interpreter choice above)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 """True when kernels run in Triton's interpreter (on the CPU) rather than compiled for a GPU."""
 
+
+def _check_triton_stdlib() -> None:
+    # triton.language's own helpers (tl.zeros, tl.sum, ...) are @triton.jit functions built when
+    # triton is first imported. If that happened before the interpreter was selected they are
+    # compiled-mode functions, and every interpreted kernel would fail with an obscure error.
+    if not INTERPRET:
+        return
+    from triton.language import standard
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(getattr(standard, "zeros", None), JITFunction):
+        raise ImportError(
+            "attngen: Triton was imported before attngen selected its CPU interpreter (there is no "
+            "CUDA device). Import the generated module (or attngen.runtime) before triton, or set "
+            "TRITON_INTERPRET=1 in the environment before starting Python."
+        )
+
+
+_check_triton_stdlib()
+
 DEVICE = "cpu" if INTERPRET else "cuda"
 """Where generated modules expect their tensors in this process."""
 

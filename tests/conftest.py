@@ -1,6 +1,10 @@
 import os
 from pathlib import Path
 
+# First, before any test module imports triton: on a machine without CUDA this selects Triton's
+# interpreter, which must happen before triton builds its own @jit helpers.
+import attngen.runtime  # noqa: F401
+
 import pytest
 from hypothesis import settings
 

@@ -258,3 +258,14 @@ def test_other_masks_take_the_safe_path(mask, params, reason):
     rule = expr_rule(mask, params)
     assert not rule.general and reason in rule.path and "safe path" in rule.path
     assert (rule.fwd_full_end, rule.fwd_end, rule.dkdv_start, rule.dkdv_full_start) == ("0", "N_K", "0", "N_Q")
+
+
+def test_triton_imported_first_gives_a_clear_error():
+    """On a CPU machine, importing triton before attngen leaves triton's own helpers in compiled
+    mode; the runtime says so instead of failing inside a kernel."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # no CUDA device in the child, so the interpreter is chosen
+    code = "import triton, sys; sys.path.insert(0, 'generated'); import mha"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "Import the generated module (or attngen.runtime) before triton" in r.stderr
