@@ -26,7 +26,8 @@ class MaskRule:
       dkdv_start     first query (a multiple of BLOCK_M) that can see any key of the KV tile;
       dkdv_full_start  first query (a multiple of BLOCK_M) from which every query sees every key of
                      the KV tile.
-    Expression masks (`expr_rule`, `general`) also give the lower bounds fwd_start (first key any
+    Every kernel runs three tile loops (partial, full, partial); the hand-written rules leave the
+    lower bounds at their defaults. Expression masks (`expr_rule`) also give the lower bounds fwd_start (first key any
     row of the query tile sees) and fwd_full_start (first key every row sees), and dkdv_full_end /
     dkdv_end (the end of the queries that see all / any of the KV tile), each over `start_m` /
     `last_m` or `start_n` / `last_n`; fwd_visit / dkdv_visit say whether the tile sees anything.
@@ -43,13 +44,11 @@ class MaskRule:
     dkdv_full_start: str
     visible: Callable[[int, int], bool] | None
     fwd_bounds: Callable[[int, int, int, int], tuple[int, int]] | None
-    # Expression masks (see `expr_rule`): lower bounds too, and the dK/dV range may end before
-    # N_Q. `general` makes the kernels run three loops (partial, full, partial) per tile.
+    # Expression masks (see `expr_rule`): lower bounds too, and the dK/dV range may end before N_Q.
     fwd_start: str = "0"
     fwd_full_start: str = "0"
     dkdv_full_end: str = "N_Q"
     dkdv_end: str = "N_Q"
-    general: bool = False
     path: str = ""
     # whether a tile has any visible pair, over its clipped range `lo`/`hi` (`q_lo`/`q_hi`)
     fwd_visit: str = "lo < hi"
@@ -179,7 +178,7 @@ def expr_rule(text: str, params: tuple[tuple[str, str], ...] = ()) -> MaskRule:
     if bounds is None:
         return MaskRule(
             doc=doc, predicate=predicate, fwd_full_end="0", fwd_end="N_K", dkdv_start="0", dkdv_full_start="N_Q",
-            visible=None, fwd_bounds=None, general=False,
+            visible=None, fwd_bounds=None,
             path=f"safe path ({reason}): every tile is visited with the mask applied",
         )
     (f_vlo, f_flo, f_fhi, f_vhi, f_visit), (b_vlo, b_flo, b_fhi, b_vhi, b_visit) = bounds
@@ -188,7 +187,7 @@ def expr_rule(text: str, params: tuple[tuple[str, str], ...] = ()) -> MaskRule:
         fwd_start=f_vlo, fwd_full_start=f_flo, fwd_full_end=f_fhi, fwd_end=f_vhi,
         dkdv_start=b_vlo, dkdv_full_start=b_flo, dkdv_full_end=f"({b_fhi}) // BLOCK_M * BLOCK_M", dkdv_end=b_vhi,
         fwd_visit=f_visit, dkdv_visit=b_visit,
-        visible=None, fwd_bounds=None, general=True,
+        visible=None, fwd_bounds=None,
         path="closed-form tile bounds (one conjunction of affine inequalities)",
     )
 
@@ -240,7 +239,6 @@ class Plan:
     mask_path: str
     params: dict[str, str]
     param_args: str  # ", arg_w, arg_c": kernel arguments (signatures and calls), "" without params
-    general: bool  # three tile loops with lower bounds (expression masks on the fast path)
     backward: bool
     spaces: dict[str, tuple[tuple[dict, ...], int]]
     paths: tuple[str, ...]
@@ -350,7 +348,7 @@ def make_plan(spec: Spec) -> Plan:
         f"head_dim {spec.head_dim}" + (f" (v {spec.v_head_dim})" if spec.v_head_dim != spec.head_dim else "")
         + f", mask {spec.mask if spec.mask in MASK_RULES else rule.doc.removeprefix('expression ')}."
     )
-    if rule.general or (pred and rule.visible is None):
+    if rule.path:  # an expression mask
         paths = (
             f"mask: {rule.path}.",
             f"forward and dQ: KV tiles from ({rule.fwd_start}) to ({rule.fwd_end}) are visited; those from ({rule.fwd_full_start}) to ({rule.fwd_full_end}) run unmasked.",
@@ -384,7 +382,6 @@ def make_plan(spec: Spec) -> Plan:
         mask_path=rule.path or ("hand-written tile bounds" if pred else "no mask"),
         params=dict(spec.params),
         param_args="".join(f", {PARAM_PREFIX}{n}" for n, _ in spec.params),
-        general=rule.general,
         backward=spec.backward,
         spaces=autotune_spaces(spec),
         paths=paths,

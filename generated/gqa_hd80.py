@@ -194,10 +194,20 @@ def _fwd_kernel(
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    # -- KV tiles visible to every row of this query tile: no mask evaluated
-    full_lo = 0
-    full_hi = (tl.minimum(start_m + 1, N_K)) // BLOCK_N * BLOCK_N
+    # -- KV tiles [lo, full_lo) and [full_hi, hi) are partly visible (mask applied), [full_lo,
+    # full_hi) visible to every row of this query tile (no mask evaluated); the rest are skipped
+    last_m = tl.minimum(start_m + BLOCK_M, N_Q) - 1
     hi = tl.minimum(tl.minimum(start_m + BLOCK_M, N_Q), N_K)
+    lo = 0
+    lo = tl.where(lo < hi, lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
+    full_lo = tl.minimum(tl.maximum(tl.cdiv(0, BLOCK_N) * BLOCK_N, lo), hi)
+    full_hi = tl.maximum((tl.minimum(start_m + 1, N_K)) // BLOCK_N * BLOCK_N, full_lo)
+    for start_n in range(lo, full_lo, BLOCK_N):
+        b_m, b_l, b_acc = _fwd_tile(
+            b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+            BLOCK_N, BLOCK_D, BLOCK_DV, True, DOT_UPCAST, DOT_PRECISION,
+        )
     for start_n in range(full_lo, full_hi, BLOCK_N):
         b_m, b_l, b_acc = _fwd_tile(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
@@ -347,17 +357,20 @@ def _bwd_dkdv_kernel(
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
+    last_n = tl.minimum(start_n + BLOCK_N, N_K) - 1
     for g in range(GROUP):
         i_h = i_hk * GROUP + g
         p_q0 = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
         p_do0 = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
         p_lse0 = LSE + (i_b * H + i_h).to(tl.int64) * N_Q
         p_delta0 = DELTA + (i_b * H + i_h).to(tl.int64) * N_Q
-        # query tiles [q_lo, q_full) see this KV tile partly (mask applied); [q_full, N_Q) see all of it
-        q_lo = start_n // BLOCK_M * BLOCK_M
-        q_full = tl.minimum(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, N_Q)
-        q_full_end = N_Q
+        # query tiles [q_lo, q_full) and [q_full_end, q_hi) see this KV tile partly (mask applied),
+        # [q_full, q_full_end) see all of it; the rest see none of it
         q_hi = N_Q
+        q_lo = start_n // BLOCK_M * BLOCK_M
+        q_lo = tl.where(q_lo < q_hi, q_lo // BLOCK_M * BLOCK_M, q_hi)  # no query sees it: visit nothing
+        q_full = tl.minimum(tl.maximum(tl.cdiv(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, BLOCK_M) * BLOCK_M, q_lo), q_hi)
+        q_full_end = tl.maximum(N_Q, q_full)
         for start_m in range(q_lo, q_full, BLOCK_M):
             b_dk, b_dv = _bwd_dkdv_tile(
                 b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
@@ -369,6 +382,12 @@ def _bwd_dkdv_kernel(
                 b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
                 stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K,
                 BLOCK_M, BLOCK_D, BLOCK_DV, False, DOT_UPCAST, DOT_PRECISION,
+            )
+        for start_m in range(q_full_end, q_hi, BLOCK_M):
+            b_dk, b_dv = _bwd_dkdv_tile(
+                b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
+                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K,
+                BLOCK_M, BLOCK_D, BLOCK_DV, True, DOT_UPCAST, DOT_PRECISION,
             )
 
     p_dk = DK + i_b.to(tl.int64) * stride_dkb + i_hk.to(tl.int64) * stride_dkh
@@ -449,9 +468,20 @@ def _bwd_dq_kernel(
     p_v0 = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    full_lo = 0
-    full_hi = (tl.minimum(start_m + 1, N_K)) // BLOCK_N * BLOCK_N
+    # -- KV tiles [lo, full_lo) and [full_hi, hi) are partly visible (mask applied), [full_lo,
+    # full_hi) visible to every row of this query tile (no mask evaluated); the rest are skipped
+    last_m = tl.minimum(start_m + BLOCK_M, N_Q) - 1
     hi = tl.minimum(tl.minimum(start_m + BLOCK_M, N_Q), N_K)
+    lo = 0
+    lo = tl.where(lo < hi, lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
+    full_lo = tl.minimum(tl.maximum(tl.cdiv(0, BLOCK_N) * BLOCK_N, lo), hi)
+    full_hi = tl.maximum((tl.minimum(start_m + 1, N_K)) // BLOCK_N * BLOCK_N, full_lo)
+    for start_n in range(lo, full_lo, BLOCK_N):
+        b_dq = _bwd_dq_tile(
+            b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+            BLOCK_N, BLOCK_D, BLOCK_DV, True, DOT_UPCAST, DOT_PRECISION,
+        )
     for start_n in range(full_lo, full_hi, BLOCK_N):
         b_dq = _bwd_dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,

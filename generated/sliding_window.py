@@ -509,7 +509,8 @@ def _bwd_dq_kernel(
     p_v0 = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # the forward's KV tile ranges: partial [lo, full_lo), full [full_lo, full_hi), partial [full_hi, hi)
+    # -- KV tiles [lo, full_lo) and [full_hi, hi) are partly visible (mask applied), [full_lo,
+    # full_hi) visible to every row of this query tile (no mask evaluated); the rest are skipped
     last_m = tl.minimum(start_m + BLOCK_M, N_Q) - 1
     hi = tl.minimum(tl.maximum((last_m + 1), 0), N_K)
     lo = tl.minimum(tl.maximum((start_m - arg_w + 1), 0), N_K)
