@@ -84,8 +84,21 @@ PAPER = NsaShape()
 class Cost:
     flops_fwd: int = 0
     flops_bwd: int = 0
-    bytes_fwd: int = 0
-    bytes_bwd: int = 0
+    read_fwd: int = 0  # bytes
+    write_fwd: int = 0
+    read_bwd: int = 0
+    write_bwd: int = 0
+
+    @property
+    def bytes_fwd(self) -> int:
+        return self.read_fwd + self.write_fwd
+
+    @property
+    def bytes_bwd(self) -> int:
+        return self.read_bwd + self.write_bwd
+
+    def row(self) -> dict:
+        return {**asdict(self), "bytes_fwd": self.bytes_fwd, "bytes_bwd": self.bytes_bwd}
 
     def __add__(self, other: "Cost") -> "Cost":
         return Cost(*(a + b for a, b in zip(asdict(self).values(), asdict(other).values())))
@@ -172,11 +185,14 @@ def _attention_cost(s: NsaShape, n: int, n_keys: int, pairs: int, kv_loads: int,
     """An attention branch from its visible pairs and its KV / query load counts (all heads)."""
     hq, hkv, d, dv = s.q_heads, s.kv_heads, s.head_dim, s.v_head_dim
     fwd = 2 * hq * pairs * (d + dv)
-    bytes_fwd = e * (hq * n * d + kv_loads * (d + dv) + hq * n * dv) + 4 * hq * n
-    delta = 2 * e * hq * n * dv + 4 * hq * n
-    dkdv = 2 * e * hkv * n_keys * (d + dv) + q_loads * (e * (d + dv) + 8)
-    dq = e * hq * n * (d + dv) + 8 * hq * n + e * kv_loads * (d + dv) + e * hq * n * d
-    return Cost(fwd, fwd * 5 // 2, bytes_fwd, delta + dkdv + dq)
+    read_fwd = e * (hq * n * d + kv_loads * (d + dv))  # Q, K and V
+    write_fwd = e * hq * n * dv + 4 * hq * n  # O, lse
+    # delta = rowsum(dO * O); dK/dV pass; dQ pass
+    read_bwd = (2 * e * hq * n * dv
+                + e * hkv * n_keys * (d + dv) + q_loads * (e * (d + dv) + 8)
+                + e * hq * n * (d + dv) + 8 * hq * n + e * kv_loads * (d + dv))
+    write_bwd = 4 * hq * n + e * hkv * n_keys * (d + dv) + e * hq * n * d
+    return Cost(fwd, fwd * 5 // 2, read_fwd, write_fwd, read_bwd, write_bwd)
 
 
 def fa2_cost(kind: str, n: int, s: NsaShape = PAPER, *, elem_bytes: int = 2, block_m: int = 128,
@@ -199,12 +215,13 @@ def branch_costs(n: int, s: NsaShape = PAPER, *, batch: int = 1, elem_bytes: int
     c = int(compressed_keys(n - 1, s.block, s.stride))
     kw = dict(elem_bytes=e, block_m=block_m, block_n=block_n)
     out: dict[str, Cost] = {}
-    out["compress"] = Cost(hkv * c * s.block * (d + dv), hkv * c * s.block * (d + dv),
-                           e * hkv * (n + c) * (d + dv), e * hkv * (c + 2 * n) * (d + dv))
+    pool = hkv * c * s.block * (d + dv)
+    out["compress"] = Cost(pool, pool, e * hkv * n * (d + dv), e * hkv * c * (d + dv),
+                           e * hkv * (c + n) * (d + dv), e * hkv * n * (d + dv))
     cmp_pairs = int(compressed_keys(t, s.block, s.stride).sum())
     lo, hi, _ = band("cmp", n, s)
     out["topn"] = Cost(2 * hq * cmp_pairs * d, 0,
-                       e * (hq * n * d + hq * tile_kv_loads(lo, hi, block_m) * d) + 4 * hq * n + 8 * hkv * n * s.top_n, 0)
+                       e * (hq * n * d + hq * tile_kv_loads(lo, hi, block_m) * d) + 4 * hq * n, 8 * hkv * n * s.top_n)
     out["cmp"] = fa2_cost("cmp", n, s, **kw)
     blocks = int(selected_blocks(t, s).sum())
     out["slc"] = _attention_cost(s, n, n, int(selected_pairs(t, s).sum()), hkv * blocks * s.select_block,
@@ -212,8 +229,9 @@ def branch_costs(n: int, s: NsaShape = PAPER, *, batch: int = 1, elem_bytes: int
     out["win"] = fa2_cost("win", n, s, **kw) if s.window else Cost()
     branches = 3 if s.window else 2
     out["combine"] = Cost((2 * branches - 1) * hq * n * dv, 3 * branches * hq * n * dv,
-                          e * hq * n * ((branches + 1) * dv + branches),
-                          e * hq * n * ((2 * branches + 1) * dv + 2 * branches))
+                          e * hq * n * branches * (dv + 1), e * hq * n * dv,  # branch outputs + gates -> o
+                          e * hq * n * ((branches + 1) * dv + branches),  # dO, outputs, gates
+                          e * hq * n * branches * (dv + 1))  # d(branch outputs), d(gates)
     out["nsa"] = sum((out[b] for b in BRANCHES), Cost())
     out["dense"] = fa2_cost("dense", n, s, **kw)
     return {k: v.scaled(batch) for k, v in out.items()}
@@ -227,9 +245,9 @@ def model_rows(lengths: list[int], s: NsaShape, *, batch: int, elem_bytes: int, 
     for n in lengths:
         costs = branch_costs(n, s, batch=batch, elem_bytes=elem_bytes, block_m=block_m, block_n=block_n)
         for name, cost in costs.items():
-            rows.append({"n": n, "part": name, **asdict(cost)})
+            rows.append({"n": n, "part": name, **cost.row()})
         dense, nsa = costs["dense"], costs["nsa"]
-        rows.append({"n": n, "part": "dense/nsa", **{k: getattr(dense, k) / getattr(nsa, k) for k in asdict(nsa)}})
+        rows.append({"n": n, "part": "dense/nsa", **{k: v / nsa.row()[k] for k, v in dense.row().items()}})
     return rows
 
 
@@ -237,16 +255,18 @@ def print_model(rows: list[dict], s: NsaShape, args) -> None:
     print(f"NSA cost model, {asdict(s)}")
     print(f"batch {args.batch}, {args.elem_bytes} bytes per element, FA2 tiles block_m={args.block_m} "
           f"block_n={args.block_n}; GFLOP = 1e9 FLOP, GB = 1e9 bytes; bwd FLOP = 2.5 x fwd for attention")
-    head = f"{'N':>6} {'part':>9} {'fwd GFLOP':>11} {'bwd GFLOP':>11} {'fwd GB':>9} {'bwd GB':>9}"
+    cols = [("flops_fwd", "fwd GFLOP", 1e9), ("flops_bwd", "bwd GFLOP", 1e9), ("bytes_fwd", "fwd GB", 1e9),
+            ("read_fwd", "fwd read", 1e9), ("write_fwd", "fwd write", 1e9), ("bytes_bwd", "bwd GB", 1e9),
+            ("read_bwd", "bwd read", 1e9), ("write_bwd", "bwd write", 1e9)]
+    head = f"{'N':>6} {'part':>9} " + " ".join(f"{label:>10}" for _, label, _ in cols)
     print(head)
     print("-" * len(head))
     for r in rows:
-        if r["part"] == "dense/nsa":
-            print(f"{r['n']:>6} {'dense/nsa':>9} {r['flops_fwd']:>10.2f}x {r['flops_bwd']:>10.2f}x "
-                  f"{r['bytes_fwd']:>8.2f}x {r['bytes_bwd']:>8.2f}x")
-            continue
-        print(f"{r['n']:>6} {r['part']:>9} {r['flops_fwd'] / 1e9:>11.2f} {r['flops_bwd'] / 1e9:>11.2f} "
-              f"{r['bytes_fwd'] / 1e9:>9.3f} {r['bytes_bwd'] / 1e9:>9.3f}")
+        if r["part"] == "dense/nsa":  # ratios of the FLOP and total byte columns
+            cells = [f"{r[k]:>9.2f}x" if k.startswith(("flops", "bytes")) else " " * 10 for k, _, _ in cols]
+        else:
+            cells = [f"{r[k] / unit:>10.3f}" for k, _, unit in cols]
+        print((f"{r['n']:>6} {r['part']:>9} " + " ".join(cells)).rstrip())
     print()
     print("KV tokens per query at t = N - 1 (section 9 accounting: C(t) + top_n * select_block + window)")
     print(f"{'N':>6} {'C(t)':>6} {'n*l_sel':>8} {'window':>7} {'total':>7} {'dense':>7} {'reduction':>9}")
@@ -399,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         timing = run_gpu(args, lengths)
     if args.csv:
-        cols = ["section", "n", "part", "flops_fwd", "flops_bwd", "bytes_fwd", "bytes_bwd", "impl", "pass",
+        cols = ["section", "n", "part", "flops_fwd", "flops_bwd", "bytes_fwd", "read_fwd", "write_fwd", "bytes_bwd",
+                "read_bwd", "write_bwd", "impl", "pass",
                 "median_ms", "note"]
         with open(args.csv, "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=cols, restval="")

@@ -103,9 +103,10 @@ def test_dense_cost_by_brute_force():
     n, bm, e = 50, 16, 2
     vis = np.tril(np.ones((n, n), dtype=bool))
     kv_tokens = sum(int(vis[i:i + bm].any(axis=0).sum()) for i in range(0, n, bm))
-    want_bytes = s.q_heads * (e * n * 16 + e * kv_tokens * (16 + 8) + e * n * 8 + 4 * n)
     cost = model.fa2_cost("dense", n, s, elem_bytes=e, block_m=bm, block_n=16)
-    assert cost.bytes_fwd == want_bytes
+    assert cost.read_fwd == s.q_heads * (e * n * 16 + e * kv_tokens * (16 + 8))  # Q once, K and V per tile
+    assert cost.write_fwd == s.q_heads * (e * n * 8 + 4 * n)  # O and the float32 lse
+    assert cost.bytes_fwd == cost.read_fwd + cost.write_fwd
     assert cost.flops_fwd == bench.flops_fwd(1, 2, bench.unmasked_pairs("causal", n, n), 16, 8)
     assert cost.flops_bwd == 2.5 * cost.flops_fwd
 
