@@ -326,6 +326,10 @@ def run_gpu(args, lengths: list[int]) -> list[dict]:
     print(f"{'N':>6} {'impl':>11} {'pass':>8} {'median ms':>10} {'note'}")
     rows = []
     for n in lengths:
+        c = branch_costs(n, s, batch=args.batch, elem_bytes=2, block_m=args.block_m, block_n=args.block_n)
+        print(f"{n:>6} model at the module's shape: dense/nsa forward {c['dense'].flops_fwd / c['nsa'].flops_fwd:.2f}x "
+              f"FLOPs, {c['dense'].bytes_fwd / c['nsa'].bytes_fwd:.2f}x bytes; forward+backward "
+              f"{(c['dense'].flops_fwd + c['dense'].flops_bwd) / (c['nsa'].flops_fwd + c['nsa'].flops_bwd):.2f}x FLOPs")
         g = torch.Generator(device=dev).manual_seed(n)
 
         def rnd(h, d, g=g, n=n):

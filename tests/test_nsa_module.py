@@ -4,6 +4,7 @@ and errors. Torch only (the layer runs on the float64 oracle through reference_a
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -306,3 +307,32 @@ def test_gate_bias_starts_on_the_window_branch():
 def test_layer_errors_name_the_argument(make, word):
     with pytest.raises(ValueError, match=rf"^{word}\b"):
         make()
+
+
+GENERATED_TINY = Path(__file__).resolve().parents[1] / "generated" / "nsa_tiny.py"
+
+
+@pytest.mark.skipif(not GENERATED_TINY.exists(), reason="generated/nsa_tiny.py is not built in this checkout")
+@pytest.mark.parametrize("method", ["mean", "mlp"])
+def test_layer_on_the_generated_module(method):
+    """The layer on the generated NSA kernels (fp32) equals the layer on the float64 oracle, forward
+    and every parameter gradient; "mlp" sends learned k_cmp / v_cmp through the kernels."""
+    from attngen.verify import import_generated
+
+    mod = import_generated(GENERATED_TINY)
+    cfg = SimpleNamespace(**{c: getattr(mod, c) for c in nsa.MODULE_CONSTANTS})
+    cfg.METHOD = method
+    torch.manual_seed(10)
+    layer = nsa.NativeSparseAttention(cfg, 24, bias=True, attention_fn=mod.nsa_attention)
+    oracle = nsa.NativeSparseAttention(cfg, 24, bias=True, attention_fn=nsa.reference_attention(cfg))
+    oracle.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 37, 24)
+    ys = []
+    for net in (layer, oracle):
+        y, aux = net(x, return_aux=True)
+        y.square().sum().backward()
+        ys.append((y, aux["block_indices"]))
+    assert torch.equal(ys[0][1], ys[1][1])
+    torch.testing.assert_close(ys[0][0], ys[1][0], rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(layer.named_parameters(), oracle.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
