@@ -22,7 +22,8 @@ are counted as the adds and multiplies they are.
 Bytes (memory traffic a kernel requests, e bytes per element, float32 lse/delta, no cache reuse
 across programs):
   FlashAttention-2-style kernels (dense, cmp, win): one program per (query tile of block_m rows,
-    query head) reads Q and the union of the keys its rows see (K and V), writes O and lse.
+    query head) reads Q and the union of the keys its rows see (K and V), writes O and lse. K and V
+    are thus read once per query head, G times per KV head (no sharing across a GQA group).
     Backward: delta = rowsum(dO * O); a dK/dV pass per (KV tile of block_n keys, KV head) that reads
     K, V once, loads q, dO, lse, delta of every (row, head of the group) that sees the tile, and
     writes dK, dV; a dQ pass that reads like the forward and writes dQ.
