@@ -6,7 +6,6 @@ no GPU) that each shipped kernel is correct, forward and backward, for every dty
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -18,11 +17,9 @@ CASES = ((1, 77, 77), (2, 33, 50))
 
 def import_generated(path: str | Path):
     """Import a generated module from its file (no package or sys.path changes needed)."""
-    path = Path(path)
-    spec = importlib.util.spec_from_file_location(f"attngen_generated.{path.stem}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from .runtime import import_path
+
+    return import_path(path)
 
 
 def main(specs: list[str], *, spec_dir: str = "specs", out: str = "generated", seed: int = 0) -> int:
