@@ -473,7 +473,8 @@ def parse_spec(text: str, filename: str = "<string>") -> Spec:
     )
 
 
-def _choice(v: _Validator, fields: dict[str, _Node], key: str, where: str, choices: tuple[str, ...], default: str) -> str | None:
+def _choice(v: _Validator, fields: dict[str, _Node], key: str, where: str, choices: tuple[str, ...], default: str | None) -> str | None:
+    """fields[key] when it is one of `choices` (else an error and None), `default` when absent."""
     if key not in fields:
         return default
     node = fields[key]
@@ -489,7 +490,7 @@ def _sparse(v: _Validator, node: _Node) -> SparseSpec | None:
     top = v.mapping(node, "sparse", {"kind": True, "compress": True, "select": True, "window": False})
     if top is None:
         return None
-    kind = _choice(v, top, "kind", "sparse.kind", SPARSE_KINDS, "") if "kind" in top else None
+    kind = _choice(v, top, "kind", "sparse.kind", SPARSE_KINDS, None)  # required: missing is reported above
     comp = v.mapping(top["compress"], "sparse.compress", {"block": True, "stride": True, "method": False}) if "compress" in top else None
     sel_keys = {"block": True, "top_n": True, "initial": False, "local": False, "score": False, "per": False}
     sel = v.mapping(top["select"], "sparse.select", sel_keys) if "select" in top else None
