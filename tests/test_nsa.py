@@ -15,7 +15,7 @@ from attngen import runtime
 from attngen.build import TEMPLATES, build, check, render_all, spec_files
 from attngen.cli import main as cli
 from attngen.spec import SpecError, load_spec
-from attngen.testing import check_module, check_nsa_module, nsa_composed, random_inputs, random_nsa_inputs
+from attngen.testing import check_module, check_nsa_module, nsa_composed, random_inputs, random_nsa_inputs, reference_mask
 from attngen.verify import import_generated
 
 from helpers import assert_all_ok, generated
@@ -102,13 +102,17 @@ def test_check_catches_a_wrong_module():
     assert_all_ok(check_nsa_module(TINY, *ins))
 
 
-def ranked_scores(mod, q, k_cmp):
-    """The oracle's group scores the selection ranks, one row per position [B, Hkv, N, S]: forced
-    blocks +inf, future blocks -inf; per "block", the sums over each query block."""
-    n, sb = q.shape[2], mod.SELECT_BLOCK
+def group_scores(mod, q, k_cmp):
+    """The oracle's scores of each selection block per (position, KV head), [B, Hkv, N, S]."""
     s = nr.importance_scores(q, k_cmp, block=mod.BLOCK, stride=mod.STRIDE, score=mod.SCORE)
-    s = nr.group_scores(nr.map_to_selection_blocks(s, block=mod.BLOCK, stride=mod.STRIDE, select_block=sb, n=n), mod.KV_HEADS)
-    nb = s.shape[-1]
+    s = nr.map_to_selection_blocks(s, block=mod.BLOCK, stride=mod.STRIDE, select_block=mod.SELECT_BLOCK, n=q.shape[2])
+    return nr.group_scores(s, mod.KV_HEADS)
+
+
+def ranked_scores(mod, s):
+    """What the selection ranks, from group scores s: forced blocks +inf, future blocks -inf; per
+    "block", the sums over each query block (one row per position)."""
+    n, sb, nb = s.shape[2], mod.SELECT_BLOCK, s.shape[-1]
     own = (torch.arange(n) // sb).view(n, 1)
     if mod.PER == "block":
         s = torch.cat([s, s.new_zeros(*s.shape[:2], nb * sb - n, nb)], dim=2)
@@ -130,12 +134,8 @@ def test_indices_equal_the_reference_selection(name):
     idx = aux["block_indices"]
     # the module's own compressed keys: the selection is checked, not the pooling's rounding
     qd, k_cmp = q.double(), aux["k_cmp"].double()
-    ref = nr.select_blocks(
-        nr.group_scores(nr.map_to_selection_blocks(
-            nr.importance_scores(qd, k_cmp, block=mod.BLOCK, stride=mod.STRIDE, score=mod.SCORE),
-            block=mod.BLOCK, stride=mod.STRIDE, select_block=mod.SELECT_BLOCK, n=n), mod.KV_HEADS),
-        select_block=mod.SELECT_BLOCK, top_n=mod.TOP_N, initial=mod.INITIAL, local=mod.LOCAL, per=mod.PER,
-    )
+    s = group_scores(mod, qd, k_cmp)
+    ref = nr.select_blocks(s, select_block=mod.SELECT_BLOCK, top_n=mod.TOP_N, initial=mod.INITIAL, local=mod.LOCAL, per=mod.PER)
     assert idx.dtype == torch.int64 and idx.shape == (2, mod.KV_HEADS, n, mod.TOP_N)
     own = (torch.arange(n) // mod.SELECT_BLOCK).view(1, 1, n, 1)
     assert bool((idx <= own).all()), "a future block was selected"
@@ -143,7 +143,7 @@ def test_indices_equal_the_reference_selection(name):
         assert bool(((idx == j).any(-1) | (own[..., 0] < j)).all()), "an initial block is missing"
     if mod.LOCAL:
         assert bool((idx == own).any(-1).all()), "the own block is missing"
-    top = ranked_scores(mod, qd, k_cmp).sort(dim=-1, descending=True).values
+    top = ranked_scores(mod, s).sort(dim=-1, descending=True).values
     top = torch.cat([top, torch.full_like(top[..., :1], -math.inf)], dim=-1)  # a next score always exists
     kth, nxt = top[..., mod.TOP_N - 1], top[..., mod.TOP_N]
     # a near-tie needs two finite scores; forced (+inf) and ineligible (-inf) blocks never tie
@@ -177,8 +177,6 @@ def test_branch_modules_match_the_dense_reference(branch):
     assert_all_ok(check_module(mod, q, k, v), branch)
     # the mask is the oracle's
     mask = {"cmp": nr.compressed_visibility(50, n_k, block=TINY.BLOCK, stride=TINY.STRIDE), "win": nr.window_mask(50, TINY.WINDOW)}[branch]
-    from attngen.testing import reference_mask
-
     fn = reference_mask(mod)
     got = fn(torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.zeros(1, 1, 1, 1, dtype=torch.long),
              torch.arange(50).view(1, 1, 50, 1), torch.arange(n_k).view(1, 1, 1, n_k))
@@ -327,3 +325,10 @@ def test_verify_checks_nsa_specs(tmp_path, capsys):
     rows = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("nsa_tiny")]
     assert [(r[0], r[1], r[-1]) for r in rows] == [("nsa_tiny", d, "ok") for d in ("fp16", "bf16", "fp32")]
     assert all(r[5] != "-" for r in rows), "backward is checked"
+
+
+def test_nsa_module_without_its_branch_files_says_so(tmp_path):
+    """The main module imports its branches from its own directory; a missing one is named."""
+    (tmp_path / "nsa_tiny.py").write_text(Path(TINY.__file__).read_text())
+    with pytest.raises(ImportError, match=r"nsa_tiny_cmp.py is missing; it is built with nsa_tiny.py"):
+        import_generated(tmp_path / "nsa_tiny.py")
