@@ -93,7 +93,7 @@ def test_composed_reference_is_the_oracle():
 def test_check_catches_a_wrong_module():
     """The comparison is not vacuous: a module that drops the window branch fails it."""
     def without_window(q, k, v, gates, **kw):
-        return TINY.nsa_attention(q, k, v, gates * torch.tensor([1.0, 1.0, 0.0], dtype=gates.dtype), **kw)
+        return TINY.nsa_attention(q, k, v, gates * torch.tensor([1.0, 1.0, 0.0], dtype=gates.dtype, device=gates.device), **kw)
 
     wrong = types.SimpleNamespace(**{n: getattr(TINY, n) for n in dir(TINY) if n.isupper()}, nsa_attention=without_window)
     ins = random_nsa_inputs(TINY, batch=1, n=40, dtype=torch.float16, seed=9)
@@ -113,11 +113,11 @@ def ranked_scores(mod, s):
     """What the selection ranks, from group scores s: forced blocks +inf, future blocks -inf; per
     "block", the sums over each query block (one row per position)."""
     n, sb, nb = s.shape[2], mod.SELECT_BLOCK, s.shape[-1]
-    own = (torch.arange(n) // sb).view(n, 1)
+    own = (torch.arange(n, device=s.device) // sb).view(n, 1)
     if mod.PER == "block":
         s = torch.cat([s, s.new_zeros(*s.shape[:2], nb * sb - n, nb)], dim=2)
         s = s.view(*s.shape[:2], nb, sb, nb).sum(dim=3).repeat_interleave(sb, dim=2)[:, :, :n]
-    j = torch.arange(nb)
+    j = torch.arange(nb, device=s.device)
     s = torch.where(((j < mod.INITIAL) | (j > own - mod.LOCAL)) & (j <= own), math.inf, s)
     return torch.where(j > own, -math.inf, s)
 
@@ -137,7 +137,7 @@ def test_indices_equal_the_reference_selection(name):
     s = group_scores(mod, qd, k_cmp)
     ref = nr.select_blocks(s, select_block=mod.SELECT_BLOCK, top_n=mod.TOP_N, initial=mod.INITIAL, local=mod.LOCAL, per=mod.PER)
     assert idx.dtype == torch.int64 and idx.shape == (2, mod.KV_HEADS, n, mod.TOP_N)
-    own = (torch.arange(n) // mod.SELECT_BLOCK).view(1, 1, n, 1)
+    own = (torch.arange(n, device=idx.device) // mod.SELECT_BLOCK).view(1, 1, n, 1)
     assert bool((idx <= own).all()), "a future block was selected"
     for j in range(mod.INITIAL):
         assert bool(((idx == j).any(-1) | (own[..., 0] < j)).all()), "an initial block is missing"
@@ -190,11 +190,11 @@ def test_branch_modules_match_the_dense_reference(branch):
         (lambda a: {**a, "gates": a["gates"].float()}, "nsa_tiny: gates has dtype torch.float32; expected q's dtype torch.float16"),
         (lambda a: {**a, "gates": None}, "nsa_tiny: gates must be a torch.Tensor, got NoneType"),
         (lambda a: {**a, "k": a["k"][:, :, :10], "v": a["v"][:, :, :10]}, "nsa_tiny: k has 10 keys but q has 20 queries"),
-        (lambda a: {**a, "k_cmp": torch.zeros(1, 2, 4, 16, dtype=torch.float16)}, "nsa_tiny: give both k_cmp and v_cmp"),
+        (lambda a: {**a, "k_cmp": a["q"].new_zeros(1, 2, 4, 16)}, "nsa_tiny: give both k_cmp and v_cmp"),
         # N = 20 has C = 4 complete compression blocks
-        (lambda a: {**a, "k_cmp": torch.zeros(1, 2, 5, 16, dtype=torch.float16), "v_cmp": torch.zeros(1, 2, 4, 16, dtype=torch.float16)},
+        (lambda a: {**a, "k_cmp": a["q"].new_zeros(1, 2, 5, 16), "v_cmp": a["q"].new_zeros(1, 2, 4, 16)},
          "nsa_tiny: k_cmp has shape (1, 2, 5, 16); expected (1, 2, 4, 16)"),
-        (lambda a: {**a, "k_cmp": torch.zeros(1, 2, 4, 16, dtype=torch.float16), "v_cmp": torch.zeros(1, 2, 4, 16)},
+        (lambda a: {**a, "k_cmp": a["q"].new_zeros(1, 2, 4, 16), "v_cmp": a["q"].new_zeros(1, 2, 4, 16, dtype=torch.float32)},
          "nsa_tiny: v_cmp has dtype torch.float32; expected q's dtype torch.float16"),
         (lambda a: {**a, "q": a["q"][:, :2]}, "nsa_tiny: q has 2 heads"),
         (lambda a: {**a, "v": a["v"].float()}, "nsa_tiny: q, k, v must share one dtype"),
