@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tempfile
@@ -11,6 +12,7 @@ from pathlib import Path
 import jinja2
 
 from . import __version__
+from .nsa_plan import branches, make_nsa_plan
 from .plan import make_plan
 from .spec import Spec, SpecError, load_spec
 
@@ -24,6 +26,7 @@ class Header:
     spec_path: str
     spec_sha256: str
     command: str
+    derived_from: str = ""  # for a branch of an NSA spec: that spec's name
 
 
 def _env() -> jinja2.Environment:
@@ -50,13 +53,36 @@ def display_path(path: str | Path) -> str:
         return p.as_posix()
 
 
+def derived_specs(spec: Spec) -> list[Spec]:
+    """The dense specs of an NSA spec's compression and window branches (nsa_plan.branches): same
+    heads, dims, dtypes, tiles and backward, their own name and mask. Empty for a dense spec."""
+    return [
+        dataclasses.replace(spec, name=name, mask=mask, description=doc, sparse=None, derived_from=spec.name)
+        for name, mask, doc in branches(spec)
+    ]
+
+
+def output_names(spec: Spec) -> list[str]:
+    """Module names a spec builds: its own, then its derived branches'."""
+    return [spec.name] + [d.name for d in derived_specs(spec)]
+
+
 def render(spec: Spec) -> str:
-    """The generated module's source for a spec: a pure function of the spec and attngen's version."""
+    """The generated module's source for a spec: a pure function of the spec and attngen's version.
+    For an NSA spec this is the module with nsa_attention; `render_all` adds its branches."""
     shown = display_path(spec.path)
-    header = Header(__version__, shown, spec.sha256, f"attngen build {shown}")
-    text = _env().get_template("dense.py.jinja").render(p=make_plan(spec), h=header)
+    header = Header(__version__, shown, spec.sha256, f"attngen build {shown}", spec.derived_from)
+    if spec.sparse is not None:
+        text = _env().get_template("nsa.py.jinja").render(p=make_nsa_plan(spec), h=header)
+    else:
+        text = _env().get_template("dense.py.jinja").render(p=make_plan(spec), h=header)
     text = re.sub(r"\n{4,}", "\n\n\n", text)  # at most two blank lines, as PEP 8 asks
     return text.rstrip("\n") + "\n"
+
+
+def render_all(spec: Spec) -> list[tuple[str, str]]:
+    """(file name, source) of every module a spec builds (three for an NSA spec with a window)."""
+    return [(f"{s.name}.py", render(s)) for s in [spec, *derived_specs(spec)]]
 
 
 def write_if_changed(path: Path, text: str) -> bool:
@@ -79,28 +105,35 @@ def write_if_changed(path: Path, text: str) -> bool:
 
 
 def load_all(paths: list[str | Path]) -> list[Spec]:
-    """Load every spec, collecting all problems before failing, and reject duplicate names."""
+    """Load every spec, collecting all problems before failing, and reject two specs that would
+    write the same module (equal names, or a name equal to another spec's NSA branch)."""
     specs, problems = [], []
     for path in paths:
         try:
             specs.append(load_spec(path))
         except SpecError as e:
             problems.extend(e.problems)
-    seen: dict[str, str] = {}
+    built_by: dict[str, Spec] = {}
     for s in specs:
-        if s.name in seen:
-            problems.append((s.path, 1, f"name: {s.name!r} is also the name in {seen[s.name]}"))
-        seen.setdefault(s.name, s.path)
+        for out in output_names(s):
+            other = built_by.setdefault(out, s)
+            if other is s:
+                continue
+            if out == s.name == other.name:
+                problems.append((s.path, 1, f"name: {s.name!r} is also the name in {other.path}"))
+            else:
+                problems.append((s.path, 1, f"name: {s.name!r} builds {out}.py, which {other.name!r} in {other.path} builds too"))
     if problems:
         raise SpecError(problems)
     return specs
 
 
 def build(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT) -> list[tuple[Path, bool]]:
-    """Build each spec into out_dir/<name>.py. All specs are validated and rendered before any
-    file is written, so a bad spec writes nothing. Returns (path, changed) pairs."""
+    """Build each spec into out_dir/<name>.py (and an NSA spec's branches beside it). All specs are
+    validated and rendered before any file is written, so a bad spec writes nothing. Returns
+    (path, changed) pairs."""
     specs = load_all(paths)
-    rendered = [(Path(out_dir) / f"{s.name}.py", render(s)) for s in specs]
+    rendered = [(Path(out_dir) / fname, text) for s in specs for fname, text in render_all(s)]
     return [(path, write_if_changed(path, text)) for path, text in rendered]
 
 
@@ -114,12 +147,13 @@ def check(spec_dir: str | Path = "specs", out_dir: str | Path = DEFAULT_OUT) -> 
     problems = []
     expected = set()
     for s in specs:
-        path = Path(out_dir) / f"{s.name}.py"
-        expected.add(path.name)
-        if not path.exists():
-            problems.append(f"{path}: missing (run: attngen build {display_path(s.path)})")
-        elif path.read_text(encoding="utf-8") != render(s):
-            problems.append(f"{path}: stale (run: attngen build {display_path(s.path)})")
+        for fname, text in render_all(s):
+            path = Path(out_dir) / fname
+            expected.add(fname)
+            if not path.exists():
+                problems.append(f"{path}: missing (run: attngen build {display_path(s.path)})")
+            elif path.read_text(encoding="utf-8") != text:
+                problems.append(f"{path}: stale (run: attngen build {display_path(s.path)})")
     for path in sorted(Path(out_dir).glob("*.py")):
         if path.name not in expected and path.name != "__init__.py":
             problems.append(f"{path}: no spec in {spec_dir} builds this file")

@@ -230,6 +230,8 @@ def _describe(path: str) -> dict:
     """What to compile for one module: its dtypes, and each kernel with its configs."""
     try:
         mod = _module(path)
+        if not hasattr(mod, "_SPACES"):  # an NSA module: its dense branches are reported as modules of their own
+            return {"name": mod.NAME, "dtypes": list(mod.DTYPES), "kernels": [], "error": None}
         launches = _launches(path, mod.DTYPES[0])
         kernels = []
         for name, launch in launches.items():

@@ -11,6 +11,7 @@ is defined: generated modules import this module first for that reason.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import tempfile
@@ -295,3 +296,71 @@ def check_params(name: str, decls: dict, values: dict) -> tuple:
                 raise ValueError(f"{name}: parameter {pname} must be a finite float, got {v!r}")
             out.append(float(v))
     return tuple(out)
+
+
+# ----------------------------------------------------------------------------- generated modules
+
+
+def import_path(path: str | os.PathLike):
+    """Import a generated module from its file (no package or sys.path changes needed)."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"attngen_generated.{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def import_sibling(module_file: str, name: str):
+    """Import the generated module `name` from the directory of `module_file` (a generated
+    module's __file__): an NSA module imports its branch modules this way, so it works however it
+    was itself imported (by file path or as part of a package)."""
+    path = Path(module_file).resolve().parent / f"{name}.py"
+    if not path.is_file():
+        raise ImportError(f"attngen: {path} is missing; it is built with {Path(module_file).name} (run attngen build)")
+    return import_path(path)
+
+
+# ----------------------------------------------------------------------------- NSA
+
+
+def num_compressed(n: int, block: int, stride: int) -> int:
+    """Complete compression blocks (block tokens every stride) in n tokens."""
+    return max(0, (n - block) // stride + 1)
+
+
+def check_nsa_inputs(
+    name: str, q, k, v, gates, k_cmp, v_cmp, *, q_heads: int, kv_heads: int, head_dim: int, v_head_dim: int,
+    dtypes: tuple[str, ...], block: int, stride: int,
+) -> None:
+    """check_inputs for q, k, v, plus what NSA needs: one sequence length for queries and keys,
+    gates [B, Hq, N, 3] and, when given, k_cmp [B, Hkv, C, D] / v_cmp [B, Hkv, C, Dv] with
+    C = num_compressed(N, block, stride), all in q's dtype and on q's device. ValueError naming
+    the tensor."""
+    check_inputs(name, q, k, v, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, v_head_dim=v_head_dim, dtypes=dtypes)
+    b, _, n, _ = q.shape
+    if k.shape[2] != n:
+        raise ValueError(f"{name}: k has {k.shape[2]} keys but q has {n} queries; NSA is self-attention (one length)")
+    if (k_cmp is None) != (v_cmp is None):
+        raise ValueError(f"{name}: give both k_cmp and v_cmp, or neither (then both are mean-pooled from k, v)")
+    c = num_compressed(n, block, stride)
+    wanted = [("gates", gates, (b, q_heads, n, 3))]
+    if k_cmp is not None:
+        wanted += [("k_cmp", k_cmp, (b, kv_heads, c, head_dim)), ("v_cmp", v_cmp, (b, kv_heads, c, v_head_dim))]
+    for tname, t, shape in wanted:
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: {tname} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: {tname} has shape {tuple(t.shape)}; expected {shape}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name}: {tname} has dtype {t.dtype}; expected q's dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: {tname} is on {t.device}; expected q's device {q.device}")
+
+
+def compress_mean(x: torch.Tensor, block: int, stride: int) -> torch.Tensor:
+    """Mean of each complete compression block: x [B, H, N, D] -> [B, H, C, D], differentiable
+    (as attngen.nsa_reference.compress_mean, at x's dtype)."""
+    b, h, n, d = x.shape
+    if num_compressed(n, block, stride) == 0:
+        return x.new_zeros(b, h, 0, d)
+    return x.unfold(2, block, stride).mean(dim=-1)

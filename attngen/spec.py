@@ -23,6 +23,13 @@ HEAD_DIM_RANGE = (16, 256)
 BLOCK_RANGE = (16, 256)
 NUM_WARPS = (1, 2, 4, 8, 16)
 NUM_STAGES_RANGE = (1, 8)
+# `sparse:` (Native Sparse Attention): the choices and the bounds of its integers
+SPARSE_KINDS = ("nsa",)
+COMPRESS_METHODS = ("mean", "weighted", "mlp")
+SELECT_SCORES = ("probs", "dot", "cosine")
+SELECT_PER = ("token", "block")
+SPARSE_INT_MAX = 1 << 20
+MAX_NSA_GROUP = 32  # query heads per KV head the NSA kernels are written for
 
 # The autotune space when a spec gives no `tiles`; see plan.py for how it is pruned.
 DEFAULT_TILES = {
@@ -50,6 +57,27 @@ class Tiles:
 
 
 @dataclass(frozen=True)
+class SparseSpec:
+    """A `sparse:` section: Native Sparse Attention over the spec's heads and dims.
+
+    Compression blocks of `block` tokens every `stride` tokens; selection of `top_n` blocks of
+    `select_block` tokens (`initial` first and `local` most recent forced), scored by `score` per
+    `per`; a causal window of `window` keys (0: no window branch)."""
+
+    kind: str
+    block: int
+    stride: int
+    method: str
+    select_block: int
+    top_n: int
+    initial: int
+    local: int
+    score: str
+    per: str
+    window: int
+
+
+@dataclass(frozen=True)
 class Spec:
     name: str
     q_heads: int
@@ -63,6 +91,10 @@ class Spec:
     description: str = ""
     # runtime scalar parameters of the mask, in declaration order: (name, "int" | "float")
     params: tuple[tuple[str, str], ...] = ()
+    # Native Sparse Attention (three generated files), or None for a dense module
+    sparse: SparseSpec | None = None
+    # the NSA spec a derived dense module (a branch of it) was made from, for its header
+    derived_from: str = ""
     path: str = field(default="<string>", compare=False)
     sha256: str = field(default="", compare=False)
 
@@ -245,6 +277,7 @@ _TOP_KEYS = {
     "params": False,
     "tiles": False,
     "backward": False,
+    "sparse": False,
 }
 
 
@@ -406,6 +439,19 @@ def parse_spec(text: str, filename: str = "<string>") -> Spec:
         else:
             backward = b.value
 
+    sparse = None
+    if "sparse" in fields:
+        sparse = _sparse(v, fields["sparse"])
+        # NSA is causal by construction and its branches take no user expressions
+        if "mask" in fields and mask != "causal":
+            reader.error(fields["mask"].line, "mask: a spec with sparse: is causal; leave mask out or write mask: causal")
+        for key in ("params", "score_mod"):
+            if key in fields:
+                reader.error(top.key_lines[key], f"{key}: not supported in a spec with sparse: (its branches have fixed masks)")
+        if q_heads is not None and kv_heads is not None and q_heads // kv_heads > MAX_NSA_GROUP:
+            reader.error(fields["heads"].line, f"heads: {q_heads // kv_heads} query heads per KV head; a spec with sparse: allows at most {MAX_NSA_GROUP}")
+        mask = "causal"
+
     if reader.problems:
         raise SpecError(reader.problems)
     assert None not in (name, q_heads, kv_heads, head_dim, v_head_dim, dtypes)
@@ -421,8 +467,64 @@ def parse_spec(text: str, filename: str = "<string>") -> Spec:
         tiles=tiles,
         backward=backward,
         description=description,
+        sparse=sparse,
         path=filename,
         sha256=hashlib.sha256(text.encode()).hexdigest(),
+    )
+
+
+def _choice(v: _Validator, fields: dict[str, _Node], key: str, where: str, choices: tuple[str, ...], default: str | None) -> str | None:
+    """fields[key] when it is one of `choices` (else an error and None), `default` when absent."""
+    if key not in fields:
+        return default
+    node = fields[key]
+    if not isinstance(node.value, str) or node.value not in choices:
+        v.r.error(node.line, f"{where}: {_kind(node.value)} is not one of {', '.join(choices)}")
+        return None
+    return node.value
+
+
+def _sparse(v: _Validator, node: _Node) -> SparseSpec | None:
+    """The `sparse:` section; every problem reported at its line, None when any."""
+    before = len(v.r.problems)
+    top = v.mapping(node, "sparse", {"kind": True, "compress": True, "select": True, "window": False})
+    if top is None:
+        return None
+    kind = _choice(v, top, "kind", "sparse.kind", SPARSE_KINDS, None)  # required: missing is reported above
+    comp = v.mapping(top["compress"], "sparse.compress", {"block": True, "stride": True, "method": False}) if "compress" in top else None
+    sel_keys = {"block": True, "top_n": True, "initial": False, "local": False, "score": False, "per": False}
+    sel = v.mapping(top["select"], "sparse.select", sel_keys) if "select" in top else None
+    comp, sel = comp or {}, sel or {}
+
+    def count(fields: dict, key: str, where: str, lo: int, default: int | None = None) -> int | None:
+        return v.int_in(fields[key], where, lo, SPARSE_INT_MAX) if key in fields else default
+
+    block = count(comp, "block", "sparse.compress.block", 1)
+    stride = count(comp, "stride", "sparse.compress.stride", 1)
+    method = _choice(v, comp, "method", "sparse.compress.method", COMPRESS_METHODS, "mean")
+    select_block = count(sel, "block", "sparse.select.block", 1)
+    top_n = count(sel, "top_n", "sparse.select.top_n", 1)
+    # 0 forced blocks is meaningful (MoBA forces only the own block: initial 0, local 1)
+    initial = count(sel, "initial", "sparse.select.initial", 0, 1)
+    local = count(sel, "local", "sparse.select.local", 0, 2)
+    score = _choice(v, sel, "score", "sparse.select.score", SELECT_SCORES, "probs")
+    per = _choice(v, sel, "per", "sparse.select.per", SELECT_PER, "token")
+    window = 0
+    if "window" in top:  # absent, null or 0: no window branch
+        window = 0 if top["window"].value is None else count(top, "window", "sparse.window", 0)
+    if stride is not None:
+        if block is not None and block % stride:
+            v.r.error(comp["stride"].line, f"sparse.compress.stride: {stride} does not divide compress.block {block}")
+        if select_block is not None and select_block % stride:
+            v.r.error(sel["block"].line, f"sparse.select.block: {select_block} is not a multiple of compress.stride {stride}")
+    if None not in (initial, local, top_n) and initial + local > top_n:
+        line = sel["local"].line if "local" in sel else sel["top_n"].line
+        v.r.error(line, f"sparse.select: initial + local = {initial} + {local} forced blocks exceed top_n {top_n}")
+    if len(v.r.problems) > before:
+        return None
+    return SparseSpec(
+        kind=kind, block=block, stride=stride, method=method, select_block=select_block, top_n=top_n,
+        initial=initial, local=local, score=score, per=per, window=window,
     )
 
 

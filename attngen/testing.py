@@ -150,3 +150,86 @@ def check_module(
         for name, kg, rg, bg in zip(("dq", "dk", "dv"), kernel_grads, results["ref"][2:], results["base"][2:]):
             out.append(compare(name, kg, rg, bg, dtype))
     return out
+
+
+# ----------------------------------------------------------------------------- NSA
+
+
+def random_nsa_inputs(mod, *, batch: int, n: int, dtype: torch.dtype, seed: int = 0, bnhd: bool = False, compressed: bool = False):
+    """q, k, v, gates (in (0, 1), as after a sigmoid) for a generated NSA module, and k_cmp, v_cmp
+    (random, as a learnable compression would give) when `compressed`, else None, None."""
+    from .nsa_reference import num_compressed
+    from .runtime import DEVICE
+
+    q, k, v = random_inputs(mod, batch=batch, n_q=n, n_k=n, dtype=dtype, seed=seed, bnhd=bnhd)
+    g = torch.Generator().manual_seed(seed + 7)
+    gates = torch.rand(batch, mod.Q_HEADS, n, 3, generator=g).to(DEVICE, dtype)
+    if not compressed:
+        return q, k, v, gates, None, None
+    c = num_compressed(n, mod.BLOCK, mod.STRIDE)
+    k_cmp = torch.randn(batch, mod.KV_HEADS, c, mod.HEAD_DIM, generator=g).to(DEVICE, dtype)
+    v_cmp = torch.randn(batch, mod.KV_HEADS, c, mod.V_HEAD_DIM, generator=g).to(DEVICE, dtype)
+    return q, k, v, gates, k_cmp, v_cmp
+
+
+def nsa_composed(mod, q, k, v, gates, k_cmp, v_cmp, block_indices, *, scale=None, compute_dtype=torch.float64):
+    """NSA with a generated module's parameters over given block indices, assembled from the
+    oracle's masks (attngen.nsa_reference) and the dense reference: in float64, or with
+    compute_dtype=None in PyTorch at the inputs' dtype (the baseline of the tolerance rule).
+    k_cmp / v_cmp None: mean pooling of k / v. Returns (o, {"lse_cmp", "lse_slc"[, "lse_win"]})."""
+    from . import nsa_reference as nr
+    from .reference import attention_reference
+
+    n, group = q.shape[2], mod.GROUP
+    cd = compute_dtype or q.dtype
+    if k_cmp is None:
+        k_cmp = nr.compress_mean(k.to(cd), block=mod.BLOCK, stride=mod.STRIDE)
+        v_cmp = nr.compress_mean(v.to(cd), block=mod.BLOCK, stride=mod.STRIDE)
+    c = k_cmp.shape[2]
+    vis = nr.compressed_visibility(n, c, block=mod.BLOCK, stride=mod.STRIDE, device=q.device).view(1, 1, n, c)
+    slc = nr.selection_mask(block_indices, select_block=mod.SELECT_BLOCK, n_keys=n).repeat_interleave(group, dim=1)
+    o_cmp, lse_cmp = attention_reference(q, k_cmp, v_cmp, scale=scale, mask=vis, compute_dtype=compute_dtype)
+    o_slc, lse_slc = attention_reference(q, k, v, scale=scale, mask=slc, compute_dtype=compute_dtype)
+    g = gates.to(cd)
+    o = g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc
+    lse = {"lse_cmp": lse_cmp, "lse_slc": lse_slc}
+    if mod.WINDOW:
+        win = nr.window_mask(n, mod.WINDOW, n, q.device).view(1, 1, n, n)
+        o_win, lse["lse_win"] = attention_reference(q, k, v, scale=scale, mask=win, compute_dtype=compute_dtype)
+        o = o + g[..., 2:3] * o_win
+    return o, lse
+
+
+def check_nsa_module(
+    mod, q, k, v, gates, k_cmp=None, v_cmp=None, *, scale: float | None = None, backward: bool = True, seed: int = 0
+) -> list[Comparison]:
+    """Run a generated NSA module's nsa_attention and compare o, every branch's lse and (if
+    backward) dq, dk, dv, dgates (and dk_cmp, dv_cmp when given) with the float64 reference under
+    the tolerance rule. The reference uses the module's block indices, so ties in the selection
+    cannot make the two differ; `nsa_indices_agree` checks the selection itself."""
+    from . import runtime
+
+    dtype = q.dtype
+    inputs = [q, k, v, gates] + ([k_cmp, v_cmp] if k_cmp is not None else [])
+    names = ["dq", "dk", "dv", "dgates", "dk_cmp", "dv_cmp"][: len(inputs)]
+    leaves = [t.detach().requires_grad_(backward) for t in inputs]
+    with runtime.poison_outputs():
+        o, aux = mod.nsa_attention(*leaves[:4], k_cmp=leaves[4] if k_cmp is not None else None,
+                                   v_cmp=leaves[5] if k_cmp is not None else None, scale=scale, return_aux=True)
+    idx = aux["block_indices"]
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(o.device)
+    results = {}
+    for label, cdt in (("ref", torch.float64), ("base", None)):
+        ins = [t.detach().clone().requires_grad_(backward) for t in inputs]
+        ro, rlse = nsa_composed(mod, *ins[:4], *(ins[4:] or [None, None]), idx, scale=scale, compute_dtype=cdt)
+        grads = torch.autograd.grad((ro * do.to(ro.dtype)).sum(), ins, allow_unused=True) if backward else ()
+        results[label] = (ro, rlse, [torch.zeros_like(t) if gr is None else gr for t, gr in zip(ins, grads)])
+    out = [compare("o", o, results["ref"][0], results["base"][0], dtype)]
+    out += [compare(name, aux[name], results["ref"][1][name], results["base"][1][name], dtype) for name in results["ref"][1]]
+    if backward:
+        with runtime.poison_outputs():
+            kernel_grads = torch.autograd.grad((o.to(do.dtype) * do).sum(), leaves, allow_unused=True)
+        kernel_grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(leaves, kernel_grads)]
+        for name, kg, rg, bg in zip(names, kernel_grads, results["ref"][2], results["base"][2]):
+            out.append(compare(name, kg, rg, bg, dtype))
+    return out

@@ -6,7 +6,6 @@ no GPU) that each shipped kernel is correct, forward and backward, for every dty
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -18,31 +17,56 @@ CASES = ((1, 77, 77), (2, 33, 50))
 
 def import_generated(path: str | Path):
     """Import a generated module from its file (no package or sys.path changes needed)."""
-    path = Path(path)
-    spec = importlib.util.spec_from_file_location(f"attngen_generated.{path.stem}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from .runtime import import_path
+
+    return import_path(path)
+
+
+def _nsa_case(mod) -> tuple[int, int]:
+    """(batch, N) for an NSA module: complete compression blocks, a second (partial) selection
+    block, and a length off every grid; small, so the paper-sized spec stays quick too."""
+    return 1, mod.SELECT_BLOCK + mod.BLOCK + 3
 
 
 def main(specs: list[str], *, spec_dir: str = "specs", out: str = "generated", seed: int = 0) -> int:
     from . import runtime
-    from .build import build, spec_files
+    from .build import build, load_all, spec_files
     from .spec import SpecError
-    from .testing import check_module, random_inputs
+    from .testing import check_module, check_nsa_module, random_inputs, random_nsa_inputs
 
     paths = specs or spec_files(spec_dir)
     try:
-        built = build(paths, out)
+        build(paths, out)
+        loaded = load_all(paths)
     except SpecError as e:
         print(e, file=sys.stderr)
         return 1
     rows = []
     failures = []
-    for path, _ in built:
-        mod = import_generated(path)
+
+    def record(mod, dname, shape, results, elapsed):
+        fwd = max(r.max_err for r in results if r.name == "o" or r.name.startswith("lse"))
+        bwd = max((r.max_err for r in results if r.name.startswith("d")), default=None)
+        ok = all(r.ok for r in results)
+        failures.extend(f"{mod.NAME} {dname} {shape}: {r}" for r in results if not r.ok)
+        rows.append(
+            (mod.NAME, dname, runtime.backend(), shape, f"{fwd:.2e}",
+             "-" if bwd is None else f"{bwd:.2e}", f"{elapsed:.1f}s", "ok" if ok else "FAIL")
+        )
+
+    for spec in loaded:
+        # an NSA spec's branch modules are checked through its nsa_attention
+        mod = import_generated(Path(out) / f"{spec.name}.py")
         for dname in mod.DTYPES:
             dtype = runtime.TORCH_DTYPES[dname]
+            if spec.sparse is not None:
+                b, n = _nsa_case(mod)
+                # learnable compression (weighted, mlp) hands the module its own k_cmp, v_cmp
+                ins = random_nsa_inputs(mod, batch=b, n=n, dtype=dtype, seed=seed, compressed=mod.METHOD != "mean")
+                t0 = time.perf_counter()
+                results = check_nsa_module(mod, *ins, backward=spec.backward, seed=seed)
+                record(mod, dname, f"{b}x{n}x{n}", results, time.perf_counter() - t0)
+                continue
             for i, (b, n_q, n_k) in enumerate(CASES):
                 q, k, v = random_inputs(mod, batch=b, n_q=n_q, n_k=n_k, dtype=dtype, seed=seed + i, bnhd=i == 1)
                 has_bwd = hasattr(mod, "_backward")
@@ -51,20 +75,15 @@ def main(specs: list[str], *, spec_dir: str = "specs", out: str = "generated", s
                 # cuts the sequence), 1.0 for floats; the tests draw many more
                 params = {n: (max(1, n_k // 3) if kind == "int" else 1.0) for n, kind in getattr(mod, "PARAMS", {}).items()}
                 results = check_module(mod, q, k, v, backward=has_bwd, seed=seed + i, params=params)
-                elapsed = time.perf_counter() - t0
-                fwd = max(r.max_err for r in results if r.name in ("o", "lse"))
-                bwd = max((r.max_err for r in results if r.name.startswith("d")), default=None)
-                ok = all(r.ok for r in results)
-                failures += [f"{mod.NAME} {dname} {n_q}x{n_k}: {r}" for r in results if not r.ok]
-                rows.append(
-                    (mod.NAME, dname, runtime.backend(), f"{b}x{n_q}x{n_k}", f"{fwd:.2e}",
-                     "-" if bwd is None else f"{bwd:.2e}", f"{elapsed:.1f}s", "ok" if ok else "FAIL")
-                )
+                record(mod, dname, f"{b}x{n_q}x{n_k}", results, time.perf_counter() - t0)
     header = ("spec", "dtype", "path", "BxNqxNk", "fwd max err", "bwd max err", "time", "result")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, tuple("-" * w for w in widths), *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
-    print("errors are max |kernel - float64 reference| over o and lse (fwd) and dq, dk, dv (bwd)")
+    print(
+        "errors are max |kernel - float64 reference| over o and lse (fwd) and dq, dk, dv (bwd); NSA rows also "
+        "over each branch's lse (fwd) and dgates, dk_cmp, dv_cmp (bwd)"
+    )
     for f in failures:
         print(f, file=sys.stderr)
     return 1 if failures else 0

@@ -988,9 +988,9 @@ def main(argv: list[str] | None = None) -> int:
     # Expression masks (runtime parameters, no closed-form pair counts here) are not benchmarked yet.
     from attngen.spec import load_spec
 
-    skipped = [p for p in spec_paths if load_spec(p).mask not in ("none", "causal")]
+    skipped = [p for p in spec_paths if load_spec(p).mask not in ("none", "causal") or load_spec(p).sparse]
     if skipped:
-        print("bench: skipping expression-mask specs (not benchmarked yet): " + ", ".join(p.stem for p in skipped))
+        print("bench: skipping expression-mask and NSA specs (not benchmarked yet): " + ", ".join(p.stem for p in skipped))
     spec_paths = [p for p in spec_paths if p not in skipped]
     out = Path(args.out)
     meta = {

@@ -108,3 +108,80 @@ def test_expression_mask_and_params_parse():
 )
 def test_bad_mask_expressions_and_params_are_located(tail, expected):
     assert expected in error_of(GOOD.replace("mask: causal\n", tail))
+
+
+NSA = GOOD.replace("mask: causal\n", "") + """\
+sparse:
+  kind: nsa
+  compress: {block: 32, stride: 16, method: mlp}
+  select: {block: 64, top_n: 16, initial: 1, local: 2, score: probs, per: token}
+  window: 512
+"""
+
+
+def test_sparse_section_parses():
+    s = parse_spec(NSA, "demo.yaml")
+    sp = s.sparse
+    assert (sp.kind, sp.block, sp.stride, sp.method) == ("nsa", 32, 16, "mlp")
+    assert (sp.select_block, sp.top_n, sp.initial, sp.local, sp.score, sp.per, sp.window) == (64, 16, 1, 2, "probs", "token", 512)
+    assert s.mask == "causal" and parse_spec(GOOD, "demo.yaml").sparse is None
+    hash(s)
+
+
+def test_sparse_defaults_and_no_window():
+    text = NSA.replace(", method: mlp", "").replace(", initial: 1, local: 2, score: probs, per: token", "")
+    sp = parse_spec(text.replace("  window: 512\n", ""), "demo.yaml").sparse
+    assert (sp.method, sp.initial, sp.local, sp.score, sp.per, sp.window) == ("mean", 1, 2, "probs", "token", 0)
+    assert parse_spec(NSA.replace("window: 512", "window: 0"), "demo.yaml").sparse.window == 0
+    assert parse_spec(NSA.replace("window: 512", "window: null"), "demo.yaml").sparse.window == 0
+    # a causal mask may be written out; the value head dim may differ
+    assert parse_spec(NSA + "mask: causal\nv_head_dim: 32\n", "demo.yaml").v_head_dim == 32
+
+
+@pytest.mark.parametrize(
+    "old, new, expected",
+    [
+        ("kind: nsa", "kind: moba", "demo.yaml:6: sparse.kind: a string ('moba') is not one of nsa"),
+        ("  kind: nsa\n", "", "demo.yaml:6: sparse.kind: required key is missing"),
+        ("  window: 512\n", "  window: 512\n  extra: 1\n", "demo.yaml:10: sparse.extra: unknown key"),
+        ("  compress: {block: 32, stride: 16, method: mlp}\n", "", "demo.yaml:6: sparse.compress: required key is missing"),
+        ("compress: {block: 32, stride: 16, method: mlp}", "compress: 32", "demo.yaml:7: sparse.compress: expected a mapping"),
+        ("block: 32, stride: 16,", "block: 32,", "demo.yaml:7: sparse.compress.stride: required key is missing"),
+        ("block: 32, stride", "block: 0, stride", "demo.yaml:7: sparse.compress.block: 0 is out of range"),
+        ("block: 32, stride", "block: '32', stride", "demo.yaml:7: sparse.compress.block: expected an integer, got a string"),
+        ("stride: 16,", "stride: 12,", "demo.yaml:7: sparse.compress.stride: 12 does not divide compress.block 32"),
+        ("stride: 16,", "stride: 0,", "demo.yaml:7: sparse.compress.stride: 0 is out of range"),
+        ("method: mlp", "method: linear", "demo.yaml:7: sparse.compress.method: a string ('linear') is not one of mean, weighted, mlp"),
+        ("select: {block: 64", "select: {block: 40", "demo.yaml:8: sparse.select.block: 40 is not a multiple of compress.stride 16"),
+        ("select: {block: 64", "select: {block: -64", "demo.yaml:8: sparse.select.block: -64 is out of range"),
+        ("top_n: 16", "top_n: 0", "demo.yaml:8: sparse.select.top_n: 0 is out of range"),
+        ("top_n: 16", "top_n: 2", "demo.yaml:8: sparse.select: initial + local = 1 + 2 forced blocks exceed top_n 2"),
+        ("top_n: 16, ", "", "demo.yaml:8: sparse.select.top_n: required key is missing"),
+        ("initial: 1", "initial: -1", "demo.yaml:8: sparse.select.initial: -1 is out of range"),
+        ("local: 2", "local: 1.5", "demo.yaml:8: sparse.select.local: expected an integer, got a number"),
+        ("score: probs", "score: max", "demo.yaml:8: sparse.select.score: a string ('max') is not one of probs, dot, cosine"),
+        ("per: token", "per: head", "demo.yaml:8: sparse.select.per: a string ('head') is not one of token, block"),
+        ("per: token", "per: token, n: 2", "demo.yaml:8: sparse.select.n: unknown key"),
+        ("window: 512", "window: -1", "demo.yaml:9: sparse.window: -1 is out of range"),
+        ("window: 512", "window: [512]", "demo.yaml:9: sparse.window: expected an integer, got a list"),
+        ("{q: 8, kv: 2}", "{q: 66, kv: 2}", "demo.yaml:2: heads: 33 query heads per KV head; a spec with sparse: allows at most 32"),
+        ("{q: 8, kv: 2}", "{q: 8, kv: 3}", "demo.yaml:2: heads.kv: 3 does not divide heads.q = 8"),
+    ],
+)
+def test_bad_sparse_section_is_located(old, new, expected):
+    assert old in NSA
+    assert expected in error_of(NSA.replace(old, new))
+
+
+@pytest.mark.parametrize(
+    "tail, expected",
+    [
+        ("mask: none\n", "demo.yaml:10: mask: a spec with sparse: is causal; leave mask out or write mask: causal"),
+        ("mask: sliding_window(4)\n", "demo.yaml:10: mask: a spec with sparse: is causal"),
+        ("params: {w: int}\n", "demo.yaml:10: params: not supported in a spec with sparse:"),
+        ("", "demo.yaml:5: sparse: expected a mapping, got a string ('nsa')"),
+    ],
+)
+def test_sparse_spec_rejects_other_masks_and_params(tail, expected):
+    text = NSA + tail if tail else NSA[: NSA.index("sparse:")] + "sparse: nsa\n"
+    assert expected in error_of(text)
