@@ -138,13 +138,14 @@ def learnable_params(mod) -> list[str]:
     return [n for n, kind in getattr(mod, "PARAMS", {}).items() if isinstance(kind, dict) and kind["tensor"] in ("fp32", "fp16", "bf16")]
 
 
-def default_params(mod, *, batch: int, n_q: int, n_k: int, seed: int = 0) -> dict:
+def default_params(mod, *, batch: int, n_q: int, n_k: int, seed: int = 0, device=None) -> dict:
     """Representative parameter values for a generated module on inputs of this size: an int is a
     positive length tied to the sequence (a window or prefix that cuts it), a float 1.0; an int
     tensor of 1 or 2 dims holds document ids of about a third of the sequence each ([N] or
     [B, N]); a float tensor is small random values, one per query head along dim 0 ([Hq],
     [Hq, N], [Hq, N, N] or [B, Hq, N, N]; for dims 1 positive, ALiBi-like slopes).
-    Reads outside a tensor give 0, so the shapes need not fit every expression exactly."""
+    Reads outside a tensor give 0, so the shapes need not fit every expression exactly. Tensors
+    are on `device`, by default where the module runs."""
     from .runtime import DEVICE, PARAM_DTYPES
 
     g = torch.Generator().manual_seed(seed)
@@ -165,7 +166,7 @@ def default_params(mod, *, batch: int, n_q: int, n_k: int, seed: int = 0) -> dic
             else:
                 shape = ((mod.Q_HEADS, n), (mod.Q_HEADS, n, n), (batch, mod.Q_HEADS, n, n))[dims - 2]
                 t = 0.5 * torch.randn(shape, generator=g)
-            out[name] = t.contiguous().to(DEVICE, dtype)
+            out[name] = t.contiguous().to(device or DEVICE, dtype)
     return out
 
 

@@ -29,7 +29,7 @@ def main(specs: list[str], *, spec_dir: str = "specs", out: str = "generated", s
     from . import runtime
     from .build import build, spec_files
     from .spec import SpecError
-    from .testing import check_module, random_inputs
+    from .testing import check_module, default_params, random_inputs
 
     paths = specs or spec_files(spec_dir)
     try:
@@ -47,9 +47,9 @@ def main(specs: list[str], *, spec_dir: str = "specs", out: str = "generated", s
                 q, k, v = random_inputs(mod, batch=b, n_q=n_q, n_k=n_k, dtype=dtype, seed=seed + i, bnhd=i == 1)
                 has_bwd = hasattr(mod, "_backward")
                 t0 = time.perf_counter()
-                # mask parameters: a positive value tied to the length (a window or prefix that
-                # cuts the sequence), 1.0 for floats; the tests draw many more
-                params = {n: (max(1, n_k // 3) if kind == "int" else 1.0) for n, kind in getattr(mod, "PARAMS", {}).items()}
+                # parameters: a length that cuts the sequence, 1.0 for floats, tensors shaped from
+                # the inputs (testing.default_params); the tests draw many more
+                params = default_params(mod, batch=b, n_q=n_q, n_k=n_k, seed=seed + i)
                 results = check_module(mod, q, k, v, backward=has_bwd, seed=seed + i, params=params)
                 elapsed = time.perf_counter() - t0
                 fwd = max(r.max_err for r in results if r.name in ("o", "lse"))
@@ -64,7 +64,7 @@ def main(specs: list[str], *, spec_dir: str = "specs", out: str = "generated", s
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, tuple("-" * w for w in widths), *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
-    print("errors are max |kernel - float64 reference| over o and lse (fwd) and dq, dk, dv (bwd)")
+    print("errors are max |kernel - float64 reference| over o and lse (fwd) and dq, dk, dv and learnable tensors (bwd)")
     for f in failures:
         print(f, file=sys.stderr)
     return 1 if failures else 0
