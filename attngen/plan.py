@@ -239,8 +239,8 @@ class GradParam:
 @dataclass(frozen=True)
 class ScoreModPlan:
     """The score_mod's Triton fragments: `fwd` / `bwd_t` over the natural-units score `b_z` in the
-    [BM, BN] / transposed [BN, BM] orientation, `d_fwd` / `d_bwd_t` its derivative in score, and
-    the float tensors that get gradients."""
+    [BM, BN] / transposed [BN, BM] orientation, `d_fwd` / `d_bwd_t` its derivative in score ("" when
+    it is 1), and the float tensors that get gradients."""
 
     text: str
     doc: str
@@ -288,7 +288,9 @@ def score_mod_plan(text: str, params) -> ScoreModPlan | None:
         grads.append(GradParam(d.name, list(decls).index(d.name), d.dtype, d.dims, f"tl.where({ok}, b_ds * {value}, 0.0)", f"tl.where({ok}, {flat}, 0)"))
     return ScoreModPlan(
         text=text, doc=str(mod), fwd=show(mod, fwd_names, "b_z"), bwd_t=show(mod, t_names, "b_zt"),
-        d_fwd=to_triton(ds, fwd_names), d_bwd_t=to_triton(ds, t_names), grads=tuple(grads),
+        # a derivative of 1 (an additive bias) leaves the gradient step as it is
+        d_fwd="" if ds.sympy == 1 else to_triton(ds, fwd_names), d_bwd_t="" if ds.sympy == 1 else to_triton(ds, t_names),
+        grads=tuple(grads),
     )
 
 
@@ -493,8 +495,11 @@ def make_plan(spec: Spec) -> Plan:
         )
         if sm.grads:
             paths += (
-                f"gradients of {', '.join(g.name for g in sm.grads)}: a separate pass over query-row chunks writes "
-                "each pair's contribution and index, summed with index_put_(accumulate=True) (deterministic, no atomics).",
+                f"gradients of {', '.join(g.name for g in sm.grads)} (only when one requires grad): a separate pass "
+                "over query-row chunks recomputes p and dp for every (query, key) pair and writes each pair's "
+                "contribution and element index (12 bytes a pair, at most runtime.PARAM_GRAD_ELEMS pairs a chunk), "
+                "summed per element in index order (runtime.index_sum_): deterministic, no atomics, but about one "
+                "more dQ pass plus a sort of B * H * Nq * Nk entries, with no tile skipped.",
             )
     if spec.description:
         summary = f"{spec.description.rstrip('.')}. {summary}"

@@ -322,6 +322,25 @@ def check_params(name: str, decls: dict, values: dict, unknown: dict | None = No
     return tuple(out)
 
 
+def index_sum_(total: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+    """total[idx[i]] += val[i] for every i (1-D total), summed in an order fixed by the data: the
+    pairs sorted by index (stably), a float64 running sum, one difference per index. Deterministic
+    on every device and thread count, unlike index_put_(accumulate=True), which on the CPU adds
+    float32 in parallel with atomics. Costs a sort of idx."""
+    idx, val = idx.reshape(-1), val.reshape(-1)
+    if idx.numel() == 0:
+        return total
+    idx_s, order = torch.sort(idx, stable=True)
+    run = val[order].to(torch.float64).cumsum(0)
+    last = torch.ones_like(idx_s, dtype=torch.bool)
+    last[:-1] = idx_s[1:] != idx_s[:-1]
+    ends = run[last]
+    sums = torch.diff(ends, prepend=ends.new_zeros(1))
+    at = idx_s[last]  # distinct indices: no two updates meet
+    total[at] += sums.to(total.dtype)
+    return total
+
+
 def kernel_params(params: tuple) -> tuple:
     """The kernel arguments of checked parameters: a scalar as itself, a tensor as its data,
     strides and sizes (expr.tensor_args's order)."""

@@ -11,7 +11,7 @@ Tile paths (decided at build time):
   forward and dQ: KV tiles below (tl.minimum(start_m + 1, N_K)) run unmasked; tiles up to (tl.minimum(tl.minimum(start_m + BLOCK_M, N_Q), N_K)) apply the mask; later tiles are skipped.
   dK/dV: query tiles from (start_n // BLOCK_M * BLOCK_M) to (tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M) apply the mask; later ones run unmasked; earlier ones are skipped.
   score_mod: applied to q.k * scale (natural units) on every visited tile, before the mask; dQ and dK/dV multiply dL/d(score_mod) by its derivative in score.
-  gradients of rb: a separate pass over query-row chunks writes each pair's contribution and index, summed with index_put_(accumulate=True) (deterministic, no atomics).
+  gradients of rb (only when one requires grad): a separate pass over query-row chunks recomputes p and dp for every (query, key) pair and writes each pair's contribution and element index (12 bytes a pair, at most runtime.PARAM_GRAD_ELEMS pairs a chunk), summed per element in index order (runtime.index_sum_): deterministic, no atomics, but about one more dQ pass plus a sort of B * H * Nq * Nk entries, with no tile skipped.
 """
 
 from attngen import runtime as _rt  # first: selects Triton's interpreter when there is no GPU
@@ -364,8 +364,7 @@ def _bwd_dkdv_tile(
         b_pt_lo = b_pt_lo.to(tl.float32)
     b_dv += tl.dot(b_pt_lo, b_do, input_precision=DOT_PRECISION)  # [BN, BDV]
     b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # [BN, BM]
-    # dL/d(score_mod) times d(score_mod)/d(score); p = 0 (masked, past the end) contributes 0
-    b_dst = tl.where(b_pt > 0.0, b_pt * (b_dpt - b_delta[None, :]) * 1, 0.0).to(p_q0.dtype.element_ty)
+    b_dst = (b_pt * (b_dpt - b_delta[None, :])).to(p_q0.dtype.element_ty)
     if DOT_UPCAST:
         b_dst = b_dst.to(tl.float32)
     b_dk += tl.dot(b_dst, tl.trans(b_qt), input_precision=DOT_PRECISION)  # [BN, BD]
@@ -475,7 +474,7 @@ def _bwd_dq_tile(
     if MASKED:
         b_p = tl.where((o_n[None, :] < N_K) & (o_m[:, None] >= o_n[None, :]), b_p, 0.0)
     b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PRECISION)  # [BM, BN]
-    b_ds = tl.where(b_p > 0.0, b_p * (b_dp - b_delta[:, None]) * 1, 0.0).to(p_k0.dtype.element_ty)
+    b_ds = (b_p * (b_dp - b_delta[:, None])).to(p_k0.dtype.element_ty)
     if DOT_UPCAST:
         b_ds = b_ds.to(tl.float32)
     b_dq += tl.dot(b_ds, tl.trans(b_kt), input_precision=DOT_PRECISION)  # [BM, BD]
@@ -677,8 +676,8 @@ def _bwd_param_kernel(
 def _param_grads(q, k, v, do, lse, delta, scale, params):
     """Gradients of the float tensors the score_mod reads, by query-row chunks: a kernel writes each
     pair's contribution and its element's flat index ([B * H, rows, Nk] float32 and int64, at most
-    _rt.PARAM_GRAD_ELEMS pairs per chunk), and index_put_(accumulate=True) sums them in a fixed
-    order (deterministic, no float atomics)."""
+    _rt.PARAM_GRAD_ELEMS pairs per chunk), and _rt.index_sum_ sums them in an order fixed by the
+    indices (deterministic, no float atomics)."""
     b, _, n_q, _ = q.shape
     n_k = k.shape[2]
     tensors = [params[i] for i in _GRAD_PARAMS.values()]
@@ -702,7 +701,7 @@ def _param_grads(q, k, v, do, lse, delta, scale, params):
             BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], num_warps=c["num_warps"], num_stages=c["num_stages"],
         )
         for total, (val, idx) in zip(sums, bufs):
-            total.index_put_((idx.view(-1),), val.view(-1), accumulate=True)
+            _rt.index_sum_(total, idx, val)
     return tuple(total.view(t.shape).to(t.dtype) for total, t in zip(sums, tensors))
 
 

@@ -121,3 +121,15 @@ def test_verify_runs_specs_with_tensor_parameters(tmp_path, capsys, monkeypatch)
     out = capsys.readouterr().out
     assert rc == 0, out
     assert out.count(" ok") == 8  # 2 specs x 2 dtypes x 2 cases
+
+
+def test_index_sum_matches_a_float64_sum_and_repeats_bitwise():
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 7, (200_000,), generator=g)
+    idx[:5] = 9  # index 8 never appears: stays 0
+    val = torch.randn(200_000, generator=g)
+    exact = torch.zeros(10, dtype=torch.float64).index_add_(0, idx, val.double())
+    runs = [runtime.index_sum_(torch.zeros(10), idx, val) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    torch.testing.assert_close(runs[0].double(), exact, rtol=1e-6, atol=1e-6)
+    assert runs[0][8] == 0
