@@ -206,11 +206,6 @@ def param_decls(params) -> dict:
     return parse_params(dict(params)) if params else {}
 
 
-def spec_kind(d) -> object:
-    """A ParamDecl back as the spec's kind: 'int', 'float' or {'tensor': DTYPE, 'dims': N}."""
-    return {"tensor": d.dtype, "dims": d.dims} if d.kind == "tensor" else d.kind
-
-
 def kernel_param_names(params) -> tuple[str, ...]:
     """The kernel arguments that carry the parameters, in order: `arg_w` for a scalar, pointer,
     strides and sizes (expr.tensor_args) for a tensor."""
@@ -251,9 +246,10 @@ class ScoreModPlan:
     grads: tuple[GradParam, ...]
 
 
-def score_mod_plan(text: str, params) -> ScoreModPlan | None:
+def score_mod_plan(text: str, params, backward: bool = True) -> ScoreModPlan | None:
     """Print a score_mod (None for none) for the kernels. The mod is applied to the scaled score
-    q.k * scale in natural units; the kernels convert from and back to their base-2 scores."""
+    q.k * scale in natural units; the kernels convert from and back to their base-2 scores.
+    Without `backward` the derivatives are left empty."""
     if not text:
         return None
     import sympy
@@ -271,6 +267,8 @@ def score_mod_plan(text: str, params) -> ScoreModPlan | None:
         # a mod that does not read score (or the indices) still gives a whole tile
         return out if "score" in e.symbols else f"({out} + 0.0 * {full})"
 
+    if not backward:
+        return ScoreModPlan(text, str(mod), show(mod, fwd_names, "b_z"), show(mod, t_names, "b_zt"), "", "", ())
     ds = d_score(mod)
     grads = []
     for d in mod.decls:
@@ -306,8 +304,7 @@ def _param_docs(spec: Spec) -> tuple[str, ...]:
                 readers[n].append(kind)
     lines = []
     for n, d in decls.items():
-        role = " and ".join(readers[n]) + "'s" if len(readers[n]) == 1 else "mask's and score_mod's"
-        role = "the " + role
+        role = {("mask",): "the mask's", ("score_mod",): "the score_mod's"}.get(tuple(readers[n]), "the mask's and score_mod's")
         if d.kind != "tensor":
             extra = " (a constant: no gradient)" if d.kind == "float" and "score_mod" in readers[n] else ""
             lines.append(f"{n}: {d.kind}, required: {role} parameter {n}{extra}.")
@@ -469,7 +466,8 @@ def make_plan(spec: Spec) -> Plan:
         f"head_dim {spec.head_dim}" + (f" (v {spec.v_head_dim})" if spec.v_head_dim != spec.head_dim else "")
         + f", mask {spec.mask if spec.mask in MASK_RULES else rule.doc.removeprefix('expression ')}."
     )
-    sm = score_mod_plan(spec.score_mod, spec.params)
+    sm = score_mod_plan(spec.score_mod, spec.params, spec.backward)
+    pointers = {f"{PARAM_PREFIX}{n}_ptr" for n, d in param_decls(spec.params).items() if d.kind == "tensor"}
     if sm:
         summary = f"{summary[:-1]}, score_mod {sm.doc}."
     if rule.path:  # an expression mask
@@ -519,7 +517,7 @@ def make_plan(spec: Spec) -> Plan:
         mask_path=rule.path or ("hand-written tile bounds" if pred else "no mask"),
         params={n: (k if isinstance(k, str) else dict(k)) for n, k in spec.params},
         param_args="".join(f", {a}" for a in kernel_param_names(spec.params)),
-        param_nospec=tuple(a for n, d in param_decls(spec.params).items() for a in kernel_param_names(((n, spec_kind(d)),))[d.kind == "tensor":]),
+        param_nospec=tuple(a for a in kernel_param_names(spec.params) if a not in pointers),
         score_mod=sm,
         param_docs=_param_docs(spec),
         backward=spec.backward,

@@ -416,7 +416,9 @@ def parse_spec(text: str, filename: str = "<string>") -> Spec:
             exprs_ok = False
         elif params_ok:
             try:
-                parsed.append(_parse_score_mod(sm.value, decls, filename, sm.line))
+                # (a module built without a backward pass need not differentiate it)
+                differentiate = "backward" not in fields or fields["backward"].value is not False
+                parsed.append(_parse_score_mod(sm.value, decls, filename, sm.line, differentiate))
             except SpecError as e:
                 reader.problems.extend(e.problems)
                 exprs_ok = False
@@ -473,12 +475,14 @@ def parse_spec(text: str, filename: str = "<string>") -> Spec:
     )
 
 
-def _parse_score_mod(text: str, decls: dict, filename: str, line: int):
-    """Parse a score_mod and check that the backward pass can differentiate it: with respect to
-    score, and to each float tensor it reads (a learnable tensor is read at one index)."""
+def _parse_score_mod(text: str, decls: dict, filename: str, line: int, differentiate: bool):
+    """Parse a score_mod and, with `differentiate`, check that the backward pass can differentiate
+    it: with respect to score, and to each float tensor it reads (read at one index)."""
     from .expr import d_param, d_score, parse_expr
 
     mod = parse_expr(text, kind="score_mod", params=decls, file=filename, line=line)
+    if not differentiate:
+        return mod
     d_score(mod)
     for d in mod.decls:
         if d.kind == "tensor" and d.elem == "float":

@@ -133,3 +133,26 @@ def test_index_sum_matches_a_float64_sum_and_repeats_bitwise():
     assert torch.equal(runs[0], runs[1])
     torch.testing.assert_close(runs[0].double(), exact, rtol=1e-6, atol=1e-6)
     assert runs[0][8] == 0
+
+
+def test_forward_only_score_mod_needs_no_derivative(tmp_path):
+    """backward: false: a float tensor may be read at several indices (no gradient to define)."""
+    from attngen.build import build
+    from attngen.reference import attention_reference
+    from attngen.testing import reference_score_mod
+    from attngen.verify import import_generated
+
+    spec = tmp_path / "fwd_bias.yaml"
+    spec.write_text(
+        "name: fwd_bias\nheads: {q: 2, kv: 1}\nhead_dim: 16\ndtypes: [fp32]\nbackward: false\n"
+        "params: {t: {tensor: fp32, dims: 1}}\nmask: causal\nscore_mod: score + t[q_idx] - t[kv_idx]\n"
+        "tiles: {block_m: 16, block_n: 16, num_warps: 4, num_stages: 2}\n"
+    )
+    ((path, _),) = build([spec], tmp_path / "gen")
+    mod = import_generated(path)
+    q, k, v = random_inputs(mod, batch=1, n_q=20, n_k=20, dtype=torch.float32, seed=1)
+    t = torch.randn(20, generator=torch.Generator().manual_seed(2))
+    o_ref, _ = attention_reference(q, k, v, mask="causal", score_mod=reference_score_mod(mod, {"t": t.double()}))
+    with torch.no_grad():
+        o = mod.attention(q, k, v, t=t)
+    torch.testing.assert_close(o.double(), o_ref, atol=1e-4, rtol=1e-4)
