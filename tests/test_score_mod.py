@@ -156,3 +156,25 @@ def test_forward_only_score_mod_needs_no_derivative(tmp_path):
     with torch.no_grad():
         o = mod.attention(q, k, v, t=t)
     torch.testing.assert_close(o.double(), o_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_score_mod_over_lengths_batch_int_tensor_and_bf16_bias(tmp_path):
+    """A score_mod reading b, q_len, an int64 tensor and a learnable bf16 tensor of 3 dims, on an
+    fp32 module with a non-affine mask, forward and backward against the float64 reference."""
+    from attngen.build import build
+    from attngen.verify import import_generated
+
+    spec = tmp_path / "mixed.yaml"
+    spec.write_text(
+        "name: mixed\nheads: {q: 2, kv: 1}\nhead_dim: 16\ndtypes: [fp32]\n"
+        "params:\n  t: {tensor: bf16, dims: 3}\n  sel: {tensor: int64, dims: 1}\n  k0: int\n"
+        "mask: causal or kv_idx < k0\n"
+        "score_mod: where(sel[h] > 0, score * 0.5, tanh(score)) + t[b, h, q_len - 1 - q_idx]\n"
+        "tiles: {block_m: 16, block_n: 16, num_warps: 4, num_stages: 2}\n"
+    )
+    ((path, _),) = build([spec], tmp_path / "gen")
+    mod = import_generated(path)
+    q, k, v = random_inputs(mod, batch=2, n_q=21, n_k=19, dtype=torch.float32, seed=3, bnhd=True)
+    g = torch.Generator().manual_seed(5)
+    params = {"t": torch.randn(2, 2, 18, generator=g).to(torch.bfloat16), "sel": torch.tensor([1, 0]), "k0": 4}
+    assert_all_ok(check_module(mod, q, k, v, params=params), "mixed")
