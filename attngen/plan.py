@@ -199,6 +199,121 @@ def mask_rule(spec: Spec) -> MaskRule:
     return expr_rule(spec.mask, spec.params)
 
 
+def param_decls(params) -> dict:
+    """expr.ParamDecl per declared parameter of a spec's `params` pairs."""
+    from .expr import parse_params
+
+    return parse_params(dict(params)) if params else {}
+
+
+def kernel_param_names(params) -> tuple[str, ...]:
+    """The kernel arguments that carry the parameters, in order: `arg_w` for a scalar, pointer,
+    strides and sizes (expr.tensor_args) for a tensor."""
+    from .expr import tensor_args
+
+    out: list[str] = []
+    for name, d in param_decls(params).items():
+        out += tensor_args(PARAM_PREFIX + name, d.dims) if d.kind == "tensor" else [PARAM_PREFIX + name]
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class GradParam:
+    """A float tensor the score_mod reads: the kernel that feeds its gradient writes, per pair,
+    `value` (dL/dscore_mod times d(score_mod)/d(element)) and the element's flat index `flat`
+    (row-major over the tensor's shape), both 0 where the read falls outside the tensor."""
+
+    name: str
+    index: int  # position in the parameter tuple (declaration order)
+    dtype: str
+    dims: int
+    value: str
+    flat: str
+
+
+@dataclass(frozen=True)
+class ScoreModPlan:
+    """The score_mod's Triton fragments: `fwd` / `bwd_t` over the natural-units score `b_z` in the
+    [BM, BN] / transposed [BN, BM] orientation, `d_fwd` / `d_bwd_t` its derivative in score ("" when
+    it is 1), and the float tensors that get gradients."""
+
+    text: str
+    doc: str
+    fwd: str
+    bwd_t: str
+    d_fwd: str
+    d_bwd_t: str
+    grads: tuple[GradParam, ...]
+
+
+def score_mod_plan(text: str, params, backward: bool = True) -> ScoreModPlan | None:
+    """Print a score_mod (None for none) for the kernels. The mod is applied to the scaled score
+    q.k * scale in natural units; the kernels convert from and back to their base-2 scores.
+    Without `backward` the derivatives are left empty."""
+    if not text:
+        return None
+    import sympy
+
+    from .expr import _TritonPrinter, d_param, d_score, parse_expr, to_triton
+
+    decls = param_decls(params)
+    mod = parse_expr(text, kind="score_mod", params=decls)
+    base = {**_RANGE_NAMES, **{n: PARAM_PREFIX + n for n in decls}}
+    fwd_names = {**base, "q_idx": "o_m[:, None]", "kv_idx": "o_n[None, :]", "score": "b_z"}
+    t_names = {**base, "q_idx": "o_m[None, :]", "kv_idx": "o_n[:, None]", "score": "b_zt"}
+
+    def show(e, names, full):
+        out = to_triton(e, names)
+        # a mod that does not read score (or the indices) still gives a whole tile
+        return out if "score" in e.symbols else f"({out} + 0.0 * {full})"
+
+    if not backward:
+        return ScoreModPlan(text, str(mod), show(mod, fwd_names, "b_z"), show(mod, t_names, "b_zt"), "", "", ())
+    ds = d_score(mod)
+    grads = []
+    for d in mod.decls:
+        if d.kind != "tensor" or d.elem != "float":
+            continue
+        (load,) = {n for n in sympy.preorder_traversal(mod.sympy) if isinstance(n, sympy.Indexed) and n.base.label.name == d.name}
+        printer = _TritonPrinter(mod, fwd_names)
+        sizes = [f"{PARAM_PREFIX}{d.name}_size_{i}" for i in range(d.dims)]
+        idx = [f"tl.cast({printer.p(i)[0]}, tl.int64)" for i in load.indices]
+        ok = " & ".join(f"({i} >= 0) & ({i} < {n})" for i, n in zip(idx, sizes))
+        flat = idx[0]
+        for i, n in zip(idx[1:], sizes[1:]):
+            flat = f"({flat}) * {n} + {i}"
+        value = to_triton(d_param(mod, d.name), fwd_names)
+        grads.append(GradParam(d.name, list(decls).index(d.name), d.dtype, d.dims, f"tl.where({ok}, b_ds * {value}, 0.0)", f"tl.where({ok}, {flat}, 0)"))
+    return ScoreModPlan(
+        text=text, doc=str(mod), fwd=show(mod, fwd_names, "b_z"), bwd_t=show(mod, t_names, "b_zt"),
+        # a derivative of 1 (an additive bias) leaves the gradient step as it is
+        d_fwd="" if ds.sympy == 1 else to_triton(ds, fwd_names), d_bwd_t="" if ds.sympy == 1 else to_triton(ds, t_names),
+        grads=tuple(grads),
+    )
+
+
+def _param_docs(spec: Spec) -> tuple[str, ...]:
+    from .expr import parse_expr
+
+    decls = param_decls(spec.params)
+    readers = {n: [] for n in decls}
+    for kind, text in (("mask", "" if spec.mask in MASK_RULES else spec.mask), ("score_mod", spec.score_mod)):
+        if text:
+            e = parse_expr(text, kind=kind, params=decls)
+            for n in e.params | e.tensors:
+                readers[n].append(kind)
+    lines = []
+    for n, d in decls.items():
+        role = {("mask",): "the mask's", ("score_mod",): "the score_mod's"}.get(tuple(readers[n]), "the mask's and score_mod's")
+        if d.kind != "tensor":
+            extra = " (a constant: no gradient)" if d.kind == "float" and "score_mod" in readers[n] else ""
+            lines.append(f"{n}: {d.kind}, required: {role} parameter {n}{extra}.")
+        else:
+            learn = "; learnable: receives a gradient" if d.elem == "float" else ""
+            lines.append(f"{n}: {d.dtype} tensor with {d.dims} dim{'s' * (d.dims > 1)} on q's device, required: {role} parameter {n}{learn}.")
+    return tuple(lines)
+
+
 def tile_counts(mask: str, n_q: int, n_k: int, block_m: int, block_n: int) -> dict[str, int]:
     """How many (query tile, KV tile) pairs the forward kernel visits, split into full (mask
     skipped) and partial (mask applied), for one (batch, head). Mirrors the kernel's loops."""
@@ -237,8 +352,11 @@ class Plan:
     mask: str
     mask_doc: str
     mask_path: str
-    params: dict[str, str]
+    params: dict[str, object]  # name -> 'int' | 'float' | {'tensor': DTYPE, 'dims': N}
     param_args: str  # ", arg_w, arg_c": kernel arguments (signatures and calls), "" without params
+    param_nospec: tuple[str, ...]  # the scalar kernel arguments of the parameters (never specialised)
+    param_docs: tuple[str, ...]  # one docstring line per parameter of attention()
+    score_mod: ScoreModPlan | None
     backward: bool
     spaces: dict[str, tuple[tuple[dict, ...], int]]
     paths: tuple[str, ...]
@@ -348,6 +466,10 @@ def make_plan(spec: Spec) -> Plan:
         f"head_dim {spec.head_dim}" + (f" (v {spec.v_head_dim})" if spec.v_head_dim != spec.head_dim else "")
         + f", mask {spec.mask if spec.mask in MASK_RULES else rule.doc.removeprefix('expression ')}."
     )
+    sm = score_mod_plan(spec.score_mod, spec.params, spec.backward)
+    pointers = {f"{PARAM_PREFIX}{n}_ptr" for n, d in param_decls(spec.params).items() if d.kind == "tensor"}
+    if sm:
+        summary = f"{summary[:-1]}, score_mod {sm.doc}."
     if rule.path:  # an expression mask
         paths = (
             f"mask: {rule.path}.",
@@ -364,6 +486,19 @@ def make_plan(spec: Spec) -> Plan:
             "forward and dQ: every KV tile runs unmasked except the last partial one (sequence end).",
             "dK/dV: every query tile runs unmasked (rows past the end contribute p = 0).",
         )
+    if sm:
+        paths += (
+            "score_mod: applied to q.k * scale (natural units) on every visited tile, before the mask; "
+            "dQ and dK/dV multiply dL/d(score_mod) by its derivative in score.",
+        )
+        if sm.grads:
+            paths += (
+                f"gradients of {', '.join(g.name for g in sm.grads)} (only when one requires grad): a separate pass "
+                "over query-row chunks recomputes p and dp for every (query, key) pair and writes each pair's "
+                "contribution and element index (12 bytes a pair, at most runtime.PARAM_GRAD_ELEMS pairs a chunk), "
+                "summed per element in index order (runtime.index_sum_): deterministic, no atomics, but about one "
+                "more dQ pass plus a sort of B * H * Nq * Nk entries, with no tile skipped.",
+            )
     if spec.description:
         summary = f"{spec.description.rstrip('.')}. {summary}"
     return Plan(
@@ -380,8 +515,11 @@ def make_plan(spec: Spec) -> Plan:
         mask=spec.mask,
         mask_doc=rule.doc,
         mask_path=rule.path or ("hand-written tile bounds" if pred else "no mask"),
-        params=dict(spec.params),
-        param_args="".join(f", {PARAM_PREFIX}{n}" for n, _ in spec.params),
+        params={n: (k if isinstance(k, str) else dict(k)) for n, k in spec.params},
+        param_args="".join(f", {a}" for a in kernel_param_names(spec.params)),
+        param_nospec=tuple(a for a in kernel_param_names(spec.params) if a not in pointers),
+        score_mod=sm,
+        param_docs=_param_docs(spec),
         backward=spec.backward,
         spaces=autotune_spaces(spec),
         paths=paths,

@@ -14,6 +14,7 @@ from typing import Callable, Union
 import torch
 
 Mask = Union[None, str, torch.Tensor, Callable[..., torch.Tensor]]
+ScoreMod = Union[None, Callable[..., torch.Tensor]]
 
 
 def dense_mask(mask: Mask, b: int, hq: int, nq: int, nk: int, device) -> torch.Tensor | None:
@@ -50,6 +51,7 @@ def attention_reference(
     scale: float | None = None,
     mask: Mask = None,
     compute_dtype: torch.dtype | None = torch.float64,
+    score_mod: ScoreMod = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense softmax attention with GQA head sharing.
 
@@ -59,6 +61,10 @@ def attention_reference(
     the baseline the tolerance rule compares against; lse is then float32). lse is the natural log of the
     softmax denominator. A row with no visible key gives o = 0 and lse = -inf, and differentiates to
     zero gradients, never NaN. Differentiable in q, k and v (and through lse).
+
+    `score_mod`, a callable ``fn(score, b, h, q_idx, kv_idx) -> tensor`` on the scaled scores
+    [B, Hq, Nq, Nk] and broadcast index grids, replaces each score before the mask; its result is
+    brought to the compute dtype. Whatever it reads that requires grad receives a gradient.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v: expected 4-D tensors [B, H, N, D]")
@@ -74,6 +80,12 @@ def attention_reference(
     kc = kc.repeat_interleave(group, dim=1)
     vc = vc.repeat_interleave(group, dim=1)
     s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    if score_mod is not None:
+        bi = torch.arange(b, device=q.device).view(b, 1, 1, 1)
+        hi = torch.arange(hq, device=q.device).view(1, hq, 1, 1)
+        q_idx = torch.arange(nq, device=q.device).view(1, 1, nq, 1)
+        kv_idx = torch.arange(nk, device=q.device).view(1, 1, 1, nk)
+        s = torch.as_tensor(score_mod(s, bi, hi, q_idx, kv_idx)).to(dt).expand(b, hq, nq, nk)
     visible = dense_mask(mask, b, hq, nq, nk, q.device)
     if visible is None and nk == 0:
         visible = torch.zeros(1, 1, nq, 0, dtype=torch.bool, device=q.device)

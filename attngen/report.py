@@ -179,6 +179,7 @@ def _record_launches(mod, dtype: str) -> dict[str, _Launch]:
     from triton.runtime.jit import JITFunction
 
     from .runtime import TORCH_DTYPES
+    from .testing import default_params
 
     kernels = {n: o for n, o in vars(mod).items() if isinstance(o, (Autotuner, JITFunction))}
     calls: dict[str, tuple] = {}
@@ -196,8 +197,8 @@ def _record_launches(mod, dtype: str) -> dict[str, _Launch]:
     k = torch.empty(1, mod.KV_HEADS, n, mod.HEAD_DIM, dtype=t)
     v = torch.empty(1, mod.KV_HEADS, n, mod.V_HEAD_DIM, dtype=t)
     scale = mod.HEAD_DIM**-0.5
-    # mask parameters are plain runtime scalars (never specialised on): any representative value
-    params = tuple(64 if kind == "int" else 1.0 for kind in getattr(mod, "PARAMS", {}).values())
+    # parameters: scalars are never specialised on and tensors only by dtype: any representative value
+    params = tuple(default_params(mod, batch=1, n_q=n, n_k=n, device="cpu").values())
     try:
         for name in kernels:
             setattr(mod, name, _Recorder(name))
@@ -265,7 +266,8 @@ def _signature(fn, values: dict) -> tuple[dict, dict, dict]:
             sig[p.name], consts[(i,)] = "constexpr", x
             continue
         if hasattr(x, "data_ptr"):
-            sig[p.name] = "*" + DTYPE_NAMES[x.dtype]
+            # float pointers by the module's dtype names; int tensor parameters as *i32 / *i64
+            sig[p.name] = "*" + DTYPE_NAMES.get(x.dtype, str(x.dtype).replace("torch.int", "i"))
             aligned = x.data_ptr() % 16 == 0
         elif isinstance(x, bool):
             sig[p.name], aligned = "u1", False

@@ -273,18 +273,43 @@ def check_inputs(
 PARAM_INT_RANGE = (-(2**30), 2**30)
 
 
-def check_params(name: str, decls: dict, values: dict) -> tuple:
-    """The mask parameters as a tuple in declaration order; ValueError naming a missing or
-    ill-typed one. `decls` maps name -> 'int' | 'float'."""
+PARAM_DTYPES = {"int32": torch.int32, "int64": torch.int64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Pairs per query-row chunk of the learnable tensors' gradient pass (float32 value + int64 index
+# each: 48 MiB per learnable tensor at this size).
+PARAM_GRAD_ELEMS = 1 << 22
+
+
+def check_params(name: str, decls: dict, values: dict, unknown: dict | None = None, *, device=None) -> tuple:
+    """The parameters as a tuple in declaration order; ValueError naming a missing, unknown or
+    ill-typed one. `decls` maps name -> 'int' | 'float' | {'tensor': DTYPE, 'dims': N}; a tensor
+    must have that dtype and number of dims, at least one element, and live on `device`."""
     import math
     import numbers
 
+    if unknown:
+        extra = sorted(unknown)
+        expected = ", ".join(decls) or "none"
+        raise ValueError(f"{name}: unknown parameter{'s' * (len(extra) > 1)} {', '.join(extra)} (parameters: {expected})")
     out = []
     for pname, kind in decls.items():
         v = values.get(pname)
         if v is None:
-            raise ValueError(f"{name}: missing parameter {pname} ({kind}); pass {pname}=...")
-        if kind == "int":
+            what = f"{kind['tensor']} tensor, {kind['dims']} dims" if isinstance(kind, dict) else kind
+            raise ValueError(f"{name}: missing parameter {pname} ({what}); pass {pname}=...")
+        if isinstance(kind, dict):
+            dtype, dims = PARAM_DTYPES[kind["tensor"]], kind["dims"]
+            if not isinstance(v, torch.Tensor):
+                raise ValueError(f"{name}: parameter {pname} must be a {kind['tensor']} tensor, got {type(v).__name__}")
+            if v.dtype != dtype:
+                raise ValueError(f"{name}: parameter {pname} must have dtype {dtype}, got {v.dtype}")
+            if v.dim() != dims:
+                raise ValueError(f"{name}: parameter {pname} must have {dims} dims, got shape {tuple(v.shape)}")
+            if v.numel() == 0:
+                raise ValueError(f"{name}: parameter {pname} must have at least one element, got shape {tuple(v.shape)}")
+            if device is not None and v.device != torch.device(device):
+                raise ValueError(f"{name}: parameter {pname} is on {v.device}, expected {device} (where q is)")
+            out.append(v)
+        elif kind == "int":
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise ValueError(f"{name}: parameter {pname} must be an int, got {type(v).__name__}")
             lo, hi = PARAM_INT_RANGE
@@ -364,3 +389,34 @@ def compress_mean(x: torch.Tensor, block: int, stride: int) -> torch.Tensor:
     if num_compressed(n, block, stride) == 0:
         return x.new_zeros(b, h, 0, d)
     return x.unfold(2, block, stride).mean(dim=-1)
+
+
+def index_sum_(total: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+    """total[idx[i]] += val[i] for every i (1-D total), summed in an order fixed by the data: the
+    pairs sorted by index (stably), a float64 running sum, one difference per index. Deterministic
+    on every device and thread count, unlike index_put_(accumulate=True), which on the CPU adds
+    float32 in parallel with atomics. Costs a sort of idx."""
+    idx, val = idx.reshape(-1), val.reshape(-1)
+    if idx.numel() == 0:
+        return total
+    idx_s, order = torch.sort(idx, stable=True)
+    run = val[order].to(torch.float64).cumsum(0)
+    last = torch.ones_like(idx_s, dtype=torch.bool)
+    last[:-1] = idx_s[1:] != idx_s[:-1]
+    ends = run[last]
+    sums = torch.diff(ends, prepend=ends.new_zeros(1))
+    at = idx_s[last]  # distinct indices: no two updates meet
+    total[at] += sums.to(total.dtype)
+    return total
+
+
+def kernel_params(params: tuple) -> tuple:
+    """The kernel arguments of checked parameters: a scalar as itself, a tensor as its data,
+    strides and sizes (expr.tensor_args's order)."""
+    out = []
+    for v in params:
+        if isinstance(v, torch.Tensor):
+            out += [v.detach(), *v.stride(), *v.shape]
+        else:
+            out.append(v)
+    return tuple(out)

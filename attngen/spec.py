@@ -11,7 +11,7 @@ import hashlib
 import keyword
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import yaml
 
@@ -78,6 +78,26 @@ class SparseSpec:
 
 
 @dataclass(frozen=True)
+class TensorParam(Mapping):
+    """A tensor parameter's declaration, ``{tensor: DTYPE, dims: N}``: a hashable mapping, so a Spec
+    stays hashable and expr.parse_params reads it like the YAML mapping it came from."""
+
+    tensor: str
+    dims: int
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in ("tensor", "dims"):
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("tensor", "dims"))
+
+    def __len__(self) -> int:
+        return 2
+
+
+@dataclass(frozen=True)
 class Spec:
     name: str
     q_heads: int
@@ -89,8 +109,11 @@ class Spec:
     tiles: Tiles
     backward: bool
     description: str = ""
-    # runtime scalar parameters of the mask, in declaration order: (name, "int" | "float")
-    params: tuple[tuple[str, str], ...] = ()
+    # runtime parameters of the mask and score_mod, in declaration order: (name, "int" | "float" |
+    # TensorParam)
+    params: tuple[tuple[str, Any], ...] = ()
+    # the score_mod expression over the scaled score (expr.py), "" for none
+    score_mod: str = ""
     # Native Sparse Attention (three generated files), or None for a dense module
     sparse: SparseSpec | None = None
     # the NSA spec a derived dense module (a branch of it) was made from, for its header
@@ -274,6 +297,7 @@ _TOP_KEYS = {
     "v_head_dim": False,
     "dtypes": True,
     "mask": False,
+    "score_mod": False,
     "params": False,
     "tiles": False,
     "backward": False,
@@ -372,7 +396,7 @@ def parse_spec(text: str, filename: str = "<string>") -> Spec:
         params_ok = False
         pn = fields["params"]
         if not isinstance(pn.value, dict):
-            reader.error(pn.line, f"params: expected a mapping of name -> int | float, got {_kind(pn.value)}")
+            reader.error(pn.line, f"params: expected a mapping of name -> int | float | {{tensor: DTYPE, dims: N}}, got {_kind(pn.value)}")
         else:
             plain = {}
             for key, node in pn.value.items():
@@ -381,7 +405,7 @@ def parse_spec(text: str, filename: str = "<string>") -> Spec:
                     # keyword arguments; module constants are upper case
                     reader.error(pn.key_lines.get(key, pn.line), f"params.{key}: a parameter name starts with a lower-case letter and is not one of {', '.join(_ATTENTION_ARGS)}")
                 elif isinstance(node.value, dict):
-                    reader.error(node.line, f"params.{key}: tensor parameters are not supported yet (only int and float)")
+                    plain[key] = {k: n.value for k, n in node.value.items()}
                 else:
                     plain[key] = node.value
             if len(plain) == len(pn.value):
@@ -392,25 +416,49 @@ def parse_spec(text: str, filename: str = "<string>") -> Spec:
                 except SpecError as e:
                     reader.problems.extend(e.problems)
                 else:
-                    params = tuple((n, d.kind) for n, d in decls.items())
+                    params = tuple((n, TensorParam(d.dtype, d.dims) if d.kind == "tensor" else d.kind) for n, d in decls.items())
                     params_ok = True
 
     mask = "none"
+    exprs_ok = params_ok
+    parsed = []  # the parsed mask and score_mod, for the checks on their parameters
     if "mask" in fields:
         m = fields["mask"]
+        exprs_ok = False
         if not isinstance(m.value, str):
             reader.error(m.line, f"mask: expected an expression (none, causal, sliding_window(w), ...), got {_kind(m.value)}")
         elif m.value.strip() in MASKS:
             mask = m.value.strip()
+            exprs_ok = params_ok
         elif params_ok:
             from .expr import parse_expr
 
             try:
-                parse_expr(m.value, kind="mask", params=decls, file=filename, line=m.line)
+                parsed.append(parse_expr(m.value, kind="mask", params=decls, file=filename, line=m.line))
             except SpecError as e:
                 reader.problems.extend(e.problems)
             else:
                 mask = m.value.strip()
+                exprs_ok = True
+
+    score_mod = ""
+    if "score_mod" in fields:
+        sm = fields["score_mod"]
+        if not isinstance(sm.value, str):
+            reader.error(sm.line, f"score_mod: expected an expression over score (softcap(c), score + bias[h], ...), got {_kind(sm.value)}")
+            exprs_ok = False
+        elif params_ok:
+            try:
+                # (a module built without a backward pass need not differentiate it)
+                differentiate = "backward" not in fields or fields["backward"].value is not False
+                parsed.append(_parse_score_mod(sm.value, decls, filename, sm.line, differentiate))
+            except SpecError as e:
+                reader.problems.extend(e.problems)
+                exprs_ok = False
+            else:
+                score_mod = sm.value.strip()
+    if exprs_ok:
+        _check_param_use(reader, decls, parsed, fields.get("params"))
 
     tiles = Tiles(**DEFAULT_TILES)
     if "tiles" in fields:
@@ -464,6 +512,7 @@ def parse_spec(text: str, filename: str = "<string>") -> Spec:
         dtypes=dtypes,
         mask=mask,
         params=params,
+        score_mod=score_mod,
         tiles=tiles,
         backward=backward,
         description=description,
@@ -526,6 +575,38 @@ def _sparse(v: _Validator, node: _Node) -> SparseSpec | None:
         kind=kind, block=block, stride=stride, method=method, select_block=select_block, top_n=top_n,
         initial=initial, local=local, score=score, per=per, window=window,
     )
+
+
+def _parse_score_mod(text: str, decls: dict, filename: str, line: int, differentiate: bool):
+    """Parse a score_mod and, with `differentiate`, check that the backward pass can differentiate
+    it: with respect to score, and to each float tensor it reads (read at one index)."""
+    from .expr import d_param, d_score, parse_expr
+
+    mod = parse_expr(text, kind="score_mod", params=decls, file=filename, line=line)
+    if not differentiate:
+        return mod
+    d_score(mod)
+    for d in mod.decls:
+        if d.kind == "tensor" and d.elem == "float":
+            d_param(mod, d.name)
+    return mod
+
+
+def _check_param_use(reader: _Reader, decls: dict, parsed: list, pn: _Node | None) -> None:
+    """Every declared parameter is read by the mask or the score_mod (an unused one would be a
+    required argument that does nothing); a mask reads int tensors only (a float tensor is a
+    learnable input of the score_mod, and a mask has no gradient)."""
+    used = set()
+    for e in parsed:
+        used |= e.params | e.tensors
+        if e.kind == "mask":
+            for d in e.decls:
+                if d.kind == "tensor" and d.elem == "float":
+                    reader.error(e.line, f"mask: tensor parameter {d.name!r} is {d.dtype}; a mask reads int32 / int64 tensors (float tensors are score_mod inputs)")
+    for name in decls:
+        if name not in used:
+            line = pn.key_lines.get(name, pn.line) if pn is not None else 1
+            reader.error(line, f"params.{name}: declared but read by neither mask nor score_mod")
 
 
 def _one_of(v: _Validator, node: _Node, where: str, choices: tuple[int, ...]) -> int | None:

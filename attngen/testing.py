@@ -116,29 +116,93 @@ def reference_mask(mod, params: dict | None = None):
     return mask
 
 
+def reference_score_mod(mod, params: dict | None = None):
+    """The score_mod of a generated module for attngen.reference (None when it has none): its
+    SCORE_MOD text evaluated elementwise by expr.to_torch with the given parameter values (float
+    tensors in the dtype given, so a float64 copy gives the float64 reference)."""
+    if not getattr(mod, "SCORE_MOD", ""):
+        return None
+    from .expr import parse_expr, parse_params, to_torch
+
+    fn = to_torch(parse_expr(mod.SCORE_MOD, kind="score_mod", params=parse_params(dict(mod.PARAMS))))
+    values = dict(params or {})
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return fn(b, h, q_idx, kv_idx, q_idx.shape[2], kv_idx.shape[3], score=score, **values)
+
+    return score_mod
+
+
+def learnable_params(mod) -> list[str]:
+    """The float tensor parameters of a generated module (each receives a gradient)."""
+    return [n for n, kind in getattr(mod, "PARAMS", {}).items() if isinstance(kind, dict) and kind["tensor"] in ("fp32", "fp16", "bf16")]
+
+
+def default_params(mod, *, batch: int, n_q: int, n_k: int, seed: int = 0, device=None) -> dict:
+    """Representative parameter values for a generated module on inputs of this size: an int is a
+    positive length tied to the sequence (a window or prefix that cuts it), a float 1.0; an int
+    tensor of 1 or 2 dims holds document ids of about a third of the sequence each ([N] or
+    [B, N]); a float tensor is small random values, one per query head along dim 0 ([Hq],
+    [Hq, N], [Hq, N, N] or [B, Hq, N, N]; for dims 1 positive, ALiBi-like slopes).
+    Reads outside a tensor give 0, so the shapes need not fit every expression exactly. Tensors
+    are on `device`, by default where the module runs."""
+    from .runtime import DEVICE, PARAM_DTYPES
+
+    g = torch.Generator().manual_seed(seed)
+    n = max(n_q, n_k, 1)
+    out = {}
+    for name, kind in getattr(mod, "PARAMS", {}).items():
+        if kind == "int":
+            out[name] = max(1, n_k // 3)
+        elif kind == "float":
+            out[name] = 1.0
+        else:
+            dtype, dims = PARAM_DTYPES[kind["tensor"]], kind["dims"]
+            if not dtype.is_floating_point:
+                ids = torch.arange(n) // max(1, n // 3)
+                t = ids.expand(batch, n) if dims == 2 else ids.view((1,) * (dims - 1) + (n,))
+            elif dims == 1:
+                t = 2.0 ** (-8.0 * torch.arange(1, mod.Q_HEADS + 1) / mod.Q_HEADS)
+            else:
+                shape = ((mod.Q_HEADS, n), (mod.Q_HEADS, n, n), (batch, mod.Q_HEADS, n, n))[dims - 2]
+                t = 0.5 * torch.randn(shape, generator=g)
+            out[name] = t.contiguous().to(device or DEVICE, dtype)
+    return out
+
+
 def check_module(
     mod, q, k, v, *, scale: float | None = None, backward: bool = True, seed: int = 0, params: dict | None = None
 ) -> list[Comparison]:
     """Run a generated module on (q, k, v) and compare o, lse and (if backward) dq, dk, dv with the
     float64 reference, using PyTorch at the input dtype as the baseline of the tolerance rule.
-    `params` are the mask's parameters (keyword arguments of the module's attention)."""
+    `params` are the mask's and score_mod's parameters (keyword arguments of the module's
+    attention); the gradient of each float tensor among them (learnable_params) is compared too."""
     from . import runtime
     from .reference import attention_reference
 
     dtype = q.dtype
     params = dict(params or {})
     ref_mask = reference_mask(mod, params)
+    learn = learnable_params(mod) if backward else []
     leaves = [t.detach().requires_grad_(backward) for t in (q, k, v)]
+    kparams = {n: (t.detach().requires_grad_() if n in learn else t) for n, t in params.items()}
+    leaves += [kparams[n] for n in learn]
     with runtime.poison_outputs():
-        o, lse = mod.attention(*leaves, scale=scale, return_lse=True, **params)
+        o, lse = mod.attention(*leaves[:3], scale=scale, return_lse=True, **kparams)
     g = torch.Generator().manual_seed(seed + 1)
     do = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)
     dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64).to(o.device)
     results = {}
     for label, cdt in (("ref", torch.float64), ("base", None)):
         ins = [t.detach().clone().requires_grad_(backward) for t in (q, k, v)]
-        ro, rlse = attention_reference(*ins, scale=scale, mask=ref_mask, compute_dtype=cdt)
-        grads = [None, None, None]
+        rparams = dict(params)
+        for n in learn:
+            rparams[n] = params[n].detach().to(cdt or params[n].dtype).requires_grad_()
+            ins.append(rparams[n])
+        ro, rlse = attention_reference(
+            *ins[:3], scale=scale, mask=ref_mask, compute_dtype=cdt, score_mod=reference_score_mod(mod, rparams)
+        )
+        grads = [None] * len(ins)
         if backward:
             grads = torch.autograd.grad(_loss(ro, rlse, do.to(ro.dtype), dlse.to(rlse.dtype)), ins, allow_unused=True)
         results[label] = (ro, rlse, *grads)
@@ -147,7 +211,8 @@ def check_module(
     if backward:
         with runtime.poison_outputs():
             kernel_grads = torch.autograd.grad(_loss(o, lse, do.to(o.dtype), dlse.float()), leaves)
-        for name, kg, rg, bg in zip(("dq", "dk", "dv"), kernel_grads, results["ref"][2:], results["base"][2:]):
+        names = ("dq", "dk", "dv", *(f"d{n}" for n in learn))
+        for name, kg, rg, bg in zip(names, kernel_grads, results["ref"][2:], results["base"][2:]):
             out.append(compare(name, kg, rg, bg, dtype))
     return out
 

@@ -13,6 +13,7 @@ def main(specs: list[str], *, spec_dir: str = "specs", out: str = "generated", l
     from . import runtime
     from .build import build, spec_files
     from .spec import SpecError
+    from .testing import default_params
     from .verify import import_generated
 
     try:
@@ -41,7 +42,7 @@ def main(specs: list[str], *, spec_dir: str = "specs", out: str = "generated", l
                 grad = hasattr(mod, "_backward")
                 for t in (q, k, v):
                     t.requires_grad_(grad)
-                o = mod.attention(q, k, v)
+                o = mod.attention(q, k, v, **default_params(mod, batch=batch, n_q=n, n_k=n))
                 if grad:
                     o.backward(torch.randn_like(o))
                 torch.cuda.synchronize()

@@ -32,7 +32,7 @@ def main(specs: list[str], *, spec_dir: str = "specs", out: str = "generated", s
     from . import runtime
     from .build import build, load_all, spec_files
     from .spec import SpecError
-    from .testing import check_module, check_nsa_module, random_inputs, random_nsa_inputs
+    from .testing import check_module, check_nsa_module, default_params, random_inputs, random_nsa_inputs
 
     paths = specs or spec_files(spec_dir)
     try:
@@ -71,9 +71,9 @@ def main(specs: list[str], *, spec_dir: str = "specs", out: str = "generated", s
                 q, k, v = random_inputs(mod, batch=b, n_q=n_q, n_k=n_k, dtype=dtype, seed=seed + i, bnhd=i == 1)
                 has_bwd = hasattr(mod, "_backward")
                 t0 = time.perf_counter()
-                # mask parameters: a positive value tied to the length (a window or prefix that
-                # cuts the sequence), 1.0 for floats; the tests draw many more
-                params = {n: (max(1, n_k // 3) if kind == "int" else 1.0) for n, kind in getattr(mod, "PARAMS", {}).items()}
+                # parameters: a length that cuts the sequence, 1.0 for floats, tensors shaped from
+                # the inputs (testing.default_params); the tests draw many more
+                params = default_params(mod, batch=b, n_q=n_q, n_k=n_k, seed=seed + i)
                 results = check_module(mod, q, k, v, backward=has_bwd, seed=seed + i, params=params)
                 record(mod, dname, f"{b}x{n_q}x{n_k}", results, time.perf_counter() - t0)
     header = ("spec", "dtype", "path", "BxNqxNk", "fwd max err", "bwd max err", "time", "result")
@@ -81,8 +81,8 @@ def main(specs: list[str], *, spec_dir: str = "specs", out: str = "generated", s
     for r in [header, tuple("-" * w for w in widths), *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
     print(
-        "errors are max |kernel - float64 reference| over o and lse (fwd) and dq, dk, dv (bwd); NSA rows also "
-        "over each branch's lse (fwd) and dgates, dk_cmp, dv_cmp (bwd)"
+        "errors are max |kernel - float64 reference| over o and lse (fwd) and dq, dk, dv and learnable tensors (bwd); "
+        "NSA rows also over each branch's lse (fwd) and dgates, dk_cmp, dv_cmp (bwd)"
     )
     for f in failures:
         print(f, file=sys.stderr)

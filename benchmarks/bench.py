@@ -985,12 +985,16 @@ def main(argv: list[str] | None = None) -> int:
     from attngen.build import spec_files
 
     spec_paths = [Path(p) for p in (args.specs or spec_files(ROOT / "specs"))]
-    # Expression masks (runtime parameters, no closed-form pair counts here) are not benchmarked yet.
+    # Expression masks and score_mods (runtime parameters, no closed-form pair counts here) are not
+    # benchmarked yet.
     from attngen.spec import load_spec
 
-    skipped = [p for p in spec_paths if load_spec(p).mask not in ("none", "causal") or load_spec(p).sparse]
+    def plain(s):
+        return s.mask in ("none", "causal") and not s.params and not s.score_mod and not s.sparse
+
+    skipped = [p for p in spec_paths if not plain(load_spec(p))]
     if skipped:
-        print("bench: skipping expression-mask and NSA specs (not benchmarked yet): " + ", ".join(p.stem for p in skipped))
+        print("bench: skipping expression-mask, score_mod and NSA specs (not benchmarked yet): " + ", ".join(p.stem for p in skipped))
     spec_paths = [p for p in spec_paths if p not in skipped]
     out = Path(args.out)
     meta = {

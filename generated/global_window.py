@@ -26,7 +26,9 @@ GROUP = 2
 HEAD_DIM = 32
 V_HEAD_DIM = 32
 MASK = 'global_tokens(g) or sliding_window(w)'
-# Runtime parameters of the mask (name -> int | float): required keyword arguments of attention().
+SCORE_MOD = ''
+# Runtime parameters of the mask and score_mod (name -> int | float | {tensor: DTYPE, dims: N}):
+# required keyword arguments of attention().
 PARAMS = {'g': 'int', 'w': 'int'}
 DTYPES = ('fp16', 'bf16')
 
@@ -286,7 +288,7 @@ def _forward(q, k, v, scale, params):
     _fwd_kernel[grid](
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        scale * _LOG2E, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), *params,
+        scale * _LOG2E, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), *_rt.kernel_params(params),
         H=Q_HEADS, GROUP=GROUP,
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=32, BLOCK_DV=32,
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
@@ -557,7 +559,7 @@ def _backward(q, k, v, o, lse, do, dlse, scale, params):
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=32, BLOCK_DV=32,
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
     )
-    sizes = (scale * _LOG2E, scale, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), *params)
+    sizes = (scale * _LOG2E, scale, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), *_rt.kernel_params(params))
     grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * KV_HEADS)  # noqa: E731
     _bwd_dkdv_kernel[grid_kv](
         q, k, v, do, lse, delta, dk, dv,
@@ -591,7 +593,7 @@ class _Attention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def attention(q, k, v, *, g=None, w=None, scale=None, return_lse=False):
+def attention(q, k, v, *, g=None, w=None, scale=None, return_lse=False, **unknown):
     """Global tokens plus a causal sliding window, g and w at run time. GQA attention, 4 query heads over 2 KV heads, head_dim 32, mask (kv_idx < g) | (q_idx < g) | ((q_idx >= kv_idx) & (-kv_idx + q_idx < w)).
 
     q: [B, 4, Nq, 32]; k: [B, 2, Nk, 32]; v: [B, 2, Nk, 32] (fp16 | bf16, any strides).
@@ -601,10 +603,10 @@ def attention(q, k, v, *, g=None, w=None, scale=None, return_lse=False):
     Returns o [B, 4, Nq, 32] in q's dtype, and with return_lse=True also
     lse [B, 4, Nq] float32 (natural log of the softmax denominator; -inf for a row that sees no key).
     """
-    params = _rt.check_params(NAME, PARAMS, {"g": g, "w": w})
     _rt.check_inputs(
         NAME, q, k, v, q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, v_head_dim=V_HEAD_DIM, dtypes=DTYPES
     )
+    params = _rt.check_params(NAME, PARAMS, {"g": g, "w": w}, unknown, device=q.device)
     scale = HEAD_DIM ** -0.5 if scale is None else float(scale)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         o, lse = _Attention.apply(q, k, v, scale, params)

@@ -27,7 +27,9 @@ GROUP = 16
 HEAD_DIM = 192
 V_HEAD_DIM = 128
 MASK = 'kv_idx <= q_idx and kv_idx > q_idx - 512'
-# Runtime parameters of the mask (name -> int | float): required keyword arguments of attention().
+SCORE_MOD = ''
+# Runtime parameters of the mask and score_mod (name -> int | float | {tensor: DTYPE, dims: N}):
+# required keyword arguments of attention().
 PARAMS = {}
 DTYPES = ('bf16', 'fp16')
 
@@ -210,7 +212,7 @@ def _forward(q, k, v, scale, params):
     _fwd_kernel[grid](
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        scale * _LOG2E, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), *params,
+        scale * _LOG2E, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), *_rt.kernel_params(params),
         H=Q_HEADS, GROUP=GROUP,
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=256, BLOCK_DV=128,
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
@@ -481,7 +483,7 @@ def _backward(q, k, v, o, lse, do, dlse, scale, params):
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=256, BLOCK_DV=128,
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
     )
-    sizes = (scale * _LOG2E, scale, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), *params)
+    sizes = (scale * _LOG2E, scale, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), *_rt.kernel_params(params))
     grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * KV_HEADS)  # noqa: E731
     _bwd_dkdv_kernel[grid_kv](
         q, k, v, do, lse, delta, dk, dv,
@@ -515,7 +517,7 @@ class _Attention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def attention(q, k, v, *, scale=None, return_lse=False):
+def attention(q, k, v, *, scale=None, return_lse=False, **unknown):
     """Window branch of NSA spec nsa_paper: the last 512 keys, the query's own included. MQA attention, 16 query heads over 1 KV heads, head_dim 192 (v 128), mask (kv_idx <= q_idx) & (kv_idx > q_idx - 512).
 
     q: [B, 16, Nq, 192]; k: [B, 1, Nk, 192]; v: [B, 1, Nk, 128] (bf16 | fp16, any strides).
@@ -523,10 +525,10 @@ def attention(q, k, v, *, scale=None, return_lse=False):
     Returns o [B, 16, Nq, 128] in q's dtype, and with return_lse=True also
     lse [B, 16, Nq] float32 (natural log of the softmax denominator; -inf for a row that sees no key).
     """
-    params = _rt.check_params(NAME, PARAMS, {})
     _rt.check_inputs(
         NAME, q, k, v, q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, v_head_dim=V_HEAD_DIM, dtypes=DTYPES
     )
+    params = _rt.check_params(NAME, PARAMS, {}, unknown, device=q.device)
     scale = HEAD_DIM ** -0.5 if scale is None else float(scale)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         o, lse = _Attention.apply(q, k, v, scale, params)

@@ -1,5 +1,6 @@
 """Every shipped spec's generated module against the float64 reference, forward and backward."""
 
+import functools
 import math
 
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 from attngen import runtime
 from attngen.reference import attention_reference
 from attngen.spec import load_spec
-from attngen.testing import check_module, compare, random_inputs
+from attngen.testing import check_module, compare, default_params, random_inputs
 
 from helpers import SPEC_PATHS, assert_all_ok, generated
 
@@ -20,16 +21,56 @@ SPECS = [s for s in map(load_spec, SPEC_PATHS) if s.sparse is None]
 # Expression-mask specs run 16x16 tiles in the interpreter (many tiles per call): fewer examples.
 EXAMPLES = {s.name: (4 if s.params else 6 if s.q_heads * s.head_dim > 1024 else 15) for s in SPECS}
 MAX_LEN = 130
-# Mask parameters per shipped spec: values the properties draw (negative and oversized included),
-# a default that leaves every row some key, and one that leaves rows with no key at all.
+
+
+# Tensor parameters depend on the input sizes: the strategies draw recipes, called with
+# (mod, batch, n_q, n_k) once those are drawn (see `materialize`).
+def _doc_ids(n_docs, extra, seed, mod, batch, n_q, n_k):
+    """Random (unsorted) document ids [B, L]; L may fall short of the sequence (reads past it give 0)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, n_docs, (batch, max(1, max(n_q, n_k) + extra)), generator=g, dtype=torch.int32)
+
+
+def _own_doc(mod, batch, n_q, n_k):
+    """Every position its own document: a query sees only itself, so with Nq > Nk later rows see nothing."""
+    return torch.arange(max(n_q, n_k, 1), dtype=torch.int32).expand(batch, -1).contiguous()
+
+
+def _slopes(s, mod, batch, n_q, n_k):
+    return s * 2.0 ** (-8.0 * torch.arange(1, mod.Q_HEADS + 1, dtype=torch.float32) / mod.Q_HEADS)
+
+
+def _bias(width, sigma, seed, mod, batch, n_q, n_k):
+    g = torch.Generator().manual_seed(seed)
+    return sigma * torch.randn(mod.Q_HEADS, width, generator=g)
+
+
+def materialize(params: dict, mod, batch: int, n_q: int, n_k: int) -> dict:
+    return {n: (v(mod, batch, n_q, n_k) if callable(v) else v) for n, v in params.items()}
+
+
+# Mask and score_mod parameters per shipped spec: values the properties draw (negative and
+# oversized included), a default that leaves every row some key, and one that leaves rows with no
+# key at all (only where the spec allows that; else the default).
 PARAM_STRATEGIES = {
     "sliding_window": {"w": st.integers(-3, MAX_LEN + 5)},
     "prefix_lm": {"p": st.integers(-3, MAX_LEN + 5)},
     "chunked_local": {"c": st.integers(1, MAX_LEN + 5)},
     "global_window": {"g": st.integers(-1, 20), "w": st.integers(-1, 60)},
+    "alibi": {"slopes": st.builds(functools.partial, st.just(_slopes), st.floats(0.0, 2.0))},
+    "softcap": {"c": st.floats(0.5, 60.0)},
+    "document": {"doc": st.builds(functools.partial, st.just(_doc_ids), st.integers(1, 5), st.integers(-20, 5), st.integers(0, 2**16))},
+    "relpos_bias": {"rb": st.builds(functools.partial, st.just(_bias), st.integers(1, 40), st.floats(0.0, 2.0), st.integers(0, 2**16))},
 }
-DEFAULT_PARAMS = {"sliding_window": {"w": 4}, "prefix_lm": {"p": 3}, "chunked_local": {"c": 5}, "global_window": {"g": 1, "w": 3}}
-EMPTY_ROW_PARAMS = {"sliding_window": {"w": 0}, "prefix_lm": {"p": 0}, "chunked_local": {"c": 1}, "global_window": {"g": 0, "w": 0}}
+DEFAULT_PARAMS = {
+    "sliding_window": {"w": 4}, "prefix_lm": {"p": 3}, "chunked_local": {"c": 5}, "global_window": {"g": 1, "w": 3},
+    "alibi": {"slopes": functools.partial(_slopes, 1.0)}, "softcap": {"c": 5.0},
+    "document": {"doc": functools.partial(_doc_ids, 3, 0, 0)}, "relpos_bias": {"rb": functools.partial(_bias, 32, 1.0, 0)},
+}
+EMPTY_ROW_PARAMS = {
+    "sliding_window": {"w": 0}, "prefix_lm": {"p": 0}, "chunked_local": {"c": 1}, "global_window": {"g": 0, "w": 0},
+    "document": {"doc": _own_doc},
+}
 
 
 def test_every_parametrised_spec_has_strategies():
@@ -66,11 +107,13 @@ def test_matches_reference(spec):
     @example(batch=1, n_q=bm + 1, n_k=bn - 1, dtype=spec.dtypes[-1], scale=None, bnhd=True, seed=1, params=DEFAULT_PARAMS.get(spec.name, {}))
     @example(batch=2, n_q=3 * bn + 5, n_k=3 * bn + 5, dtype=spec.dtypes[0], scale=0.3, bnhd=False, seed=2, params=DEFAULT_PARAMS.get(spec.name, {}))
     # parameters that leave rows with no visible key (o = 0, lse = -inf, zero gradients, no NaN)
-    @example(batch=1, n_q=3 * bm + 3, n_k=2 * bn + 1, dtype=spec.dtypes[-1], scale=None, bnhd=False, seed=3, params=EMPTY_ROW_PARAMS.get(spec.name, {}))
+    @example(batch=1, n_q=3 * bm + 3, n_k=2 * bn + 1, dtype=spec.dtypes[-1], scale=None, bnhd=False, seed=3,
+             params=EMPTY_ROW_PARAMS.get(spec.name, DEFAULT_PARAMS.get(spec.name, {})))
     def run(batch, n_q, n_k, dtype, scale, bnhd, seed, params):
         q, k, v = random_inputs(
             mod, batch=batch, n_q=n_q, n_k=n_k, dtype=runtime.TORCH_DTYPES[dtype], seed=seed, bnhd=bnhd
         )
+        params = materialize(params, mod, batch, n_q, n_k)
         assert_all_ok(
             check_module(mod, q, k, v, scale=scale, seed=seed, params=params),
             f"{spec.name} {dtype} B={batch} Nq={n_q} Nk={n_k} {params}",
@@ -86,7 +129,7 @@ def test_no_keys_gives_zeros_not_nan(spec):
     dtype = runtime.TORCH_DTYPES[spec.dtypes[0]]
     q, k, v = (t.requires_grad_() for t in random_inputs(mod, batch=1, n_q=5, n_k=0, dtype=dtype))
     with runtime.poison_outputs():
-        o, lse = mod.attention(q, k, v, return_lse=True, **DEFAULT_PARAMS.get(spec.name, {}))
+        o, lse = mod.attention(q, k, v, return_lse=True, **materialize(DEFAULT_PARAMS.get(spec.name, {}), mod, 1, 5, 0))
         assert torch.equal(o, torch.zeros_like(o))
         assert torch.equal(lse, torch.full_like(lse, -math.inf))
         o.float().sum().backward()
@@ -101,7 +144,7 @@ def test_gqa_head_mapping(spec):
     dtype = runtime.TORCH_DTYPES[spec.dtypes[0]]
     q, k, _ = random_inputs(mod, batch=1, n_q=9, n_k=9, dtype=dtype)
     v = torch.arange(spec.kv_heads, dtype=dtype, device=q.device).view(1, -1, 1, 1).expand(1, spec.kv_heads, 9, spec.v_head_dim)
-    o = mod.attention(q, k, v.contiguous(), **DEFAULT_PARAMS.get(spec.name, {}))
+    o = mod.attention(q, k, v.contiguous(), **materialize(DEFAULT_PARAMS.get(spec.name, {}), mod, 1, 9, 9))
     expect = (torch.arange(spec.q_heads, device=q.device) // spec.group).float().view(1, -1, 1, 1).expand_as(o)
     # the softmax weights sum to 1 up to rounding, far closer than the 1 between heads
     torch.testing.assert_close(o.float(), expect, atol=0.05, rtol=0.01)
@@ -118,7 +161,7 @@ def test_comparison_catches_a_wrong_kernel():
     assert compare("o", o_base, o_ref, o_base, torch.float16).ok
 
 
-@pytest.mark.parametrize("name, params", [(n, p) for n, p in EMPTY_ROW_PARAMS.items() if n != "prefix_lm"])
+@pytest.mark.parametrize("name, params", [(n, p) for n, p in EMPTY_ROW_PARAMS.items() if n not in ("prefix_lm", "document")])
 def test_parameters_that_hide_every_key_give_zeros(name, params):
     """A mask that no pair passes (window 0, no global tokens): o = 0, lse = -inf, zero grads."""
     mod = generated(name)

@@ -85,9 +85,17 @@ def test_all_problems_are_reported_in_line_order():
 
 
 def test_expression_mask_and_params_parse():
-    s = parse_spec(GOOD.replace("mask: causal", "params: {w: int, t: float}\nmask: sliding_window(w)"), "demo.yaml")
-    assert s.mask == "sliding_window(w)" and s.params == (("w", "int"), ("t", "float"))
+    s = parse_spec(GOOD.replace("mask: causal", "params: {w: int, t: float}\nmask: sliding_window(w)\nscore_mod: softcap(t)"), "demo.yaml")
+    assert s.mask == "sliding_window(w)" and s.params == (("w", "int"), ("t", "float")) and s.score_mod == "softcap(t)"
     hash(s)  # frozen and hashable
+
+
+def test_tensor_params_and_score_mod_parse():
+    tail = "params:\n  doc: {tensor: int32, dims: 2}\n  rb: {tensor: fp32, dims: 2}\nmask: document(doc) and causal\nscore_mod: score + rb[h, q_idx - kv_idx]\n"
+    s = parse_spec(GOOD.replace("mask: causal\n", tail), "demo.yaml")
+    assert [(n, dict(k)) for n, k in s.params] == [("doc", {"tensor": "int32", "dims": 2}), ("rb", {"tensor": "fp32", "dims": 2})]
+    assert s.score_mod == "score + rb[h, q_idx - kv_idx]"
+    hash(s)
 
 
 @pytest.mark.parametrize(
@@ -98,7 +106,18 @@ def test_expression_mask_and_params_parse():
         ("params: {w: int}\nmask: q_idx + w\n", "demo.yaml:6: mask: a mask must be a boolean expression"),
         ("params: {w: int}\nmask: __import__('os')\n", "demo.yaml:6: mask:"),
         ("mask: [causal]\n", "demo.yaml:5: mask: expected an expression"),
-        ("params:\n  w: int\n  d: {tensor: int32, dims: 2}\nmask: causal\n", "demo.yaml:7: params.d: tensor parameters are not supported yet"),
+        ("params:\n  w: int\n  d: {tensor: int32, dims: 2}\nmask: sliding_window(w)\n", "demo.yaml:7: params.d: declared but read by neither mask nor score_mod"),
+        ("params:\n  w: int\nmask: causal\n", "demo.yaml:6: params.w: declared but read by neither mask nor score_mod"),
+        ("params:\n  d: {tensor: int8, dims: 2}\nmask: document(d)\n", "demo.yaml:6: params.d: tensor dtype 'int8' is not one of"),
+        ("params:\n  d: {tensor: int32, dims: 5}\nmask: document(d)\n", "demo.yaml:6: params.d: dims must be an integer in [1, 4]"),
+        ("params:\n  d: {tensor: int32}\nmask: document(d)\n", "demo.yaml:6: params.d: a tensor is declared as {tensor: DTYPE, dims: N}"),
+        ("params:\n  d: {tensor: fp32, dims: 1}\nmask: d[q_idx] > 0\n", "demo.yaml:7: mask: tensor parameter 'd' is fp32; a mask reads int32 / int64 tensors"),
+        ("params:\n  d: {tensor: fp32, dims: 2}\nmask: document(d)\n", "demo.yaml:7: mask: document(): argument 'ids' must name a declared 2-dim int tensor"),
+        ("params:\n  rb: {tensor: fp32, dims: 1}\nmask: causal\nscore_mod: score + rb[q_idx] + rb[kv_idx]\n", "demo.yaml:8: score_mod: tensor 'rb' is read at 2 different indices"),
+        ("params:\n  c: float\nmask: causal\nscore_mod: score > c\n", "demo.yaml:8: score_mod: a score_mod must be a number, got a boolean"),
+        ("mask: causal\nscore_mod: [score]\n", "demo.yaml:6: score_mod: expected an expression over score"),
+        ("mask: causal\nscore_mod: score + bias\n", "demo.yaml:6: score_mod: unknown name 'bias'"),
+        ("mask: score > 0\n", "demo.yaml:5: mask:"),
         ("params:\n  w: int\n  x: str\nmask: causal\n", "demo.yaml:7: params.x: expected 'int', 'float'"),
         ("params:\n  causal: int\nmask: causal\n", "demo.yaml:6: params.causal: 'causal' is reserved"),
         ("params:\n  scale: float\nmask: causal\n", "demo.yaml:6: params.scale: a parameter name starts with a lower-case letter"),
