@@ -330,6 +330,29 @@ def test_separated_scores_match_exactly(score, geometry):
         assert torch.equal(out, reference(q, k_cmp, geometry, 5, 1, 1, score, per)), per
 
 
+@pytest.mark.parametrize("top_n", [3, 5])
+def test_chunk_boundary(top_n):
+    """S = 70 selection blocks, scored in chunks of 64: the hot compressed block 127 (pieces 127
+    and 128) straddles the chunk boundary and gives blocks 63 and 64 the same largest score. Block
+    64 must get it from the compressed block the chunks share, and the exact tie across the
+    boundary goes to 63. Other hot blocks (every 8th) are smaller, distinct."""
+    geometry, n, d = (8, 4, 8), 553, 16
+    c = nsa.num_compressed(n, 8, 4)
+    k_cmp = torch.zeros(1, 1, c, d)
+    hot = list(range(7, c, 8))
+    gen = torch.Generator().manual_seed(13)
+    mags = 1 + 0.05 * torch.randperm(len(hot), generator=gen).float()
+    for i, a in zip(hot, mags.tolist()):
+        k_cmp[0, 0, i, 0] = 2.5 if i == 127 else a
+    q = torch.zeros(1, 1, n, d)
+    q[..., 0] = 1.0
+    for per in ("token", "block"):
+        out = run_kernel(q, k_cmp, None, geometry, top_n, 1, 1, "dot", per)
+        check_structure(out, n, geometry, top_n, 1, 1, per)
+        assert torch.equal(out, reference(q, k_cmp, geometry, top_n, 1, 1, "dot", per)), per
+        assert 63 in out[0, 0, -1].tolist() and (top_n == 3) != (64 in out[0, 0, -1].tolist())
+
+
 def test_probs_dominant_blocks_match_exactly():
     """score="probs" with large distinct logits: each position's mass sits on a few compressed
     blocks whose probabilities differ by large factors, so the reference's choice is decided on
