@@ -459,3 +459,13 @@ def test_bad_arguments(change, word):
     kw.update(ch)
     with pytest.raises(ValueError, match=word):
         topn_select()(q, k_cmp, lse, **kw)
+
+
+def test_partial_defines_only_prefixed_names():
+    """The partial is pasted into the NSA module beside another: every name it defines is _topn*."""
+    mod = load_partial("_nsa_topn")
+    imported = {"_rt", "torch", "triton", "tl"}
+    names = [n for n in vars(mod) if not n.startswith("__") and n not in imported]
+    assert "_topn_select" in names
+    assert [n for n in names if not n.startswith("_topn")] == []
+    assert "{{" not in (ROOT / "templates" / "_nsa_topn.jinja").read_text()  # no Jinja syntax
