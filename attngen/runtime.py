@@ -77,9 +77,11 @@ def poison_outputs(enabled: bool = True):
 
 
 def empty(shape, *, dtype, device) -> torch.Tensor:
-    """torch.empty, or NaN-filled inside poison_outputs()."""
+    """torch.empty, or poisoned inside poison_outputs(): NaN for floats, the most negative value
+    for integers (never a valid index), so an entry a kernel forgets to write shows up."""
     if _POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
+        return torch.full(shape, fill, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
