@@ -8,9 +8,9 @@ Query head h reads KV head h // 2. Mask: expression (kv_idx < g) | (q_idx < g) |
 Dtypes: fp16, bf16. Backward: yes.
 
 Tile paths (decided at build time):
-  mask: safe path (a disjunction of 3 conditions): every tile is visited with the mask applied.
-  forward and dQ: KV tiles from (0) to (N_K) are visited; those from (0) to (0) run unmasked.
-  dK/dV: query tiles from (0) to (N_Q) are visited; those from (N_Q) to (N_Q) run unmasked.
+  mask: closed-form tile bounds for a disjunction of 3 conjunctions.
+  forward and dQ: KV tiles in the hull of the 3 conjunctions' visited ranges are visited; one interval inside the union of the full ranges of 3 of them runs unmasked.
+  dK/dV: query tiles in the hull of the 3 conjunctions' visited ranges are visited; one interval inside the union of the full ranges of 3 of them runs unmasked.
 """
 
 from attngen import runtime as _rt  # first: selects Triton's interpreter when there is no GPU
@@ -238,11 +238,24 @@ def _fwd_kernel(
     # -- KV tiles [lo, full_lo) and [full_hi, hi) are partly visible (mask applied), [full_lo,
     # full_hi) visible to every row of this query tile (no mask evaluated); the rest are skipped
     last_m = tl.minimum(start_m + BLOCK_M, N_Q) - 1
-    hi = N_K
-    lo = 0
-    lo = tl.where(lo < hi, lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
-    full_lo = tl.minimum(tl.maximum(tl.cdiv(0, BLOCK_N) * BLOCK_N, lo), hi)
-    full_hi = tl.maximum((0) // BLOCK_N * BLOCK_N, full_lo)
+    t_hi0 = tl.minimum(N_K, tl.maximum(0, arg_g))
+    t_hi0 = tl.where(t_hi0 > 0, t_hi0, 0)
+    t_hi1 = tl.where((N_K > 0) & ((last_m - arg_g <= -1) | (start_m - arg_g <= -1)), N_K, 0)
+    t_lo2 = tl.minimum(N_K, tl.maximum(0, start_m - arg_w + 1))
+    t_hi2 = tl.minimum(N_K, last_m + 1)
+    t_hi2 = tl.where((t_hi2 > t_lo2) & ((last_m > last_m - arg_w) | (start_m > start_m - arg_w)), t_hi2, 0)
+    t_fb0 = tl.minimum(N_K, tl.maximum(0, arg_g))
+    t_fb1 = tl.where((last_m - arg_g <= -1) & (start_m - arg_g <= -1), N_K, 0)
+    t_ub1 = tl.where((t_fb0 > 0) & (t_fb1 > 0), tl.maximum(t_fb0, t_fb1), tl.where(t_fb0 < t_fb1, t_fb1, t_fb0))
+    t_fa2 = tl.minimum(N_K, tl.maximum(0, last_m - arg_w + 1))
+    t_fb2 = tl.minimum(N_K, start_m + 1)
+    t_ua2 = tl.where((t_fa2 <= t_ub1) & (t_ub1 > 0) & (t_fa2 < t_fb2), 0, tl.where(t_ub1 < t_fb2 - t_fa2, t_fa2, 0))
+    t_ub2 = tl.where((t_fa2 <= t_ub1) & (t_ub1 > 0) & (t_fa2 < t_fb2), tl.maximum(t_fb2, t_ub1), tl.where(t_ub1 < t_fb2 - t_fa2, t_fb2, t_ub1))
+    hi = tl.maximum(t_hi0, tl.maximum(t_hi1, t_hi2))
+    lo = tl.minimum(tl.where(t_hi0 > 0, 0, N_K), tl.minimum(tl.where(t_hi1 > 0, 0, N_K), tl.where(t_hi2 > t_lo2, t_lo2, N_K)))
+    lo = tl.where((lo < hi), lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
+    full_lo = tl.minimum(tl.maximum(tl.cdiv(t_ua2, BLOCK_N) * BLOCK_N, lo), hi)
+    full_hi = tl.maximum((tl.minimum(hi, t_ub2)) // BLOCK_N * BLOCK_N, full_lo)
     for start_n in range(lo, full_lo, BLOCK_N):
         b_m, b_l, b_acc = _fwd_tile(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
@@ -398,7 +411,6 @@ def _bwd_dkdv_kernel(
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
-    last_n = tl.minimum(start_n + BLOCK_N, N_K) - 1
     for g in range(GROUP):
         i_h = i_hk * GROUP + g
         p_q0 = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
@@ -407,11 +419,25 @@ def _bwd_dkdv_kernel(
         p_delta0 = DELTA + (i_b * H + i_h).to(tl.int64) * N_Q
         # query tiles [q_lo, q_full) and [q_full_end, q_hi) see this KV tile partly (mask applied),
         # [q_full, q_full_end) see all of it; the rest see none of it
-        q_hi = N_Q
-        q_lo = 0
-        q_lo = tl.where(q_lo < q_hi, q_lo // BLOCK_M * BLOCK_M, q_hi)  # no query sees it: visit nothing
-        q_full = tl.minimum(tl.maximum(tl.cdiv(N_Q, BLOCK_M) * BLOCK_M, q_lo), q_hi)
-        q_full_end = tl.maximum(N_Q, q_full)
+        last_n = tl.minimum(start_n + BLOCK_N, N_K) - 1
+        tq_hi0 = tl.where((N_Q > 0) & ((last_n - arg_g <= -1) | (start_n - arg_g <= -1)), N_Q, 0)
+        tq_hi1 = tl.minimum(N_Q, tl.maximum(0, arg_g))
+        tq_hi1 = tl.where(tq_hi1 > 0, tq_hi1, 0)
+        tq_lo2 = tl.minimum(start_n, N_Q)
+        tq_hi2 = tl.minimum(N_Q, tl.maximum(0, last_n + arg_w))
+        tq_hi2 = tl.where((tq_hi2 > tq_lo2) & ((last_n < last_n + arg_w) | (start_n < start_n + arg_w)), tq_hi2, 0)
+        tq_fb0 = tl.where((last_n - arg_g <= -1) & (start_n - arg_g <= -1), N_Q, 0)
+        tq_fb1 = tl.minimum(N_Q, tl.maximum(0, arg_g))
+        tq_ub1 = tl.where((tq_fb0 > 0) & (tq_fb1 > 0), tl.maximum(tq_fb0, tq_fb1), tl.where(tq_fb0 < tq_fb1, tq_fb1, tq_fb0))
+        tq_fa2 = tl.minimum(last_n, N_Q)
+        tq_fb2 = tl.minimum(N_Q, tl.maximum(0, start_n + arg_w))
+        tq_ua2 = tl.where((tq_fa2 <= tq_ub1) & (tq_ub1 > 0) & (tq_fa2 < tq_fb2), 0, tl.where(tq_ub1 < tq_fb2 - tq_fa2, tq_fa2, 0))
+        tq_ub2 = tl.where((tq_fa2 <= tq_ub1) & (tq_ub1 > 0) & (tq_fa2 < tq_fb2), tl.maximum(tq_fb2, tq_ub1), tl.where(tq_ub1 < tq_fb2 - tq_fa2, tq_fb2, tq_ub1))
+        q_hi = tl.maximum(tq_hi0, tl.maximum(tq_hi1, tq_hi2))
+        q_lo = tl.minimum(tl.where(tq_hi0 > 0, 0, N_Q), tl.minimum(tl.where(tq_hi1 > 0, 0, N_Q), tl.where(tq_hi2 > tq_lo2, tq_lo2, N_Q)))
+        q_lo = tl.where((q_lo < q_hi), q_lo // BLOCK_M * BLOCK_M, q_hi)  # no query sees it: visit nothing
+        q_full = tl.minimum(tl.maximum(tl.cdiv(tq_ua2, BLOCK_M) * BLOCK_M, q_lo), q_hi)
+        q_full_end = tl.maximum((tl.minimum(q_hi, tq_ub2)) // BLOCK_M * BLOCK_M, q_full)
         for start_m in range(q_lo, q_full, BLOCK_M):
             b_dk, b_dv = _bwd_dkdv_tile(
                 b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
@@ -512,11 +538,24 @@ def _bwd_dq_kernel(
     # -- KV tiles [lo, full_lo) and [full_hi, hi) are partly visible (mask applied), [full_lo,
     # full_hi) visible to every row of this query tile (no mask evaluated); the rest are skipped
     last_m = tl.minimum(start_m + BLOCK_M, N_Q) - 1
-    hi = N_K
-    lo = 0
-    lo = tl.where(lo < hi, lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
-    full_lo = tl.minimum(tl.maximum(tl.cdiv(0, BLOCK_N) * BLOCK_N, lo), hi)
-    full_hi = tl.maximum((0) // BLOCK_N * BLOCK_N, full_lo)
+    t_hi0 = tl.minimum(N_K, tl.maximum(0, arg_g))
+    t_hi0 = tl.where(t_hi0 > 0, t_hi0, 0)
+    t_hi1 = tl.where((N_K > 0) & ((last_m - arg_g <= -1) | (start_m - arg_g <= -1)), N_K, 0)
+    t_lo2 = tl.minimum(N_K, tl.maximum(0, start_m - arg_w + 1))
+    t_hi2 = tl.minimum(N_K, last_m + 1)
+    t_hi2 = tl.where((t_hi2 > t_lo2) & ((last_m > last_m - arg_w) | (start_m > start_m - arg_w)), t_hi2, 0)
+    t_fb0 = tl.minimum(N_K, tl.maximum(0, arg_g))
+    t_fb1 = tl.where((last_m - arg_g <= -1) & (start_m - arg_g <= -1), N_K, 0)
+    t_ub1 = tl.where((t_fb0 > 0) & (t_fb1 > 0), tl.maximum(t_fb0, t_fb1), tl.where(t_fb0 < t_fb1, t_fb1, t_fb0))
+    t_fa2 = tl.minimum(N_K, tl.maximum(0, last_m - arg_w + 1))
+    t_fb2 = tl.minimum(N_K, start_m + 1)
+    t_ua2 = tl.where((t_fa2 <= t_ub1) & (t_ub1 > 0) & (t_fa2 < t_fb2), 0, tl.where(t_ub1 < t_fb2 - t_fa2, t_fa2, 0))
+    t_ub2 = tl.where((t_fa2 <= t_ub1) & (t_ub1 > 0) & (t_fa2 < t_fb2), tl.maximum(t_fb2, t_ub1), tl.where(t_ub1 < t_fb2 - t_fa2, t_fb2, t_ub1))
+    hi = tl.maximum(t_hi0, tl.maximum(t_hi1, t_hi2))
+    lo = tl.minimum(tl.where(t_hi0 > 0, 0, N_K), tl.minimum(tl.where(t_hi1 > 0, 0, N_K), tl.where(t_hi2 > t_lo2, t_lo2, N_K)))
+    lo = tl.where((lo < hi), lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
+    full_lo = tl.minimum(tl.maximum(tl.cdiv(t_ua2, BLOCK_N) * BLOCK_N, lo), hi)
+    full_hi = tl.maximum((tl.minimum(hi, t_ub2)) // BLOCK_N * BLOCK_N, full_lo)
     for start_n in range(lo, full_lo, BLOCK_N):
         b_dq = _bwd_dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,

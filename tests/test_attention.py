@@ -26,9 +26,13 @@ PARAM_STRATEGIES = {
     "prefix_lm": {"p": st.integers(-3, MAX_LEN + 5)},
     "chunked_local": {"c": st.integers(1, MAX_LEN + 5)},
     "global_window": {"g": st.integers(-1, 20), "w": st.integers(-1, 60)},
+    "dilated_window": {"w": st.integers(-3, MAX_LEN + 5), "d": st.integers(-4, 12).filter(bool)},
+    "natten_2d": {"width": st.integers(-6, 24).filter(bool), "r": st.integers(-1, 6)},
 }
-DEFAULT_PARAMS = {"sliding_window": {"w": 4}, "prefix_lm": {"p": 3}, "chunked_local": {"c": 5}, "global_window": {"g": 1, "w": 3}}
-EMPTY_ROW_PARAMS = {"sliding_window": {"w": 0}, "prefix_lm": {"p": 0}, "chunked_local": {"c": 1}, "global_window": {"g": 0, "w": 0}}
+DEFAULT_PARAMS = {"sliding_window": {"w": 4}, "prefix_lm": {"p": 3}, "chunked_local": {"c": 5}, "global_window": {"g": 1, "w": 3},
+                  "dilated_window": {"w": 8, "d": 2}, "natten_2d": {"width": 8, "r": 1}}
+EMPTY_ROW_PARAMS = {"sliding_window": {"w": 0}, "prefix_lm": {"p": 0}, "chunked_local": {"c": 1}, "global_window": {"g": 0, "w": 0},
+                    "dilated_window": {"w": 0, "d": 2}, "natten_2d": {"width": 8, "r": -1}}
 
 
 def test_every_parametrised_spec_has_strategies():
