@@ -177,6 +177,13 @@ def _pos(w):
     return w if w.is_positive else sympy.Max(w, 1)
 
 
+def _scaled(k, w, n):
+    """k * w clipped into [0, n], without the product leaving 32 bits (a large radius times a
+    large width): monotone in k, as the bound it replaces."""
+    w = _pos(w)
+    return sympy.Piecewise((0, k <= 0), (n, k > FloorDiv(n, w)), (k * w, True))
+
+
 def _apply(w, x):
     return x if w is None else FloorDiv(x, _pos(w))
 
@@ -215,11 +222,11 @@ def _conj(atoms, dr: _Dir) -> _Conj:
             continue
         if a > 0:  # F(var) >= ceil(-(c G + rest) / a)
             k = [-FloorDiv(c * g + lin.rest, a) for g in ends]
-            b = [x if wv is None else x * _pos(wv) for x in k]
+            b = [x if wv is None else _scaled(x, wv, dr.n) for x in k]
             rising = c <= 0
         else:  # F(var) <= floor((c G + rest) / -a)
             k = [FloorDiv(c * g + lin.rest, -a) for g in ends]
-            b = [x + 1 if wv is None else (x + 1) * _pos(wv) for x in k]
+            b = [x + 1 if wv is None else _scaled(x + 1, wv, dr.n) for x in k]
             rising = c >= 0
         at_min, at_max = (b[0], b[1]) if rising else (b[1], b[0])
         if guard != sympy.true:
@@ -425,13 +432,26 @@ _NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Compare, ast.Call, ast.Nam
           ast.Load, *_OPS)
 
 
+def _i32(x: int) -> int:
+    """Kernel integers are 32-bit: + - * wrap around."""
+    return (x + 2**31) % 2**32 - 2**31
+
+
 class _TritonInts(ast.NodeTransformer):
+    """// and % truncate toward zero, + - * wrap at 32 bits, as in Triton."""
+
     def visit_BinOp(self, node):
         self.generic_visit(node)
         if isinstance(node.op, (ast.FloorDiv, ast.Mod)):
             fn = "_tdiv" if isinstance(node.op, ast.FloorDiv) else "_tmod"
             return ast.copy_location(ast.Call(ast.Name(fn, ast.Load()), [node.left, node.right], []), node)
+        if isinstance(node.op, (ast.Add, ast.Sub, ast.Mult)):
+            return ast.copy_location(ast.Call(ast.Name("_i32", ast.Load()), [node], []), node)
         return node
+
+    def visit_UnaryOp(self, node):
+        self.generic_visit(node)
+        return ast.copy_location(ast.Call(ast.Name("_i32", ast.Load()), [node], []), node)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -455,8 +475,9 @@ def _compile(text: str):
 
 
 def evaluate(text: str, env: dict) -> int | bool:
-    """A printed bound expression on Python integers, with Triton's truncating // and %."""
-    return eval(_compile(text), {"__builtins__": {}, "tl": _TL, "_tdiv": _tdiv, "_tmod": _tmod}, env)
+    """A printed bound expression on Python integers with Triton's integer semantics (32 bits,
+    truncating // and %)."""
+    return eval(_compile(text), {"__builtins__": {}, "tl": _TL, "_tdiv": _tdiv, "_tmod": _tmod, "_i32": _i32}, env)
 
 
 @dataclass(frozen=True)

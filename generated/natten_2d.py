@@ -9,8 +9,8 @@ Dtypes: fp16, bf16. Backward: yes.
 
 Tile paths (decided at build time):
   mask: closed-form visited range from the conditions that bound it, every visited tile partial (not bounded: r + Mod(kv_idx, width) - Mod(q_idx, width) >= 0; r - Mod(kv_idx, width) + Mod(q_idx, width) >= 0).
-  forward and dQ: KV tiles from (tl.minimum(N_K, tl.maximum(0, tl.where(arg_width > 0, (start_m // tl.maximum(1, arg_width) - arg_r) * tl.maximum(1, arg_width), 0)))) to (tl.minimum(N_K, tl.maximum(0, tl.where(arg_width > 0, (arg_r + last_m // tl.maximum(1, arg_width) + 1) * tl.maximum(1, arg_width), N_K)))) are visited, all with the mask applied.
-  dK/dV: query tiles from (tl.minimum(N_Q, tl.maximum(0, tl.where(arg_width > 0, (start_n // tl.maximum(1, arg_width) - arg_r) * tl.maximum(1, arg_width), 0)))) to (tl.minimum(N_Q, tl.maximum(0, tl.where(arg_width > 0, (arg_r + last_n // tl.maximum(1, arg_width) + 1) * tl.maximum(1, arg_width), N_Q)))) are visited, all with the mask applied.
+  forward and dQ: KV tiles from (tl.minimum(N_K, tl.maximum(0, tl.where(arg_width > 0, tl.where(arg_r - start_m // tl.maximum(1, arg_width) >= 0, 0, tl.where(N_K // tl.maximum(1, arg_width) < start_m // tl.maximum(1, arg_width) - arg_r, N_K, (start_m // tl.maximum(1, arg_width) - arg_r) * tl.maximum(1, arg_width))), 0)))) to (tl.minimum(N_K, tl.maximum(0, tl.where(arg_width > 0, tl.where(arg_r + last_m // tl.maximum(1, arg_width) <= -1, 0, tl.where(N_K // tl.maximum(1, arg_width) < arg_r + last_m // tl.maximum(1, arg_width) + 1, N_K, (arg_r + last_m // tl.maximum(1, arg_width) + 1) * tl.maximum(1, arg_width))), N_K)))) are visited, all with the mask applied.
+  dK/dV: query tiles from (tl.minimum(N_Q, tl.maximum(0, tl.where(arg_width > 0, tl.where(arg_r - start_n // tl.maximum(1, arg_width) >= 0, 0, tl.where(N_Q // tl.maximum(1, arg_width) < start_n // tl.maximum(1, arg_width) - arg_r, N_Q, (start_n // tl.maximum(1, arg_width) - arg_r) * tl.maximum(1, arg_width))), 0)))) to (tl.minimum(N_Q, tl.maximum(0, tl.where(arg_width > 0, tl.where(arg_r + last_n // tl.maximum(1, arg_width) <= -1, 0, tl.where(N_Q // tl.maximum(1, arg_width) < arg_r + last_n // tl.maximum(1, arg_width) + 1, N_Q, (arg_r + last_n // tl.maximum(1, arg_width) + 1) * tl.maximum(1, arg_width))), N_Q)))) are visited, all with the mask applied.
 """
 
 from attngen import runtime as _rt  # first: selects Triton's interpreter when there is no GPU
@@ -238,10 +238,10 @@ def _fwd_kernel(
     # -- KV tiles [lo, full_lo) and [full_hi, hi) are partly visible (mask applied), [full_lo,
     # full_hi) visible to every row of this query tile (no mask evaluated); the rest are skipped
     last_m = tl.minimum(start_m + BLOCK_M, N_Q) - 1
-    hi = tl.minimum(N_K, tl.maximum(0, tl.where(arg_width > 0, (arg_r + last_m // tl.maximum(1, arg_width) + 1) * tl.maximum(1, arg_width), N_K)))
-    lo = tl.minimum(N_K, tl.maximum(0, tl.where(arg_width > 0, (start_m // tl.maximum(1, arg_width) - arg_r) * tl.maximum(1, arg_width), 0)))
+    hi = tl.minimum(N_K, tl.maximum(0, tl.where(arg_width > 0, tl.where(arg_r + last_m // tl.maximum(1, arg_width) <= -1, 0, tl.where(N_K // tl.maximum(1, arg_width) < arg_r + last_m // tl.maximum(1, arg_width) + 1, N_K, (arg_r + last_m // tl.maximum(1, arg_width) + 1) * tl.maximum(1, arg_width))), N_K)))
+    lo = tl.minimum(N_K, tl.maximum(0, tl.where(arg_width > 0, tl.where(arg_r - start_m // tl.maximum(1, arg_width) >= 0, 0, tl.where(N_K // tl.maximum(1, arg_width) < start_m // tl.maximum(1, arg_width) - arg_r, N_K, (start_m // tl.maximum(1, arg_width) - arg_r) * tl.maximum(1, arg_width))), 0)))
     lo = tl.where((lo < hi), lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
-    full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.minimum(N_K, tl.maximum(0, tl.where(arg_width > 0, (last_m // tl.maximum(1, arg_width) - arg_r) * tl.maximum(1, arg_width), 0))), BLOCK_N) * BLOCK_N, lo), hi)
+    full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.minimum(N_K, tl.maximum(0, tl.where(arg_width > 0, tl.where(arg_r - last_m // tl.maximum(1, arg_width) >= 0, 0, tl.where(N_K // tl.maximum(1, arg_width) < last_m // tl.maximum(1, arg_width) - arg_r, N_K, (last_m // tl.maximum(1, arg_width) - arg_r) * tl.maximum(1, arg_width))), 0))), BLOCK_N) * BLOCK_N, lo), hi)
     full_hi = tl.maximum((0) // BLOCK_N * BLOCK_N, full_lo)
     for start_n in range(lo, full_lo, BLOCK_N):
         b_m, b_l, b_acc = _fwd_tile(
@@ -407,10 +407,10 @@ def _bwd_dkdv_kernel(
         # query tiles [q_lo, q_full) and [q_full_end, q_hi) see this KV tile partly (mask applied),
         # [q_full, q_full_end) see all of it; the rest see none of it
         last_n = tl.minimum(start_n + BLOCK_N, N_K) - 1
-        q_hi = tl.minimum(N_Q, tl.maximum(0, tl.where(arg_width > 0, (arg_r + last_n // tl.maximum(1, arg_width) + 1) * tl.maximum(1, arg_width), N_Q)))
-        q_lo = tl.minimum(N_Q, tl.maximum(0, tl.where(arg_width > 0, (start_n // tl.maximum(1, arg_width) - arg_r) * tl.maximum(1, arg_width), 0)))
+        q_hi = tl.minimum(N_Q, tl.maximum(0, tl.where(arg_width > 0, tl.where(arg_r + last_n // tl.maximum(1, arg_width) <= -1, 0, tl.where(N_Q // tl.maximum(1, arg_width) < arg_r + last_n // tl.maximum(1, arg_width) + 1, N_Q, (arg_r + last_n // tl.maximum(1, arg_width) + 1) * tl.maximum(1, arg_width))), N_Q)))
+        q_lo = tl.minimum(N_Q, tl.maximum(0, tl.where(arg_width > 0, tl.where(arg_r - start_n // tl.maximum(1, arg_width) >= 0, 0, tl.where(N_Q // tl.maximum(1, arg_width) < start_n // tl.maximum(1, arg_width) - arg_r, N_Q, (start_n // tl.maximum(1, arg_width) - arg_r) * tl.maximum(1, arg_width))), 0)))
         q_lo = tl.where((q_lo < q_hi), q_lo // BLOCK_M * BLOCK_M, q_hi)  # no query sees it: visit nothing
-        q_full = tl.minimum(tl.maximum(tl.cdiv(tl.minimum(N_Q, tl.maximum(0, tl.where(arg_width > 0, (last_n // tl.maximum(1, arg_width) - arg_r) * tl.maximum(1, arg_width), 0))), BLOCK_M) * BLOCK_M, q_lo), q_hi)
+        q_full = tl.minimum(tl.maximum(tl.cdiv(tl.minimum(N_Q, tl.maximum(0, tl.where(arg_width > 0, tl.where(arg_r - last_n // tl.maximum(1, arg_width) >= 0, 0, tl.where(N_Q // tl.maximum(1, arg_width) < last_n // tl.maximum(1, arg_width) - arg_r, N_Q, (last_n // tl.maximum(1, arg_width) - arg_r) * tl.maximum(1, arg_width))), 0))), BLOCK_M) * BLOCK_M, q_lo), q_hi)
         q_full_end = tl.maximum((0) // BLOCK_M * BLOCK_M, q_full)
         for start_m in range(q_lo, q_full, BLOCK_M):
             b_dk, b_dv = _bwd_dkdv_tile(
@@ -512,10 +512,10 @@ def _bwd_dq_kernel(
     # -- KV tiles [lo, full_lo) and [full_hi, hi) are partly visible (mask applied), [full_lo,
     # full_hi) visible to every row of this query tile (no mask evaluated); the rest are skipped
     last_m = tl.minimum(start_m + BLOCK_M, N_Q) - 1
-    hi = tl.minimum(N_K, tl.maximum(0, tl.where(arg_width > 0, (arg_r + last_m // tl.maximum(1, arg_width) + 1) * tl.maximum(1, arg_width), N_K)))
-    lo = tl.minimum(N_K, tl.maximum(0, tl.where(arg_width > 0, (start_m // tl.maximum(1, arg_width) - arg_r) * tl.maximum(1, arg_width), 0)))
+    hi = tl.minimum(N_K, tl.maximum(0, tl.where(arg_width > 0, tl.where(arg_r + last_m // tl.maximum(1, arg_width) <= -1, 0, tl.where(N_K // tl.maximum(1, arg_width) < arg_r + last_m // tl.maximum(1, arg_width) + 1, N_K, (arg_r + last_m // tl.maximum(1, arg_width) + 1) * tl.maximum(1, arg_width))), N_K)))
+    lo = tl.minimum(N_K, tl.maximum(0, tl.where(arg_width > 0, tl.where(arg_r - start_m // tl.maximum(1, arg_width) >= 0, 0, tl.where(N_K // tl.maximum(1, arg_width) < start_m // tl.maximum(1, arg_width) - arg_r, N_K, (start_m // tl.maximum(1, arg_width) - arg_r) * tl.maximum(1, arg_width))), 0)))
     lo = tl.where((lo < hi), lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
-    full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.minimum(N_K, tl.maximum(0, tl.where(arg_width > 0, (last_m // tl.maximum(1, arg_width) - arg_r) * tl.maximum(1, arg_width), 0))), BLOCK_N) * BLOCK_N, lo), hi)
+    full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.minimum(N_K, tl.maximum(0, tl.where(arg_width > 0, tl.where(arg_r - last_m // tl.maximum(1, arg_width) >= 0, 0, tl.where(N_K // tl.maximum(1, arg_width) < last_m // tl.maximum(1, arg_width) - arg_r, N_K, (last_m // tl.maximum(1, arg_width) - arg_r) * tl.maximum(1, arg_width))), 0))), BLOCK_N) * BLOCK_N, lo), hi)
     full_hi = tl.maximum((0) // BLOCK_N * BLOCK_N, full_lo)
     for start_n in range(lo, full_lo, BLOCK_N):
         b_dq = _bwd_dq_tile(

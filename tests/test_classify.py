@@ -155,6 +155,25 @@ def test_non_positive_divisor_falls_back_to_the_safe_range(c):
         assert got.counts(kernel)["visited"] == causal.counts(kernel)["visited"]
 
 
+@pytest.mark.parametrize("mask, params", [
+    ("abs(q_idx // W - kv_idx // W) <= r and abs(q_idx % W - kv_idx % W) <= r", {"W": 1000, "r": 2**30}),
+    ("abs(q_idx // W - kv_idx // W) <= r", {"W": 2**30, "r": -(2**30)}),
+    ("chunked(c)", {"c": 2**30}),
+    ("sliding_window(w)", {"w": 2**30}),
+    ("sliding_window(w)", {"w": -(2**30)}),
+    ("kv_idx * 16 + 31 <= q_idx or kv_idx < g", {"g": 2**30}),
+])
+def test_extreme_parameters_do_not_overflow_the_bounds(mask, params):
+    """Parameters at the ends of the accepted range (runtime.PARAM_INT_RANGE): the mirror wraps at
+    32 bits as the kernels do, so a bound that overflowed would skip visible pairs here."""
+    n_q, n_k = 200, 150
+    any_vis, all_vis = brute_tiles(_visible(mask, params, params, n_q, n_k, 0), 32, 16)
+    c = classify_tiles(_rule(mask, params), n_q, n_k, 32, 16, params)
+    for grid in (c.fwd, c.dkdv):
+        cls = torch.tensor([[{"empty": 0, "partial": 1, "full": 2}[x] for x in row] for row in grid])
+        assert not (any_vis & (cls == 0)).any() and not ((cls == 2) & ~all_vis).any()
+
+
 def test_tile_counts_of_expressions():
     assert tile_counts("causal", 64, 64, 16, 16) == {"full": 6, "partial": 4, "visited": 10, "total": 16}
     assert tile_counts("chunked(c)", 64, 64, 16, 16, {"c": 32}) == {"full": 2, "partial": 4, "visited": 6, "total": 16}
@@ -162,6 +181,7 @@ def test_tile_counts_of_expressions():
 
 def test_mirror_uses_triton_integer_semantics_and_refuses_other_text():
     assert evaluate("-7 // 2", {}) == -3 and evaluate("-7 % 2", {}) == -1  # C truncation, as Triton
+    assert evaluate("x * 4", {"x": 2**30}) == 0 and evaluate("x + 1", {"x": 2**31 - 1}) == -(2**31)  # 32 bits
     assert evaluate("tl.cdiv(x, 16)", {"x": 17}) == 2
     assert evaluate("tl.where((a < b) & (b > 0), a, b)", {"a": 1, "b": 2}) == 1
     for bad in ("__import__('os')", "x.real", "open('f')", "'a'", "[1]", "tl.load(x)", "lambda: 1"):
