@@ -225,3 +225,43 @@ def test_integer_coefficient_disjunction_kernel_matches_reference(extra_module, 
     assert "closed-form" in extra_module.__doc__
     q, k, v = random_inputs(extra_module, batch=1, n_q=n_q, n_k=n_k, dtype=runtime.TORCH_DTYPES["fp16"], seed=seed)
     assert_all_ok(check_module(extra_module, q, k, v, seed=seed, params={"g": g}), f"Nq={n_q} Nk={n_k} g={g}")
+
+
+# Random masks: affine atoms with small integer coefficients, floor division by a literal or a
+# parameter, a modulo, abs, combined with and / or / not.
+_OPS = st.sampled_from(["<", "<=", ">", ">=", "==", "!="])
+_COEF = st.integers(-3, 3)
+_ATOMS = st.one_of(
+    st.builds("{} * q_idx + {} * kv_idx + {} {} s".format, _COEF, _COEF, st.integers(-40, 40), _OPS),
+    st.builds("q_idx // {0} {1} kv_idx // {0} + {2}".format, st.sampled_from(["3", "16", "p"]), _OPS, st.integers(-2, 2)),
+    st.builds("{} * (kv_idx // {}) <= q_idx + {}".format, st.integers(1, 5), st.sampled_from(["5", "p"]), st.integers(-9, 9)),
+    st.builds("abs(q_idx - kv_idx) <= {}".format, st.sampled_from(["s", "7", "-1"])),
+    st.just("(q_idx - kv_idx) % 3 == 0"),
+    st.just("q_idx < s"),
+)
+_MASKS = st.recursive(
+    _ATOMS,
+    lambda inner: st.one_of(
+        st.builds("({}) and ({})".format, inner, inner),
+        st.builds("({}) or ({})".format, inner, inner),
+        st.builds("not ({})".format, inner),
+    ),
+    max_leaves=4,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(mask=_MASKS, p=DIVISORS, s=st.integers(-20, 60), n_q=st.integers(1, 200), n_k=st.integers(1, 200),
+       block_m=TILES, block_n=TILES)
+def test_random_masks_are_classified_soundly(mask, p, s, n_q, n_k, block_m, block_n):
+    params = {"p": p, "s": s}
+    rule = _rule(mask, ("p", "s"))
+    vis = _visible(mask, ("p", "s"), params, n_q, n_k, 0)
+    any_vis, all_vis = brute_tiles(vis, block_m, block_n)
+    classes = classify_tiles(rule, n_q, n_k, block_m, block_n, params)
+    for kernel, grid in (("fwd", classes.fwd), ("dkdv", classes.dkdv)):
+        cls = torch.tensor([[{"empty": 0, "partial": 1, "full": 2}[c] for c in row] for row in grid])
+        assert not (any_vis & (cls == 0)).any(), f"{kernel} {mask} {params}: a skipped tile holds a visible pair"
+        assert not ((cls == 2) & ~all_vis).any(), f"{kernel} {mask} {params}: an unmasked tile holds a hidden pair"
+        if rule.tight:
+            assert not ((cls > 0) & ~any_vis).any(), f"{kernel} {mask} {params}: a visited tile is wholly masked"
