@@ -39,7 +39,7 @@ from sympy.polys.polyerrors import BasePolynomialError
 
 from .expr import FloorDiv, dnf, dnf_all, dnf_any, print_triton
 
-__all__ = ["Atom", "Classification", "TileClasses", "classify", "classify_tiles", "evaluate", "mask_dnf", "range_statements"]
+__all__ = ["Atom", "Bounds", "Classification", "TileClasses", "classify", "classify_tiles", "evaluate", "mask_dnf", "range_statements"]
 
 MAX_CONJ = 16  # conjunctions in the normal form; a larger mask is bounded as one opaque condition
 
@@ -380,20 +380,24 @@ def _union_full(conjs, emit):
 # --------------------------------------------------------------------------- kernel statements
 
 
-_KERNELS = {  # the tile's index letter, its length and tile, the walked tile, the range names
-    "fwd": ("m", "N_Q", "BLOCK_M", "BLOCK_N", ("lo", "full_lo", "full_hi", "hi"), "no visible key: visit nothing"),
-    "dkdv": ("n", "N_K", "BLOCK_N", "BLOCK_M", ("q_lo", "q_full", "q_full_end", "q_hi"), "no query sees it: visit nothing"),
+_KERNELS = {  # the tile's index letter, its length and tile, the walked tile, the range names, and
+    # how the full range's end is rounded down to whole walked tiles (dkdv_full_end comes rounded)
+    "fwd": ("m", "N_Q", "BLOCK_M", "BLOCK_N", ("lo", "full_lo", "full_hi", "hi"), "no visible key: visit nothing",
+            "({}) // BLOCK_N * BLOCK_N"),
+    "dkdv": ("n", "N_K", "BLOCK_N", "BLOCK_M", ("q_lo", "q_full", "q_full_end", "q_hi"), "no query sees it: visit nothing",
+             "{}"),
 }
 
 
 def range_statements(rule, kernel: str) -> tuple[tuple[str, str, str], ...]:
     """The statements (name, Triton expression, comment) by which `kernel` ('fwd' for the forward
-    and dQ kernels, 'dkdv') computes its tile ranges from a MaskRule: the templates print them,
+    and dQ kernels, 'dkdv') computes its tile ranges from a MaskRule (the first, the tile's last
+    index, is loop-invariant in dK/dV and printed before its loop): the templates print them,
     `classify_tiles` evaluates them. The forward loops walk [lo, full_lo) and [full_hi, hi) with
     the mask and [full_lo, full_hi) without; dK/dV likewise over q_lo, q_full, q_full_end, q_hi."""
     if kernel not in _KERNELS:
         raise ValueError(f"kernel must be 'fwd' or 'dkdv', got {kernel!r}")
-    t, n, block, walk, (lo, full_lo, full_hi, hi), note = _KERNELS[kernel]
+    t, n, block, walk, (lo, full_lo, full_hi, hi), note, rounded = _KERNELS[kernel]
     field = functools.partial(getattr, rule)
     return (
         (f"last_{t}", f"tl.minimum(start_{t} + {block}, {n}) - 1", ""),
@@ -402,7 +406,7 @@ def range_statements(rule, kernel: str) -> tuple[tuple[str, str, str], ...]:
         (lo, field(f"{kernel}_start"), ""),
         (lo, f"tl.where({field(f'{kernel}_visit')}, {lo} // {walk} * {walk}, {hi})", note),
         (full_lo, f"tl.minimum(tl.maximum(tl.cdiv({field(f'{kernel}_full_start')}, {walk}) * {walk}, {lo}), {hi})", ""),
-        (full_hi, f"tl.maximum(({field(f'{kernel}_full_end')}) // {walk} * {walk}, {full_lo})", ""),
+        (full_hi, f"tl.maximum({rounded.format(field(f'{kernel}_full_end'))}, {full_lo})", ""),
     )
 
 
@@ -468,6 +472,8 @@ def _compile(text: str):
             raise ValueError(f"tile bound {text!r}: unexpected attribute {node.attr}")
         if isinstance(node, ast.Call) and not isinstance(node.func, ast.Attribute):
             raise ValueError(f"tile bound {text!r}: unexpected call")
+        if isinstance(node, ast.Name) and node.id.startswith("_"):
+            raise ValueError(f"tile bound {text!r}: unexpected name {node.id}")
         if isinstance(node, ast.Constant) and type(node.value) not in (int, bool):
             raise ValueError(f"tile bound {text!r}: unexpected constant {node.value!r}")
     tree = ast.fix_missing_locations(_TritonInts().visit(tree))
@@ -507,7 +513,7 @@ def classify_tiles(rule, n_q: int, n_k: int, block_m: int, block_n: int, params=
             **{"arg_" + k: v for k, v in (params or {}).items()}}
     tiles_m, tiles_n = -(-n_q // block_m), -(-n_k // block_n)
     grids = {}
-    for kernel, (t, _, _, _, names, _) in _KERNELS.items():
+    for kernel, (t, _, _, _, names, _, _) in _KERNELS.items():
         # per tile of the kernel's own index: the walked tiles, as its three loops visit them
         own, walked = (tiles_m, block_m), (tiles_n, block_n)
         if kernel == "dkdv":

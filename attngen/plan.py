@@ -26,8 +26,8 @@ class MaskRule:
       fwd_full_start, fwd_full_end  keys every row of the query tile sees (rounded inward to whole
                                   KV tiles by the kernel): those tiles skip the mask;
       dkdv_start, dkdv_end        the query range a KV tile visits;
-      dkdv_full_start, dkdv_full_end  queries that see every key of the KV tile (rounded inward
-                                  to whole query tiles by the kernel);
+      dkdv_full_start             first query from which every query sees every key of the tile;
+      dkdv_full_end               end (a multiple of BLOCK_M) of the queries that see all of it;
       fwd_visit / dkdv_visit      whether the tile sees anything, over its clipped range
                                   `lo`/`hi` (`q_lo`/`q_hi`);
       fwd_prelude / dkdv_prelude  temporaries (name, expression) computed first.
@@ -73,8 +73,9 @@ MASK_RULES = {
         predicate="({q} >= {kv})",
         fwd_full_end="tl.minimum(start_m + 1, N_K)",
         fwd_end="tl.minimum(tl.minimum(start_m + BLOCK_M, N_Q), N_K)",
-        dkdv_start="tl.minimum(start_n, N_Q)",
+        dkdv_start="start_n // BLOCK_M * BLOCK_M",
         dkdv_full_start="tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M",
+        dkdv_visit="start_n < q_hi",  # a KV tile past the last query is seen by none
         visible=lambda q, kv: q >= kv,
     ),
 }
@@ -104,7 +105,7 @@ def expr_rule(text: str, params: tuple[tuple[str, str], ...] = ()) -> MaskRule:
         predicate=predicate,
         fwd_start=c.fwd.start, fwd_full_start=c.fwd.full_start, fwd_full_end=c.fwd.full_end, fwd_end=c.fwd.end,
         dkdv_start=c.dkdv.start, dkdv_full_start=c.dkdv.full_start,
-        dkdv_full_end=c.dkdv.full_end, dkdv_end=c.dkdv.end,
+        dkdv_full_end=f"({c.dkdv.full_end}) // BLOCK_M * BLOCK_M", dkdv_end=c.dkdv.end,
         fwd_visit=c.fwd.visit, dkdv_visit=c.dkdv.visit, fwd_prelude=c.fwd.prelude, dkdv_prelude=c.dkdv.prelude,
         visible=None, path=c.path, tight=c.tight,
         notes=(f"forward and dQ: {c.fwd.note}.", f"dK/dV: {c.dkdv.note}."),

@@ -411,6 +411,7 @@ def _bwd_dkdv_kernel(
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
+    last_n = tl.minimum(start_n + BLOCK_N, N_K) - 1
     for g in range(GROUP):
         i_h = i_hk * GROUP + g
         p_q0 = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
@@ -419,7 +420,6 @@ def _bwd_dkdv_kernel(
         p_delta0 = DELTA + (i_b * H + i_h).to(tl.int64) * N_Q
         # query tiles [q_lo, q_full) and [q_full_end, q_hi) see this KV tile partly (mask applied),
         # [q_full, q_full_end) see all of it; the rest see none of it
-        last_n = tl.minimum(start_n + BLOCK_N, N_K) - 1
         tq_hi0 = tl.where((N_Q > 0) & ((last_n - arg_g <= -1) | (start_n - arg_g <= -1)), N_Q, 0)
         tq_hi1 = tl.minimum(N_Q, tl.maximum(0, arg_g))
         tq_hi1 = tl.where(tq_hi1 > 0, tq_hi1, 0)

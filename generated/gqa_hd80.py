@@ -9,7 +9,7 @@ Dtypes: fp16, bf16, fp32. Backward: yes.
 
 Tile paths (decided at build time):
   forward and dQ: KV tiles below (tl.minimum(start_m + 1, N_K)) run unmasked; tiles up to (tl.minimum(tl.minimum(start_m + BLOCK_M, N_Q), N_K)) apply the mask; later tiles are skipped.
-  dK/dV: query tiles from (tl.minimum(start_n, N_Q)) to (tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M) apply the mask; later ones run unmasked; earlier ones are skipped.
+  dK/dV: query tiles from (start_n // BLOCK_M * BLOCK_M) to (tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M) apply the mask; later ones run unmasked; earlier ones are skipped.
 """
 
 from attngen import runtime as _rt  # first: selects Triton's interpreter when there is no GPU
@@ -357,6 +357,7 @@ def _bwd_dkdv_kernel(
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
+    last_n = tl.minimum(start_n + BLOCK_N, N_K) - 1
     for g in range(GROUP):
         i_h = i_hk * GROUP + g
         p_q0 = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
@@ -365,12 +366,11 @@ def _bwd_dkdv_kernel(
         p_delta0 = DELTA + (i_b * H + i_h).to(tl.int64) * N_Q
         # query tiles [q_lo, q_full) and [q_full_end, q_hi) see this KV tile partly (mask applied),
         # [q_full, q_full_end) see all of it; the rest see none of it
-        last_n = tl.minimum(start_n + BLOCK_N, N_K) - 1
         q_hi = N_Q
-        q_lo = tl.minimum(start_n, N_Q)
-        q_lo = tl.where(q_lo < q_hi, q_lo // BLOCK_M * BLOCK_M, q_hi)  # no query sees it: visit nothing
+        q_lo = start_n // BLOCK_M * BLOCK_M
+        q_lo = tl.where(start_n < q_hi, q_lo // BLOCK_M * BLOCK_M, q_hi)  # no query sees it: visit nothing
         q_full = tl.minimum(tl.maximum(tl.cdiv(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, BLOCK_M) * BLOCK_M, q_lo), q_hi)
-        q_full_end = tl.maximum((N_Q) // BLOCK_M * BLOCK_M, q_full)
+        q_full_end = tl.maximum(N_Q, q_full)
         for start_m in range(q_lo, q_full, BLOCK_M):
             b_dk, b_dv = _bwd_dkdv_tile(
                 b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,

@@ -398,6 +398,7 @@ def _bwd_dkdv_kernel(
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
+    last_n = tl.minimum(start_n + BLOCK_N, N_K) - 1
     for g in range(GROUP):
         i_h = i_hk * GROUP + g
         p_q0 = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
@@ -406,7 +407,6 @@ def _bwd_dkdv_kernel(
         p_delta0 = DELTA + (i_b * H + i_h).to(tl.int64) * N_Q
         # query tiles [q_lo, q_full) and [q_full_end, q_hi) see this KV tile partly (mask applied),
         # [q_full, q_full_end) see all of it; the rest see none of it
-        last_n = tl.minimum(start_n + BLOCK_N, N_K) - 1
         q_hi = tl.minimum(N_Q, tl.maximum(0, tl.where(arg_width > 0, tl.where(arg_r + last_n // tl.maximum(1, arg_width) <= -1, 0, tl.where(N_Q // tl.maximum(1, arg_width) < arg_r + last_n // tl.maximum(1, arg_width) + 1, N_Q, (arg_r + last_n // tl.maximum(1, arg_width) + 1) * tl.maximum(1, arg_width))), N_Q)))
         q_lo = tl.minimum(N_Q, tl.maximum(0, tl.where(arg_width > 0, tl.where(arg_r - start_n // tl.maximum(1, arg_width) >= 0, 0, tl.where(N_Q // tl.maximum(1, arg_width) < start_n // tl.maximum(1, arg_width) - arg_r, N_Q, (start_n // tl.maximum(1, arg_width) - arg_r) * tl.maximum(1, arg_width))), 0)))
         q_lo = tl.where((q_lo < q_hi), q_lo // BLOCK_M * BLOCK_M, q_hi)  # no query sees it: visit nothing

@@ -405,6 +405,7 @@ def _bwd_dkdv_kernel(
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
+    last_n = tl.minimum(start_n + BLOCK_N, N_K) - 1
     for g in range(GROUP):
         i_h = i_hk * GROUP + g
         p_q0 = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
@@ -413,7 +414,6 @@ def _bwd_dkdv_kernel(
         p_delta0 = DELTA + (i_b * H + i_h).to(tl.int64) * N_Q
         # query tiles [q_lo, q_full) and [q_full_end, q_hi) see this KV tile partly (mask applied),
         # [q_full, q_full_end) see all of it; the rest see none of it
-        last_n = tl.minimum(start_n + BLOCK_N, N_K) - 1
         tq_lo0 = tl.minimum(start_n, N_Q)
         tq_hi0 = tl.where(tq_lo0 < N_Q, N_Q, 0)
         tq_hi1 = tl.where((N_Q > 0) & ((last_n - arg_p <= -1) | (start_n - arg_p <= -1)), N_Q, 0)

@@ -184,7 +184,7 @@ def test_mirror_uses_triton_integer_semantics_and_refuses_other_text():
     assert evaluate("x * 4", {"x": 2**30}) == 0 and evaluate("x + 1", {"x": 2**31 - 1}) == -(2**31)  # 32 bits
     assert evaluate("tl.cdiv(x, 16)", {"x": 17}) == 2
     assert evaluate("tl.where((a < b) & (b > 0), a, b)", {"a": 1, "b": 2}) == 1
-    for bad in ("__import__('os')", "x.real", "open('f')", "'a'", "[1]", "tl.load(x)", "lambda: 1"):
+    for bad in ("__import__('os')", "x.real", "open('f')", "'a'", "[1]", "tl.load(x)", "lambda: 1", "_tdiv", "1.5"):
         with pytest.raises(ValueError):
             evaluate(bad, {"x": 1})
 
