@@ -1,4 +1,4 @@
-"""attngen command line: build, check, verify."""
+"""attngen command line: build, check, verify, report, tune, show."""
 
 from __future__ import annotations
 
@@ -66,6 +66,15 @@ def _cmd_tune(args) -> int:
     return tune_main(args.specs, spec_dir=args.spec_dir, out=args.out, lengths=lengths, batch=args.batch)
 
 
+def _cmd_show(args) -> int:
+    from .show import main as show_main
+
+    return show_main(
+        args.spec, spec_dir=args.spec_dir, out=args.out, n=args.n, n_k=args.n_k, block_m=args.block_m,
+        block_n=args.block_n, params=args.param,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attngen", description="Generate Triton attention kernels from YAML specs.")
     parser.add_argument("--version", action="version", version=f"attngen {__version__}")
@@ -119,6 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", default="1024,4096,8192,16384", help="sequence lengths to tune for")
     p.add_argument("--batch", type=int, default=1)
     p.set_defaults(func=_cmd_tune)
+
+    p = sub.add_parser("show", help="print a spec's mask at a small size with the tile classes of its kernels")
+    p.add_argument("spec", help="a spec file, or the name of a spec in --spec-dir")
+    p.add_argument("--spec-dir", default="specs")
+    p.add_argument("--out", metavar="FILE.png", help="also draw a PNG (needs matplotlib: the `bench` extra)")
+    p.add_argument("--n", type=int, default=64, help="query length, and key length unless --n-k (default: 64)")
+    p.add_argument("--n-k", type=int, default=None, help="key length (default: --n)")
+    p.add_argument("--block-m", type=int, default=None, help="query tile (default: the spec's smallest block_m)")
+    p.add_argument("--block-n", type=int, default=None, help="KV tile (default: the spec's smallest block_n)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a mask parameter (repeat)")
+    p.set_defaults(func=_cmd_show)
 
     args = parser.parse_args(argv)
     return args.func(args)

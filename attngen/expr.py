@@ -51,8 +51,9 @@ from sympy.logic.boolalg import Boolean, BooleanAtom
 from .spec import SpecError
 
 __all__ = [
-    "Expr", "HELPERS", "Helper", "Ineq", "ParamDecl", "affine_dnf", "d_param", "d_score", "parse_expr",
-    "parse_params", "tensor_args", "to_torch", "to_triton",
+    "Expr", "HELPERS", "Helper", "Ineq", "ParamDecl", "affine_dnf", "d_param", "d_score", "dnf", "dnf_all", "dnf_any",
+    "parse_expr",
+    "parse_params", "print_triton", "tensor_args", "to_torch", "to_triton",
 ]
 
 KINDS = ("mask", "score_mod")
@@ -760,10 +761,19 @@ def to_triton(expr: Expr, names: Mapping[str, str]) -> str:
     return text if prec == _ATOM else f"({text})"
 
 
+def print_triton(value: sympy.Basic, names: Mapping[str, str]) -> str:
+    """Triton source of a sympy value built from this module's vocabulary without tensor reads
+    (the plan's tile bounds: FloorDiv, Min, Max, Piecewise, relations, And/Or). `names` gives the
+    source text of every symbol. Integer // and % print with floor semantics, as in to_triton.
+    The result is parenthesised unless it is a name, call or literal."""
+    text, prec = _TritonPrinter(None, names).p(value)
+    return text if prec == _ATOM else f"({text})"
+
+
 class _TritonPrinter:
-    def __init__(self, expr: Expr, names: Mapping[str, str]):
+    def __init__(self, expr: Expr | None, names: Mapping[str, str]):
         self.names = names
-        self.decls = {d.name: d for d in expr.decls}
+        self.decls = {d.name: d for d in expr.decls} if expr is not None else {}
 
     def wrap(self, e: sympy.Basic, prec: int) -> str:
         text, p = self.p(e)
@@ -1098,8 +1108,8 @@ def affine_dnf(expr: Expr) -> tuple[tuple[Ineq, ...], ...] | None:
     if expr.sympy.has(sympy.Indexed):
         return None
     try:
-        return _dnf(expr.sympy, False)
-    except _NotAffine:
+        return dnf(expr.sympy, _affine_leaf)
+    except (_NotAffine, OverflowError):
         return None
 
 
@@ -1107,39 +1117,64 @@ class _NotAffine(Exception):
     pass
 
 
-def _dnf(e: sympy.Basic, negate: bool) -> tuple[tuple[Ineq, ...], ...]:
+_NEGATED = {"<": ">=", "<=": ">", ">": "<=", ">=": "<", "==": "!=", "!=": "=="}
+
+
+def dnf(value: sympy.Basic, leaf: Callable, limit: int = MAX_DNF) -> tuple[tuple, ...]:
+    """The disjunctive normal form of a boolean sympy value: a tuple (or) of tuples (and) of atoms.
+    Constants, not, and, or and boolean where() are expanded here, negations pushed to the leaves;
+    each relation becomes ``leaf(d, op)`` for ``d op 0`` (op one of < <= > >= == !=, negation
+    applied), any other leaf ``leaf(e, None)`` (e negated with Not when it was). `leaf` returns the
+    leaf's own normal form, which it may build with `dnf_all` / `dnf_any`. Raises OverflowError
+    past `limit` conjunctions. () is never true; ((),) is always true."""
+    if isinstance(value, BooleanAtom):
+        return ((),) if bool(value) else ()
+    return _dnf(value, False, leaf, limit)
+
+
+def dnf_all(parts, limit: int = MAX_DNF) -> tuple[tuple, ...]:
+    """The conjunction of normal forms (their product)."""
+    out = ((),)
+    for p in parts:
+        out = tuple(x + y for x in out for y in p)
+        if len(out) > limit:
+            raise OverflowError(f"more than {limit} conjunctions")
+    return out
+
+
+def dnf_any(parts, limit: int = MAX_DNF) -> tuple[tuple, ...]:
+    """The disjunction of normal forms."""
+    out = tuple(c for p in parts for c in p)
+    if len(out) > limit:
+        raise OverflowError(f"more than {limit} conjunctions")
+    return out
+
+
+def _dnf(e: sympy.Basic, negate: bool, leaf, limit) -> tuple[tuple, ...]:
     if isinstance(e, BooleanAtom):
         return ((),) if bool(e) != negate else ()
     if isinstance(e, sympy.Not):
-        return _dnf(e.args[0], not negate)
+        return _dnf(e.args[0], not negate, leaf, limit)
     if isinstance(e, sympy.ITE):
         c, a, b = e.args
-        return _dnf(sympy.Or(sympy.And(c, a), sympy.And(sympy.Not(c), b)), negate)
+        return _dnf(sympy.Or(sympy.And(c, a), sympy.And(sympy.Not(c), b)), negate, leaf, limit)
     if isinstance(e, (sympy.And, sympy.Or)):
-        conj = isinstance(e, sympy.And) != negate  # De Morgan
-        parts = [_dnf(a, negate) for a in e.args]
-        if not conj:
-            out = tuple(c for p in parts for c in p)
-        else:
-            out = ((),)
-            for p in parts:
-                out = tuple(x + y for x in out for y in p)
-                if len(out) > MAX_DNF:
-                    raise _NotAffine
-        if len(out) > MAX_DNF:
-            raise _NotAffine
-        return out
+        parts = [_dnf(a, negate, leaf, limit) for a in e.args]
+        return dnf_all(parts, limit) if isinstance(e, sympy.And) != negate else dnf_any(parts, limit)  # De Morgan
     if type(e) in _REL:
         op = _REL[type(e)]
-        if negate:
-            op = {"<": ">=", "<=": ">", ">": "<=", ">=": "<", "==": "!=", "!=": "=="}[op]
-        d = e.lhs - e.rhs  # compare d with 0
-        if op == "==":
-            return ((_ineq(d, False), _ineq(-d, False)),)
-        if op == "!=":
-            return ((_ineq(d, True),), (_ineq(-d, True),))
-        return ((_ineq(d if op in (">", ">=") else -d, op in ("<", ">")),),)
-    raise _NotAffine
+        return leaf(e.lhs - e.rhs, _NEGATED[op] if negate else op)
+    return leaf(sympy.Not(e) if negate else e, None)
+
+
+def _affine_leaf(d: sympy.Expr, op: str | None) -> tuple[tuple[Ineq, ...], ...]:
+    if op is None:
+        raise _NotAffine
+    if op == "==":
+        return ((_ineq(d, False), _ineq(-d, False)),)
+    if op == "!=":
+        return ((_ineq(d, True),), (_ineq(-d, True),))
+    return ((_ineq(d if op in (">", ">=") else -d, op in ("<", ">")),),)
 
 
 def _ineq(d: sympy.Expr, strict: bool) -> Ineq:

@@ -18,22 +18,24 @@ from .spec import Spec
 class MaskRule:
     """How a mask shapes the tile loops.
 
-    Bounds are Triton expressions over the tile start (`start_m` for a query tile, `start_n` for a
-    KV tile), BLOCK_M, BLOCK_N, N_Q and N_K:
-      fwd_full_end   keys [0, this) are visible to every row of the query tile (rounded down to
-                     whole KV tiles by the kernel): those tiles skip the mask;
-      fwd_end        keys at or past this are invisible to every row: those tiles are not visited;
-      dkdv_start     first query (a multiple of BLOCK_M) that can see any key of the KV tile;
-      dkdv_full_start  first query (a multiple of BLOCK_M) from which every query sees every key of
-                     the KV tile.
-    Every kernel runs three tile loops (partial, full, partial); the hand-written rules leave the
-    lower bounds at their defaults. Expression masks (`expr_rule`) also give the lower bounds fwd_start (first key any
-    row of the query tile sees) and fwd_full_start (first key every row sees), and dkdv_full_end /
-    dkdv_end (the end of the queries that see all / any of the KV tile), each over `start_m` /
-    `last_m` or `start_n` / `last_n`; fwd_visit / dkdv_visit say whether the tile sees anything.
-    `predicate` is the visibility test over `{q}` and `{kv}` index grids, or None.
-    `visible(q_idx, kv_idx)` and `fwd_bounds(start_m, block_m, n_q, n_k)` are the same rule in Python,
-    for counting tiles (benchmarks, `tile_counts`) and for checking the bounds against brute force.
+    Bounds are Triton expressions over the tile start and last index (`start_m` / `last_m` for a
+    query tile, `start_n` / `last_n` for a KV tile), BLOCK_M, BLOCK_N, N_Q, N_K, i_b, i_h and the
+    parameters (`arg_NAME`):
+      fwd_start, fwd_end          the KV range [start, end) a query tile visits (no visible key
+                                  outside it);
+      fwd_full_start, fwd_full_end  keys every row of the query tile sees (rounded inward to whole
+                                  KV tiles by the kernel): those tiles skip the mask;
+      dkdv_start, dkdv_end        the query range a KV tile visits;
+      dkdv_full_start             first query from which every query sees every key of the tile;
+      dkdv_full_end               end (a multiple of BLOCK_M) of the queries that see all of it;
+      fwd_visit / dkdv_visit      whether the tile sees anything, over its clipped range
+                                  `lo`/`hi` (`q_lo`/`q_hi`);
+      fwd_prelude / dkdv_prelude  temporaries (name, expression) computed first.
+    Every kernel runs three tile loops (partial, full, partial) over these; attngen.classify
+    derives them for expression masks and prints the statements (`range_statements`) that the
+    templates print and `classify_tiles` evaluates. `predicate` is the visibility test over `{q}`
+    and `{kv}` index grids, or None. `visible(q_idx, kv_idx)` is the hand-written rule in Python
+    (benchmarks). `tight`: every visited tile holds a visible pair.
     """
 
     doc: str
@@ -43,16 +45,17 @@ class MaskRule:
     dkdv_start: str
     dkdv_full_start: str
     visible: Callable[[int, int], bool] | None
-    fwd_bounds: Callable[[int, int, int, int], tuple[int, int]] | None
-    # Expression masks (see `expr_rule`): lower bounds too, and the dK/dV range may end before N_Q.
     fwd_start: str = "0"
     fwd_full_start: str = "0"
     dkdv_full_end: str = "N_Q"
     dkdv_end: str = "N_Q"
     path: str = ""
-    # whether a tile has any visible pair, over its clipped range `lo`/`hi` (`q_lo`/`q_hi`)
     fwd_visit: str = "lo < hi"
     dkdv_visit: str = "q_lo < q_hi"
+    fwd_prelude: tuple[tuple[str, str], ...] = ()
+    dkdv_prelude: tuple[tuple[str, str], ...] = ()
+    notes: tuple[str, ...] = ()  # per kernel, how its tiles are classified (module docstrings)
+    tight: bool = True
 
 
 MASK_RULES = {
@@ -64,7 +67,6 @@ MASK_RULES = {
         dkdv_start="0",
         dkdv_full_start="0",
         visible=lambda q, kv: True,
-        fwd_bounds=lambda start_m, block_m, n_q, n_k: (n_k, n_k),
     ),
     "causal": MaskRule(
         doc="causal, q_idx >= kv_idx (top-left aligned, as SDPA's is_causal).",
@@ -73,8 +75,8 @@ MASK_RULES = {
         fwd_end="tl.minimum(tl.minimum(start_m + BLOCK_M, N_Q), N_K)",
         dkdv_start="start_n // BLOCK_M * BLOCK_M",
         dkdv_full_start="tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M",
+        dkdv_visit="start_n < q_hi",  # a KV tile past the last query is seen by none
         visible=lambda q, kv: q >= kv,
-        fwd_bounds=lambda start_m, block_m, n_q, n_k: (min(start_m + 1, n_k), min(start_m + block_m, n_q, n_k)),
     ),
 }
 
@@ -84,111 +86,29 @@ _RANGE_NAMES = {"b": "i_b", "h": "i_h", "q_len": "N_Q", "kv_len": "N_K"}
 PARAM_PREFIX = "arg_"
 
 
-def _clip(text: str, n: str) -> str:
-    return f"tl.minimum(tl.maximum({text}, 0), {n})"
-
-
-def _combine(fn: str, texts: list[str]) -> str:
-    out = texts[-1]
-    for t in reversed(texts[:-1]):
-        out = f"{fn}({t}, {out})"
-    return out
-
-
-def _affine_bounds(conj, var: str, other: str, names_lo: dict, names_hi: dict, n: str, printer, lo_hi=("lo", "hi")):
-    """Bounds on `var` (q_idx or kv_idx) as a function of `other` over a tile [first, last] of it.
-
-    Each inequality a*var + c*other + rest >= 0 with a = +1 is a lower bound var >= -(c*other + rest),
-    with a = -1 an upper bound var < c*other + rest + 1. Over the tile, an affine function of
-    `other` takes its extremes at the ends, so (visited_lo, full_lo, full_hi, visited_hi) are:
-      visited_lo = max over lower bounds of their minimum over the tile (no visible pair below),
-      full_lo    = max over lower bounds of their maximum (every row sees from here),
-      full_hi    = min over upper bounds of their minimum, visited_hi = min of their maximum,
-    each clipped to [0, n]. Returns None when a coefficient on `var` is not -1, 0 or +1;
-    inequalities without `var` leave no full range (`full_hi` = "0").
-    """
-    import sympy
-
-    from .expr import _SYMBOLS
-
-    x = _SYMBOLS[other]
-    lows, highs, free = [], [], False
-    for ineq in conj:
-        a, c = (ineq.q, ineq.kv) if var == "q_idx" else (ineq.kv, ineq.q)
-        if a == 0:
-            free = True
-            continue
-        if abs(a) != 1:
-            return None
-        f = -(c * x + ineq.rest) if a == 1 else c * x + ineq.rest + 1
-        slope = -c if a == 1 else c
-        at_min, at_max = (names_lo, names_hi) if slope >= 0 else (names_hi, names_lo)
-        f = sympy.expand(f)
-        pair = (printer(f, at_min), printer(f, at_max), printer(f, names_lo), printer(f, names_hi))
-        (lows if a == 1 else highs).append(pair)
-    v_lo = _clip(_combine("tl.maximum", [p[0] for p in lows]), n) if lows else "0"
-    f_lo = _clip(_combine("tl.maximum", [p[1] for p in lows]), n) if lows else "0"
-    f_hi = _clip(_combine("tl.minimum", [p[0] for p in highs]), n) if highs else n
-    v_hi = _clip(_combine("tl.minimum", [p[1] for p in highs]), n) if highs else n
-    # With one lower and one upper bound the width hi - lo is affine over the tile: if it is empty at
-    # both ends, no row has a visible pair although [visited_lo, visited_hi) may not be empty.
-    lo, hi = lo_hi
-    visit = f"{lo} < {hi}"
-    if len(lows) == 1 and len(highs) == 1:
-        (_, _, lo_first, lo_last), (_, _, hi_first, hi_last) = lows[0], highs[0]
-        visit = f"({lo} < {hi}) & (({lo_first} < {hi_first}) | ({lo_last} < {hi_last}))"
-    return v_lo, f_lo, ("0" if free else f_hi), v_hi, visit
-
-
 def expr_rule(text: str, params: tuple[tuple[str, str], ...] = ()) -> MaskRule:
-    """The MaskRule of a mask expression. One conjunction of affine inequalities whose coefficients
-    on q_idx and kv_idx are -1, 0 or 1 (and integer constant parts) gets closed-form tile bounds;
-    anything else takes the safe path: every tile visited with the mask applied."""
-    from .expr import _TritonPrinter, affine_dnf, parse_expr, parse_params, to_triton
+    """The MaskRule of a mask expression, with tile bounds from attngen.classify: closed-form where
+    the mask's conditions bound the indices (affine inequalities with integer coefficients, floor
+    division by a width, disjunctions of those), the mask applied wherever a condition is not
+    understood; the safe path (every tile visited, mask applied) when nothing bounds them."""
+    from .classify import classify
+    from .expr import parse_expr, parse_params, to_triton
 
     decls = parse_params(dict(params)) if params else {}
     expr = parse_expr(text, kind="mask", params=decls)
     base = {**_RANGE_NAMES, **{n: PARAM_PREFIX + n for n in decls}}
     predicate = to_triton(expr, {**base, "q_idx": "{q}", "kv_idx": "{kv}"}).replace("{", "{{").replace("}", "}}")
     predicate = predicate.replace("{{q}}", "{q}").replace("{{kv}}", "{kv}")
-
-    def printer(e, names):
-        out, _ = _TritonPrinter(expr, {**base, **names}).p(e)
-        return f"({out})" if not out.replace("_", "").isalnum() else out
-
-    doc = f"expression {expr}"  # sympy's printout: no quotes or backslashes to escape in a docstring
-    dnf = affine_dnf(expr)
-    reason = ""
-    if dnf is None:
-        reason = "not an affine condition on q_idx and kv_idx"
-    elif len(dnf) != 1:
-        reason = f"a disjunction of {len(dnf)} conditions" if dnf else "never true"
-    elif any(i.strict or not i.rest.is_integer for i in dnf[0]):
-        reason = "an inequality with a non-integer constant part"
-    bounds = None
-    if not reason:
-        last_m = {"q_idx": "last_m"}
-        last_n = {"kv_idx": "last_n"}
-        fwd = _affine_bounds(dnf[0], "kv_idx", "q_idx", {"q_idx": "start_m"}, last_m, "N_K", printer)
-        bwd = _affine_bounds(dnf[0], "q_idx", "kv_idx", {"kv_idx": "start_n"}, last_n, "N_Q", printer, ("q_lo", "q_hi"))
-        if fwd is None or bwd is None:
-            reason = "a coefficient on q_idx or kv_idx other than -1, 0, 1"
-        else:
-            bounds = fwd, bwd
-    if bounds is None:
-        return MaskRule(
-            doc=doc, predicate=predicate, fwd_full_end="0", fwd_end="N_K", dkdv_start="0", dkdv_full_start="N_Q",
-            visible=None, fwd_bounds=None,
-            path=f"safe path ({reason}): every tile is visited with the mask applied",
-        )
-    (f_vlo, f_flo, f_fhi, f_vhi, f_visit), (b_vlo, b_flo, b_fhi, b_vhi, b_visit) = bounds
+    c = classify(expr.sympy, tuple(decls))
     return MaskRule(
-        doc=doc, predicate=predicate,
-        fwd_start=f_vlo, fwd_full_start=f_flo, fwd_full_end=f_fhi, fwd_end=f_vhi,
-        dkdv_start=b_vlo, dkdv_full_start=b_flo, dkdv_full_end=f"({b_fhi}) // BLOCK_M * BLOCK_M", dkdv_end=b_vhi,
-        fwd_visit=f_visit, dkdv_visit=b_visit,
-        visible=None, fwd_bounds=None,
-        path="closed-form tile bounds (one conjunction of affine inequalities)",
+        doc=f"expression {expr}",  # sympy's printout: no quotes or backslashes to escape in a docstring
+        predicate=predicate,
+        fwd_start=c.fwd.start, fwd_full_start=c.fwd.full_start, fwd_full_end=c.fwd.full_end, fwd_end=c.fwd.end,
+        dkdv_start=c.dkdv.start, dkdv_full_start=c.dkdv.full_start,
+        dkdv_full_end=f"({c.dkdv.full_end}) // BLOCK_M * BLOCK_M", dkdv_end=c.dkdv.end,
+        fwd_visit=c.fwd.visit, dkdv_visit=c.dkdv.visit, fwd_prelude=c.fwd.prelude, dkdv_prelude=c.dkdv.prelude,
+        visible=None, path=c.path, tight=c.tight,
+        notes=(f"forward and dQ: {c.fwd.note}.", f"dK/dV: {c.dkdv.note}."),
     )
 
 
@@ -314,19 +234,15 @@ def _param_docs(spec: Spec) -> tuple[str, ...]:
     return tuple(lines)
 
 
-def tile_counts(mask: str, n_q: int, n_k: int, block_m: int, block_n: int) -> dict[str, int]:
+def tile_counts(mask: str, n_q: int, n_k: int, block_m: int, block_n: int, params=None) -> dict[str, int]:
     """How many (query tile, KV tile) pairs the forward kernel visits, split into full (mask
-    skipped) and partial (mask applied), for one (batch, head). Mirrors the kernel's loops."""
-    rule = MASK_RULES[mask]
-    full = partial = 0
-    for start_m in range(0, n_q, block_m):
-        full_end, end = rule.fwd_bounds(start_m, block_m, n_q, n_k)
-        n_full = full_end // block_n
-        n_all = -(-end // block_n) if end > n_full * block_n else n_full
-        full += n_full
-        partial += n_all - n_full
-    total = -(-n_q // block_m) * -(-n_k // block_n)
-    return {"full": full, "partial": partial, "visited": full + partial, "total": total}
+    skipped) and partial (mask applied), for one (batch, head). `mask` is 'none', 'causal' or an
+    expression whose int parameters `params` (name -> value) gives. Mirrors the kernel's loops."""
+    from .classify import classify_tiles
+
+    params = dict(params or {})
+    rule = MASK_RULES[mask] if mask in MASK_RULES else expr_rule(mask, tuple((n, "int") for n in params))
+    return classify_tiles(rule, n_q, n_k, block_m, block_n, params).counts("fwd")
 
 
 def next_pow2(n: int) -> int:
@@ -361,16 +277,8 @@ class Plan:
     spaces: dict[str, tuple[tuple[dict, ...], int]]
     paths: tuple[str, ...]
     # Triton source fragments
-    fwd_visit: str
-    dkdv_visit: str
-    fwd_start: str
-    fwd_full_start: str
-    fwd_full_end: str
-    fwd_end: str
-    dkdv_start: str
-    dkdv_full_start: str
-    dkdv_full_end: str
-    dkdv_end: str
+    fwd_ranges: tuple[tuple[str, str, str], ...]  # (name, expression, comment): see classify.range_statements
+    dkdv_ranges: tuple[tuple[str, str, str], ...]
     mask_and_fwd: str
     mask_bwd_t: str
     q_rows_mask: str
@@ -444,6 +352,8 @@ def autotune_spaces(spec: Spec) -> dict[str, tuple[tuple[dict, ...], int]]:
 
 
 def make_plan(spec: Spec) -> Plan:
+    from .classify import range_statements
+
     rule = mask_rule(spec)
     block_d, block_dv = next_pow2(spec.head_dim), next_pow2(spec.v_head_dim)
     pad_d = block_d != spec.head_dim
@@ -471,11 +381,7 @@ def make_plan(spec: Spec) -> Plan:
     if sm:
         summary = f"{summary[:-1]}, score_mod {sm.doc}."
     if rule.path:  # an expression mask
-        paths = (
-            f"mask: {rule.path}.",
-            f"forward and dQ: KV tiles from ({rule.fwd_start}) to ({rule.fwd_end}) are visited; those from ({rule.fwd_full_start}) to ({rule.fwd_full_end}) run unmasked.",
-            f"dK/dV: query tiles from ({rule.dkdv_start}) to ({rule.dkdv_end}) are visited; those from ({rule.dkdv_full_start}) to ({rule.dkdv_full_end}) run unmasked.",
-        )
+        paths = (f"mask: {rule.path}.", *rule.notes)
     elif pred:
         paths = (
             f"forward and dQ: KV tiles below ({rule.fwd_full_end}) run unmasked; tiles up to ({rule.fwd_end}) apply the mask; later tiles are skipped.",
@@ -523,16 +429,8 @@ def make_plan(spec: Spec) -> Plan:
         backward=spec.backward,
         spaces=autotune_spaces(spec),
         paths=paths,
-        fwd_visit=rule.fwd_visit,
-        dkdv_visit=rule.dkdv_visit,
-        fwd_start=rule.fwd_start,
-        fwd_full_start=rule.fwd_full_start,
-        fwd_full_end=rule.fwd_full_end,
-        fwd_end=rule.fwd_end,
-        dkdv_start=rule.dkdv_start,
-        dkdv_full_start=rule.dkdv_full_start,
-        dkdv_full_end=rule.dkdv_full_end,
-        dkdv_end=rule.dkdv_end,
+        fwd_ranges=range_statements(rule, "fwd"),
+        dkdv_ranges=range_statements(rule, "dkdv"),
         mask_and_fwd=f" & {mask_fwd}" if mask_fwd else "",
         mask_bwd_t=mask_t,
         q_rows_mask=_and("m_m[:, None]", d_row),

@@ -9,9 +9,9 @@ Query head h reads KV head h // 16. Mask: expression 16*kv_idx + 31 <= q_idx
 Dtypes: bf16, fp16. Backward: yes.
 
 Tile paths (decided at build time):
-  mask: safe path (a coefficient on q_idx or kv_idx other than -1, 0, 1): every tile is visited with the mask applied.
-  forward and dQ: KV tiles from (0) to (N_K) are visited; those from (0) to (0) run unmasked.
-  dK/dV: query tiles from (0) to (N_Q) are visited; those from (N_Q) to (N_Q) run unmasked.
+  mask: closed-form tile bounds (one conjunction of affine inequalities with integer coefficients or floor division).
+  forward and dQ: KV tiles from (0) to (tl.minimum(N_K, tl.maximum(0, (last_m - 31 - (((last_m - 31) % 16) + 16) % 16) // 16 + 1))) are visited; those from (0) to (tl.minimum(N_K, tl.maximum(0, (start_m - 31 - (((start_m - 31) % 16) + 16) % 16) // 16 + 1))) run unmasked.
+  dK/dV: query tiles from (tl.minimum(N_Q, 16 * start_n + 31)) to (N_Q) are visited; those from (tl.minimum(N_Q, 16 * last_n + 31)) to (N_Q) run unmasked.
 """
 
 from attngen import runtime as _rt  # first: selects Triton's interpreter when there is no GPU
@@ -164,11 +164,11 @@ def _fwd_kernel(
     # -- KV tiles [lo, full_lo) and [full_hi, hi) are partly visible (mask applied), [full_lo,
     # full_hi) visible to every row of this query tile (no mask evaluated); the rest are skipped
     last_m = tl.minimum(start_m + BLOCK_M, N_Q) - 1
-    hi = N_K
+    hi = tl.minimum(N_K, tl.maximum(0, (last_m - 31 - (((last_m - 31) % 16) + 16) % 16) // 16 + 1))
     lo = 0
-    lo = tl.where(lo < hi, lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
+    lo = tl.where((lo < hi), lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
     full_lo = tl.minimum(tl.maximum(tl.cdiv(0, BLOCK_N) * BLOCK_N, lo), hi)
-    full_hi = tl.maximum((0) // BLOCK_N * BLOCK_N, full_lo)
+    full_hi = tl.maximum((tl.minimum(hi, tl.minimum(N_K, tl.maximum(0, (start_m - 31 - (((start_m - 31) % 16) + 16) % 16) // 16 + 1)))) // BLOCK_N * BLOCK_N, full_lo)
     for start_n in range(lo, full_lo, BLOCK_N):
         b_m, b_l, b_acc = _fwd_tile(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
@@ -334,10 +334,10 @@ def _bwd_dkdv_kernel(
         # query tiles [q_lo, q_full) and [q_full_end, q_hi) see this KV tile partly (mask applied),
         # [q_full, q_full_end) see all of it; the rest see none of it
         q_hi = N_Q
-        q_lo = 0
-        q_lo = tl.where(q_lo < q_hi, q_lo // BLOCK_M * BLOCK_M, q_hi)  # no query sees it: visit nothing
-        q_full = tl.minimum(tl.maximum(tl.cdiv(N_Q, BLOCK_M) * BLOCK_M, q_lo), q_hi)
-        q_full_end = tl.maximum(N_Q, q_full)
+        q_lo = tl.minimum(N_Q, 16 * start_n + 31)
+        q_lo = tl.where((q_lo < q_hi), q_lo // BLOCK_M * BLOCK_M, q_hi)  # no query sees it: visit nothing
+        q_full = tl.minimum(tl.maximum(tl.cdiv(tl.minimum(N_Q, 16 * last_n + 31), BLOCK_M) * BLOCK_M, q_lo), q_hi)
+        q_full_end = tl.maximum((tl.minimum(q_hi, N_Q)) // BLOCK_M * BLOCK_M, q_full)
         for start_m in range(q_lo, q_full, BLOCK_M):
             b_dk, b_dv = _bwd_dkdv_tile(
                 b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
@@ -438,11 +438,11 @@ def _bwd_dq_kernel(
     # -- KV tiles [lo, full_lo) and [full_hi, hi) are partly visible (mask applied), [full_lo,
     # full_hi) visible to every row of this query tile (no mask evaluated); the rest are skipped
     last_m = tl.minimum(start_m + BLOCK_M, N_Q) - 1
-    hi = N_K
+    hi = tl.minimum(N_K, tl.maximum(0, (last_m - 31 - (((last_m - 31) % 16) + 16) % 16) // 16 + 1))
     lo = 0
-    lo = tl.where(lo < hi, lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
+    lo = tl.where((lo < hi), lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
     full_lo = tl.minimum(tl.maximum(tl.cdiv(0, BLOCK_N) * BLOCK_N, lo), hi)
-    full_hi = tl.maximum((0) // BLOCK_N * BLOCK_N, full_lo)
+    full_hi = tl.maximum((tl.minimum(hi, tl.minimum(N_K, tl.maximum(0, (start_m - 31 - (((start_m - 31) % 16) + 16) % 16) // 16 + 1)))) // BLOCK_N * BLOCK_N, full_lo)
     for start_n in range(lo, full_lo, BLOCK_N):
         b_dq = _bwd_dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,

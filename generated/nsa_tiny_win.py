@@ -10,8 +10,8 @@ Dtypes: fp16, bf16, fp32. Backward: yes.
 
 Tile paths (decided at build time):
   mask: closed-form tile bounds (one conjunction of affine inequalities).
-  forward and dQ: KV tiles from (tl.minimum(tl.maximum((start_m - 15), 0), N_K)) to (tl.minimum(tl.maximum((last_m + 1), 0), N_K)) are visited; those from (tl.minimum(tl.maximum((last_m - 15), 0), N_K)) to (tl.minimum(tl.maximum((start_m + 1), 0), N_K)) run unmasked.
-  dK/dV: query tiles from (tl.minimum(tl.maximum(start_n, 0), N_Q)) to (tl.minimum(tl.maximum((last_n + 16), 0), N_Q)) are visited; those from (tl.minimum(tl.maximum(last_n, 0), N_Q)) to ((tl.minimum(tl.maximum((start_n + 16), 0), N_Q)) // BLOCK_M * BLOCK_M) run unmasked.
+  forward and dQ: KV tiles from (tl.minimum(N_K, tl.maximum(0, start_m - 15))) to (tl.minimum(N_K, last_m + 1)) are visited; those from (tl.minimum(N_K, tl.maximum(0, last_m - 15))) to (tl.minimum(N_K, start_m + 1)) run unmasked.
+  dK/dV: query tiles from (tl.minimum(start_n, N_Q)) to (tl.minimum(N_Q, last_n + 16)) are visited; those from (tl.minimum(last_n, N_Q)) to (tl.minimum(N_Q, start_n + 16)) run unmasked.
 """
 
 from attngen import runtime as _rt  # first: selects Triton's interpreter when there is no GPU
@@ -159,11 +159,11 @@ def _fwd_kernel(
     # -- KV tiles [lo, full_lo) and [full_hi, hi) are partly visible (mask applied), [full_lo,
     # full_hi) visible to every row of this query tile (no mask evaluated); the rest are skipped
     last_m = tl.minimum(start_m + BLOCK_M, N_Q) - 1
-    hi = tl.minimum(tl.maximum((last_m + 1), 0), N_K)
-    lo = tl.minimum(tl.maximum((start_m - 15), 0), N_K)
-    lo = tl.where((lo < hi) & (((start_m - 15) < (start_m + 1)) | ((last_m - 15) < (last_m + 1))), lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
-    full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.minimum(tl.maximum((last_m - 15), 0), N_K), BLOCK_N) * BLOCK_N, lo), hi)
-    full_hi = tl.maximum((tl.minimum(tl.maximum((start_m + 1), 0), N_K)) // BLOCK_N * BLOCK_N, full_lo)
+    hi = tl.minimum(N_K, last_m + 1)
+    lo = tl.minimum(N_K, tl.maximum(0, start_m - 15))
+    lo = tl.where((lo < hi), lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
+    full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.minimum(N_K, tl.maximum(0, last_m - 15)), BLOCK_N) * BLOCK_N, lo), hi)
+    full_hi = tl.maximum((tl.minimum(hi, tl.minimum(N_K, start_m + 1))) // BLOCK_N * BLOCK_N, full_lo)
     for start_n in range(lo, full_lo, BLOCK_N):
         b_m, b_l, b_acc = _fwd_tile(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
@@ -328,11 +328,11 @@ def _bwd_dkdv_kernel(
         p_delta0 = DELTA + (i_b * H + i_h).to(tl.int64) * N_Q
         # query tiles [q_lo, q_full) and [q_full_end, q_hi) see this KV tile partly (mask applied),
         # [q_full, q_full_end) see all of it; the rest see none of it
-        q_hi = tl.minimum(tl.maximum((last_n + 16), 0), N_Q)
-        q_lo = tl.minimum(tl.maximum(start_n, 0), N_Q)
-        q_lo = tl.where((q_lo < q_hi) & ((start_n < (start_n + 16)) | (last_n < (last_n + 16))), q_lo // BLOCK_M * BLOCK_M, q_hi)  # no query sees it: visit nothing
-        q_full = tl.minimum(tl.maximum(tl.cdiv(tl.minimum(tl.maximum(last_n, 0), N_Q), BLOCK_M) * BLOCK_M, q_lo), q_hi)
-        q_full_end = tl.maximum((tl.minimum(tl.maximum((start_n + 16), 0), N_Q)) // BLOCK_M * BLOCK_M, q_full)
+        q_hi = tl.minimum(N_Q, last_n + 16)
+        q_lo = tl.minimum(start_n, N_Q)
+        q_lo = tl.where((q_lo < q_hi), q_lo // BLOCK_M * BLOCK_M, q_hi)  # no query sees it: visit nothing
+        q_full = tl.minimum(tl.maximum(tl.cdiv(tl.minimum(last_n, N_Q), BLOCK_M) * BLOCK_M, q_lo), q_hi)
+        q_full_end = tl.maximum((tl.minimum(q_hi, tl.minimum(N_Q, start_n + 16))) // BLOCK_M * BLOCK_M, q_full)
         for start_m in range(q_lo, q_full, BLOCK_M):
             b_dk, b_dv = _bwd_dkdv_tile(
                 b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
@@ -433,11 +433,11 @@ def _bwd_dq_kernel(
     # -- KV tiles [lo, full_lo) and [full_hi, hi) are partly visible (mask applied), [full_lo,
     # full_hi) visible to every row of this query tile (no mask evaluated); the rest are skipped
     last_m = tl.minimum(start_m + BLOCK_M, N_Q) - 1
-    hi = tl.minimum(tl.maximum((last_m + 1), 0), N_K)
-    lo = tl.minimum(tl.maximum((start_m - 15), 0), N_K)
-    lo = tl.where((lo < hi) & (((start_m - 15) < (start_m + 1)) | ((last_m - 15) < (last_m + 1))), lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
-    full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.minimum(tl.maximum((last_m - 15), 0), N_K), BLOCK_N) * BLOCK_N, lo), hi)
-    full_hi = tl.maximum((tl.minimum(tl.maximum((start_m + 1), 0), N_K)) // BLOCK_N * BLOCK_N, full_lo)
+    hi = tl.minimum(N_K, last_m + 1)
+    lo = tl.minimum(N_K, tl.maximum(0, start_m - 15))
+    lo = tl.where((lo < hi), lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
+    full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.minimum(N_K, tl.maximum(0, last_m - 15)), BLOCK_N) * BLOCK_N, lo), hi)
+    full_hi = tl.maximum((tl.minimum(hi, tl.minimum(N_K, start_m + 1))) // BLOCK_N * BLOCK_N, full_lo)
     for start_n in range(lo, full_lo, BLOCK_N):
         b_dq = _bwd_dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,

@@ -418,7 +418,7 @@ def _bwd_dkdv_kernel(
         # [q_full, q_full_end) see all of it; the rest see none of it
         q_hi = N_Q
         q_lo = start_n // BLOCK_M * BLOCK_M
-        q_lo = tl.where(q_lo < q_hi, q_lo // BLOCK_M * BLOCK_M, q_hi)  # no query sees it: visit nothing
+        q_lo = tl.where(start_n < q_hi, q_lo // BLOCK_M * BLOCK_M, q_hi)  # no query sees it: visit nothing
         q_full = tl.minimum(tl.maximum(tl.cdiv(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, BLOCK_M) * BLOCK_M, q_lo), q_hi)
         q_full_end = tl.maximum(N_Q, q_full)
         for start_m in range(q_lo, q_full, BLOCK_M):

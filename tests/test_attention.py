@@ -61,15 +61,18 @@ PARAM_STRATEGIES = {
     "softcap": {"c": st.floats(0.5, 60.0)},
     "document": {"doc": st.builds(functools.partial, st.just(_doc_ids), st.integers(1, 5), st.integers(-20, 5), st.integers(0, 2**16))},
     "relpos_bias": {"rb": st.builds(functools.partial, st.just(_bias), st.integers(1, 40), st.floats(0.0, 2.0), st.integers(0, 2**16))},
+    "dilated_window": {"w": st.integers(-3, MAX_LEN + 5), "d": st.integers(-4, 12).filter(bool)},
+    "natten_2d": {"width": st.integers(-6, 24).filter(bool), "r": st.integers(-1, 6)},
 }
 DEFAULT_PARAMS = {
     "sliding_window": {"w": 4}, "prefix_lm": {"p": 3}, "chunked_local": {"c": 5}, "global_window": {"g": 1, "w": 3},
     "alibi": {"slopes": functools.partial(_slopes, 1.0)}, "softcap": {"c": 5.0},
     "document": {"doc": functools.partial(_doc_ids, 3, 0, 0)}, "relpos_bias": {"rb": functools.partial(_bias, 32, 1.0, 0)},
+    "dilated_window": {"w": 8, "d": 2}, "natten_2d": {"width": 8, "r": 1},
 }
 EMPTY_ROW_PARAMS = {
     "sliding_window": {"w": 0}, "prefix_lm": {"p": 0}, "chunked_local": {"c": 1}, "global_window": {"g": 0, "w": 0},
-    "document": {"doc": _own_doc},
+    "document": {"doc": _own_doc}, "dilated_window": {"w": 0, "d": 2}, "natten_2d": {"width": 8, "r": -1},
 }
 
 

@@ -1,0 +1,537 @@
+"""Symbolic tile classification of mask expressions, and its Python mirror.
+
+Every kernel walks the tiles of one index in three loops (partial, full, partial): the forward and
+dQ kernels walk KV tiles for one query tile [start_m, last_m]; the dK/dV kernel walks query tiles
+for one KV tile [start_n, last_n]. Per tile the plan needs
+
+  a visited range  [lo, hi) of the walked index; no row of the tile sees anything outside it;
+  a full range     inside it, seen entirely by every row of the tile (the mask is skipped there).
+
+This module derives both from the mask's sympy value, as expressions over the tile ends, the
+lengths and the runtime parameters, and prints them as Triton statements (`range_statements`)
+that the templates print as they are and that `classify_tiles` evaluates in Python with Triton's
+integer semantics: what the tests check of the mirror, they check of the kernels' own bounds.
+
+How (a bound may be loose, never too tight):
+  * the mask is put in disjunctive normal form whose atoms are ``d >= 0`` (``abs`` of an index
+    expression is split into its two sides);
+  * an atom that decomposes as a * F(var) + c * G(other) + rest, with var the walked index, other
+    the tile's index, a and c integers, F and G the identity or floor division by a W free of the
+    indices, is a lower bound on var (a > 0) or an upper bound (a < 0), exact through floor
+    division, and monotone in other, so its extremes over the tile lie at the tile's ends; with
+    a = 0 it is a condition on other alone, which holds on the whole tile iff at both ends. A W
+    that is not a positive literal is guarded by ``W > 0`` at run time (else the range is [0, N)
+    and nothing is full);
+  * any other atom (modulo, tensor reads, products of indices) is dropped from the bounds, which
+    only widens the visited range, and makes its conjunction never full;
+  * a disjunction visits the hull of its conjunctions' visited ranges and runs unmasked over one
+    interval inside the union of their full ranges (the hull of two that overlap, else the larger).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+from dataclasses import dataclass
+
+import sympy
+from sympy.polys.polyerrors import BasePolynomialError
+
+from .expr import FloorDiv, dnf, dnf_all, dnf_any, print_triton
+
+__all__ = ["Atom", "Bounds", "Classification", "TileClasses", "classify", "classify_tiles", "evaluate", "mask_dnf", "range_statements"]
+
+MAX_CONJ = 16  # conjunctions in the normal form; a larger mask is bounded as one opaque condition
+
+Q = sympy.Symbol("q_idx", integer=True, nonnegative=True)
+KV = sympy.Symbol("kv_idx", integer=True, nonnegative=True)
+_LEN = {Q: sympy.Symbol("q_len", integer=True, nonnegative=True), KV: sympy.Symbol("kv_len", integer=True, nonnegative=True)}
+# Source names of the expression's own symbols in kernels.
+_EXPR_NAMES = {"b": "i_b", "h": "i_h", "q_len": "N_Q", "kv_len": "N_K"}
+
+
+def _var(name: str) -> sympy.Symbol:
+    # Kernel variables carry a '__' prefix in sympy: no parameter name has '__', so none collides.
+    return sympy.Symbol("__" + name, integer=True, nonnegative=True)
+
+
+# --------------------------------------------------------------------------- normal form
+
+
+@dataclass(frozen=True)
+class Atom:
+    """The condition ``d >= 0`` (``d > 0`` when `strict`, kept only for non-integer d); `d` is None
+    for a condition that is not a comparison of numbers (described by `text`)."""
+
+    d: sympy.Expr | None
+    strict: bool = False
+    text: str = ""
+
+    def __str__(self) -> str:
+        return self.text or f"{self.d} {'>' if self.strict else '>='} 0"
+
+
+def mask_dnf(value: sympy.Basic) -> tuple[tuple[Atom, ...], ...]:
+    """A boolean sympy value as a disjunction (outer) of conjunctions (inner) of atoms. () is never
+    true, ((),) always. Past MAX_CONJ conjunctions the whole value becomes one opaque atom."""
+    try:
+        return dnf(value, _leaf, MAX_CONJ)
+    except OverflowError:
+        return ((Atom(None, text=str(value)),),)
+
+
+def _leaf(d, op: str | None):
+    """The normal form of ``d op 0``; abs() of an index expression is split into its two sides."""
+    if op is None:
+        return ((Atom(None, text=str(d)),),)
+    if op in ("==", "!=") and _decompose(d) is None and _abs_split(d) is None:
+        return ((Atom(None, text=f"{d} {op} 0"),),)  # no bounds either way: keep it whole
+    if op == "==":
+        return dnf_all([_leaf(d, ">="), _leaf(-d, ">=")], MAX_CONJ)
+    if op == "!=":
+        return dnf_any([_leaf(d, ">"), _leaf(-d, ">")], MAX_CONJ)
+    if op in ("<", "<="):
+        d, op = -d, op.replace("<", ">")
+    split = _abs_split(d)
+    if split:  # d = s * |x| + r
+        s, x, r = split
+        sides = [_leaf(r + s * x, op), _leaf(r - s * x, op)]
+        return dnf_all(sides, MAX_CONJ) if s < 0 else dnf_any(sides, MAX_CONJ)
+    if op == ">" and d.is_integer:
+        return ((Atom(d - 1),),)
+    return ((Atom(d, strict=op == ">"),),)
+
+
+def _abs_split(d: sympy.Expr):
+    """(s, x, r) with d = s * Abs(x) + r, s a non-zero integer, x an index expression; else None."""
+    found = [a for a in d.atoms(sympy.Abs) if a.has(Q, KV)]
+    if len(found) != 1:
+        return None
+    y = sympy.Dummy()
+    e = sympy.expand(d.xreplace({found[0]: y}))
+    s = e.coeff(y)
+    r = e - s * y
+    if not s.is_Integer or s == 0 or r.has(y) or r.has(found[0]):
+        return None
+    return int(s), found[0].args[0], r
+
+
+@dataclass(frozen=True)
+class _Linear:
+    """d = terms[q] + terms[kv] + rest, terms[i] = (a, W): a * i (W None) or a * (i // W)."""
+
+    terms: dict
+    rest: sympy.Expr
+
+
+def _decompose(d) -> _Linear | None:
+    if d is None:
+        return None
+    reps = {}
+    for node in sympy.preorder_traversal(d):
+        if isinstance(node, FloorDiv) and node.args[0] in (Q, KV) and node.args[1].is_integer and not node.args[1].has(Q, KV):
+            reps.setdefault(node, sympy.Dummy(integer=True))
+    gens = [Q, KV, *reps.values()]
+    try:
+        poly = sympy.Poly(d.xreplace(reps), *gens)
+    except BasePolynomialError:
+        return None
+    if poly.total_degree() > 1:
+        return None
+    rest = poly.coeff_monomial(1)
+    if not rest.is_integer or rest.has(Q, KV):
+        return None  # float parameters: floor bounds would not be exact
+    terms = {Q: (0, None), KV: (0, None)}
+    for g, (index, w) in zip(gens, [(Q, None), (KV, None), *((f.args[0], f.args[1]) for f in reps)]):
+        a = poly.coeff_monomial(g)
+        if a == 0:
+            continue
+        if not a.is_Integer or terms[index][0] != 0:
+            return None  # a parameter coefficient, or both i and i // W
+        terms[index] = (int(a), w)
+    return _Linear(terms, rest)
+
+
+# --------------------------------------------------------------------------- bounds of one conjunction
+
+
+@dataclass(frozen=True)
+class _Dir:
+    """One kernel's view: it walks `var` over tiles of `other` [first, last]."""
+
+    var: sympy.Symbol
+    other: sympy.Symbol
+    first: sympy.Symbol
+    last: sympy.Symbol
+    n: sympy.Symbol  # the walked index's length
+    lo: sympy.Symbol  # the kernel's visited-range variables
+    hi: sympy.Symbol
+    tmp: str  # prefix of temporaries
+
+
+_FWD = _Dir(KV, Q, _var("start_m"), _var("last_m"), _LEN[KV], _var("lo"), _var("hi"), "t_")
+_DKDV = _Dir(Q, KV, _var("start_n"), _var("last_n"), _LEN[Q], _var("q_lo"), _var("q_hi"), "tq_")
+
+
+def _pos(w):
+    return w if w.is_positive else sympy.Max(w, 1)
+
+
+def _scaled(k, w, n):
+    """k * w clipped into [0, n], without the product leaving 32 bits (a large radius times a
+    large width): monotone in k, as the bound it replaces."""
+    w = _pos(w)
+    return sympy.Piecewise((0, k <= 0), (n, k > FloorDiv(n, w)), (k * w, True))
+
+
+def _apply(w, x):
+    return x if w is None else FloorDiv(x, _pos(w))
+
+
+@dataclass
+class _Conj:
+    v_lo: sympy.Expr
+    v_hi: sympy.Expr
+    f_lo: sympy.Expr
+    f_hi: sympy.Expr
+    visit: sympy.Basic  # besides lo < hi: a necessary condition for any visible pair in the tile
+    full: sympy.Basic  # the full range is valid (else nothing is full)
+    tight: bool  # every walked tile inside [v_lo, v_hi) holds a visible pair when visit holds
+    opaque: tuple[str, ...]  # atoms left out of the bounds
+    bounded: bool  # some atom bounds the range
+
+
+def _conj(atoms, dr: _Dir) -> _Conj:
+    lows, highs, visit, full, opaque = [], [], [], [], []
+    tight = True
+    for atom in atoms:
+        lin = None if atom.strict else _decompose(atom.d)
+        if lin is None:
+            opaque.append(str(atom))
+            full.append(sympy.false)
+            tight = False
+            continue
+        (a, wv), (c, wo) = lin.terms[dr.var], lin.terms[dr.other]
+        guard = sympy.And(*(w > 0 for w in (wv, wo) if w is not None and not w.is_positive))
+        ends = (_apply(wo, dr.first), _apply(wo, dr.last))
+        if a == 0:  # a condition on the tile's index alone, monotone over the tile
+            holds = [c * g + lin.rest >= 0 for g in ends]
+            visit.append(sympy.Or(sympy.Not(guard), *holds))
+            full.append(sympy.And(guard, *holds))
+            tight &= c == 0 and guard == sympy.true
+            continue
+        if a > 0:  # F(var) >= ceil(-(c G + rest) / a)
+            k = [-FloorDiv(c * g + lin.rest, a) for g in ends]
+            b = [x if wv is None else _scaled(x, wv, dr.n) for x in k]
+            rising = c <= 0
+        else:  # F(var) <= floor((c G + rest) / -a)
+            k = [FloorDiv(c * g + lin.rest, -a) for g in ends]
+            b = [x + 1 if wv is None else _scaled(x + 1, wv, dr.n) for x in k]
+            rising = c >= 0
+        at_min, at_max = (b[0], b[1]) if rising else (b[1], b[0])
+        if guard != sympy.true:
+            safe = 0 if a > 0 else dr.n
+            at_min, at_max = (sympy.Piecewise((x, guard), (safe, True)) for x in (at_min, at_max))
+            full.append(guard)
+        exact = abs(a) == 1 and wv is None and wo is None
+        tight &= exact and abs(c) <= 1
+        (lows if a > 0 else highs).append((at_min, at_max, b if exact else None))
+    n = dr.n
+
+    def clip(x):
+        return sympy.Min(sympy.Max(x, 0), n)
+
+    v_lo = clip(sympy.Max(*(x[0] for x in lows))) if lows else sympy.Integer(0)
+    f_lo = clip(sympy.Max(*(x[1] for x in lows))) if lows else sympy.Integer(0)
+    f_hi = clip(sympy.Min(*(x[0] for x in highs))) if highs else n
+    v_hi = clip(sympy.Min(*(x[1] for x in highs))) if highs else n
+    if len(lows) == 1 and len(highs) == 1 and lows[0][2] and highs[0][2]:
+        # exact affine bounds: the width hi - lo is affine over the tile; empty at both ends means
+        # no row sees anything although [v_lo, v_hi) may not be empty
+        (l0, l1), (u0, u1) = lows[0][2], highs[0][2]
+        visit.append(sympy.Or(l0 < u0, l1 < u1))
+    tight &= len(lows) <= 1 and len(highs) <= 1
+    return _Conj(v_lo, v_hi, f_lo, f_hi, sympy.And(*visit), sympy.And(*full), tight, tuple(opaque), bool(lows or highs))
+
+
+# --------------------------------------------------------------------------- a whole mask
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """One kernel's bounds as Triton source (see MaskRule): temporaries, then the visited range
+    [start, end), the visit condition, and the full range [full_start, full_end)."""
+
+    prelude: tuple[tuple[str, str], ...]
+    start: str
+    end: str
+    visit: str
+    full_start: str
+    full_end: str
+    note: str
+
+
+@dataclass(frozen=True)
+class Classification:
+    path: str
+    fwd: Bounds
+    dkdv: Bounds
+    tight: bool  # one conjunction whose bounds are exact: no visited tile is wholly masked
+
+
+def classify(value: sympy.Basic, params: tuple[str, ...] = ()) -> Classification:
+    """Tile bounds of a mask's sympy value; `params` are its scalar parameters' names."""
+    names = {**_EXPR_NAMES, **{p: "arg_" + p for p in params}}
+    form = mask_dnf(value)
+    fwd, fwd_conjs = _bounds(form, _FWD, names)
+    dkdv, dkdv_conjs = _bounds(form, _DKDV, names)
+    opaque = sorted({a for c in fwd_conjs for a in c.opaque})
+    why = f" (not bounded: {'; '.join(opaque)})" if opaque else ""
+    tight = len(form) == 1 and fwd_conjs[0].tight and dkdv_conjs[0].tight
+    if not form:
+        path = "never true: no tile is visited"
+    elif len(form) == 1 and not fwd_conjs[0].bounded and not dkdv_conjs[0].bounded:
+        path = f"safe path{why}: every tile is visited with the mask applied"
+    elif len(form) == 1 and opaque:
+        path = f"closed-form visited range from the conditions that bound it, every visited tile partial{why}"
+    elif len(form) == 1:
+        path = "closed-form tile bounds (one conjunction of affine inequalities" + (
+            ")" if tight else " with integer coefficients or floor division)")
+    else:
+        path = f"closed-form tile bounds for a disjunction of {len(form)} conjunctions{why}"
+    return Classification(path, fwd, dkdv, tight)
+
+
+def _printer(names):
+    def p(e) -> str:
+        return print_triton(e, {**names, **{s.name: s.name.removeprefix("__") for s in e.free_symbols if s.name.startswith("__")}})
+
+    return p
+
+
+def _bounds(dnf, dr: _Dir, names) -> tuple[Bounds, list[_Conj]]:
+    p = _printer(names)
+    conjs = [_conj(c, dr) for c in dnf]
+    walked = "KV" if dr is _FWD else "query"
+    prelude: list[tuple[str, str]] = []
+
+    def emit(name: str, value):
+        """A temporary for `value`; constants and plain names are used as they are (so that
+        sympy folds them into what follows)."""
+        if value.is_Integer or isinstance(value, sympy.Symbol):
+            return value
+        sym = _var(dr.tmp + name)
+        prelude.append((sym.name, p(value)))
+        return sym
+
+    if not conjs:  # never true
+        return Bounds((), "0", "0", p(sympy.Lt(dr.lo, dr.hi)), "0", "0", "nothing is visited"), conjs
+    if len(conjs) == 1:
+        c = conjs[0]
+        v_lo, v_hi, visit, f_lo = c.v_lo, c.v_hi, sympy.And(dr.lo < dr.hi, c.visit), c.f_lo
+        f_hi = sympy.Piecewise((c.f_hi, c.full), (0, True))
+        if c.full == sympy.false:
+            note = f"{walked} tiles from ({p(v_lo)}) to ({p(v_hi)}) are visited, all with the mask applied"
+        else:
+            note = (f"{walked} tiles from ({p(v_lo)}) to ({p(v_hi)}) are visited; those from ({p(f_lo)}) to "
+                    f"({p(f_hi)}) run unmasked")
+    else:
+        v_los, v_his = [], []
+        for i, c in enumerate(conjs):
+            lo_i, hi_i = emit(f"lo{i}", c.v_lo), emit(f"hi{i}", c.v_hi)
+            # nothing visible through this conjunction in this tile: leave it out of the hull
+            hi_i = emit(f"hi{i}", sympy.Piecewise((hi_i, sympy.And(lo_i < hi_i, c.visit)), (0, True)))
+            v_los.append(sympy.Piecewise((lo_i, lo_i < hi_i), (dr.n, True)))
+            v_his.append(hi_i)
+        v_lo, v_hi = sympy.Min(*v_los), sympy.Max(*v_his)
+        visit = dr.lo < dr.hi
+        f_lo, f_hi = _union_full(conjs, emit)
+        n_full = sum(c.full != sympy.false for c in conjs)
+        note = (f"{walked} tiles in the hull of the {len(conjs)} conjunctions' visited ranges are visited; "
+                + (f"one interval inside the union of the full ranges of {n_full} of them runs unmasked" if n_full
+                   else "all with the mask applied"))
+    prelude = [(name.removeprefix("__"), text) for name, text in prelude]
+    return Bounds(tuple(prelude), p(v_lo), p(v_hi), p(visit), p(f_lo), p(sympy.Min(f_hi, dr.hi)), note), conjs
+
+
+def _union_full(conjs, emit):
+    """One interval inside the union of the conjunctions' full ranges, folded left to right: the
+    hull of the running interval and the next where both are non-empty and they overlap or touch,
+    else the longer of the two. Returns (start, end)."""
+    acc = None
+    for i, c in enumerate(conjs):
+        if c.full == sympy.false:
+            continue
+        a_i = emit(f"fa{i}", c.f_lo)
+        b_i = emit(f"fb{i}", sympy.Piecewise((c.f_hi, c.full), (0, True)))
+        if acc is None:
+            acc = (a_i, b_i)
+            continue
+        a, b = acc
+        join = sympy.And(a_i <= b, a <= b_i, a_i < b_i, a < b)
+        take = (b_i - a_i) > (b - a)
+        acc = (emit(f"ua{i}", sympy.Piecewise((sympy.Min(a, a_i), join), (a_i, take), (a, True))),
+               emit(f"ub{i}", sympy.Piecewise((sympy.Max(b, b_i), join), (b_i, take), (b, True))))
+    if acc is None:
+        return sympy.Integer(0), sympy.Integer(0)
+    return acc
+
+
+# --------------------------------------------------------------------------- kernel statements
+
+
+_KERNELS = {  # the tile's index letter, its length and tile, the walked tile, the range names, and
+    # how the full range's end is rounded down to whole walked tiles (dkdv_full_end comes rounded)
+    "fwd": ("m", "N_Q", "BLOCK_M", "BLOCK_N", ("lo", "full_lo", "full_hi", "hi"), "no visible key: visit nothing",
+            "({}) // BLOCK_N * BLOCK_N"),
+    "dkdv": ("n", "N_K", "BLOCK_N", "BLOCK_M", ("q_lo", "q_full", "q_full_end", "q_hi"), "no query sees it: visit nothing",
+             "{}"),
+}
+
+
+def range_statements(rule, kernel: str) -> tuple[tuple[str, str, str], ...]:
+    """The statements (name, Triton expression, comment) by which `kernel` ('fwd' for the forward
+    and dQ kernels, 'dkdv') computes its tile ranges from a MaskRule (the first, the tile's last
+    index, is loop-invariant in dK/dV and printed before its loop): the templates print them,
+    `classify_tiles` evaluates them. The forward loops walk [lo, full_lo) and [full_hi, hi) with
+    the mask and [full_lo, full_hi) without; dK/dV likewise over q_lo, q_full, q_full_end, q_hi."""
+    if kernel not in _KERNELS:
+        raise ValueError(f"kernel must be 'fwd' or 'dkdv', got {kernel!r}")
+    t, n, block, walk, (lo, full_lo, full_hi, hi), note, rounded = _KERNELS[kernel]
+    field = functools.partial(getattr, rule)
+    return (
+        (f"last_{t}", f"tl.minimum(start_{t} + {block}, {n}) - 1", ""),
+        *((name, text, "") for name, text in field(f"{kernel}_prelude")),
+        (hi, field(f"{kernel}_end"), ""),
+        (lo, field(f"{kernel}_start"), ""),
+        (lo, f"tl.where({field(f'{kernel}_visit')}, {lo} // {walk} * {walk}, {hi})", note),
+        (full_lo, f"tl.minimum(tl.maximum(tl.cdiv({field(f'{kernel}_full_start')}, {walk}) * {walk}, {lo}), {hi})", ""),
+        (full_hi, f"tl.maximum({rounded.format(field(f'{kernel}_full_end'))}, {full_lo})", ""),
+    )
+
+
+# --------------------------------------------------------------------------- the Python mirror
+
+
+def _tdiv(a: int, b: int) -> int:
+    """Triton's (C's) integer division: the quotient truncated toward zero."""
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b > 0) else -q
+
+
+def _tmod(a: int, b: int) -> int:
+    return a - b * _tdiv(a, b)
+
+
+class _TL:
+    minimum = staticmethod(min)
+    maximum = staticmethod(max)
+    where = staticmethod(lambda c, a, b: a if c else b)
+    cdiv = staticmethod(lambda a, b: _tdiv(a + b - 1, b))
+
+
+_OPS = (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod, ast.BitAnd, ast.BitOr, ast.USub,
+        ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.Eq, ast.NotEq)
+_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Compare, ast.Call, ast.Name, ast.Attribute, ast.Constant,
+          ast.Load, *_OPS)
+
+
+def _i32(x: int) -> int:
+    """Kernel integers are 32-bit: + - * wrap around."""
+    return (x + 2**31) % 2**32 - 2**31
+
+
+class _TritonInts(ast.NodeTransformer):
+    """// and % truncate toward zero, + - * wrap at 32 bits, as in Triton."""
+
+    def visit_BinOp(self, node):
+        self.generic_visit(node)
+        if isinstance(node.op, (ast.FloorDiv, ast.Mod)):
+            fn = "_tdiv" if isinstance(node.op, ast.FloorDiv) else "_tmod"
+            return ast.copy_location(ast.Call(ast.Name(fn, ast.Load()), [node.left, node.right], []), node)
+        if isinstance(node.op, (ast.Add, ast.Sub, ast.Mult)):
+            return ast.copy_location(ast.Call(ast.Name("_i32", ast.Load()), [node], []), node)
+        return node
+
+    def visit_UnaryOp(self, node):
+        self.generic_visit(node)
+        return ast.copy_location(ast.Call(ast.Name("_i32", ast.Load()), [node], []), node)
+
+
+@functools.lru_cache(maxsize=1024)
+def _compile(text: str):
+    """Our own printed bound expressions only (never user text): integer arithmetic, comparisons,
+    & |, and tl.minimum / maximum / where / cdiv; anything else is refused."""
+    tree = ast.parse(text, mode="eval")
+    for node in ast.walk(tree):
+        if not isinstance(node, _NODES):
+            raise ValueError(f"tile bound {text!r}: unexpected {type(node).__name__}")
+        if isinstance(node, ast.Attribute) and not (
+            isinstance(node.value, ast.Name) and node.value.id == "tl" and node.attr in ("minimum", "maximum", "where", "cdiv")
+        ):
+            raise ValueError(f"tile bound {text!r}: unexpected attribute {node.attr}")
+        if isinstance(node, ast.Call) and not isinstance(node.func, ast.Attribute):
+            raise ValueError(f"tile bound {text!r}: unexpected call")
+        if isinstance(node, ast.Name) and node.id.startswith("_"):
+            raise ValueError(f"tile bound {text!r}: unexpected name {node.id}")
+        if isinstance(node, ast.Constant) and type(node.value) not in (int, bool):
+            raise ValueError(f"tile bound {text!r}: unexpected constant {node.value!r}")
+    tree = ast.fix_missing_locations(_TritonInts().visit(tree))
+    return compile(tree, "<tile bound>", "eval")
+
+
+def evaluate(text: str, env: dict) -> int | bool:
+    """A printed bound expression on Python integers with Triton's integer semantics (32 bits,
+    truncating // and %)."""
+    return eval(_compile(text), {"__builtins__": {}, "tl": _TL, "_tdiv": _tdiv, "_tmod": _tmod, "_i32": _i32}, env)
+
+
+@dataclass(frozen=True)
+class TileClasses:
+    """Per (query tile, KV tile): 'empty' (not visited), 'full' (visited without the mask) or
+    'partial' (visited with the mask), as the forward and dQ kernels (`fwd`) and the dK/dV kernel
+    (`dkdv`) visit them. Indexed [query tile][KV tile]."""
+
+    fwd: tuple[tuple[str, ...], ...]
+    dkdv: tuple[tuple[str, ...], ...]
+
+    def counts(self, kernel: str = "fwd") -> dict[str, int]:
+        grid = self.fwd if kernel == "fwd" else self.dkdv
+        cells = [c for row in grid for c in row]
+        full, partial = cells.count("full"), cells.count("partial")
+        return {"full": full, "partial": partial, "visited": full + partial, "total": len(cells)}
+
+
+def classify_tiles(rule, n_q: int, n_k: int, block_m: int, block_n: int, params=None, b: int = 0, h: int = 0) -> TileClasses:
+    """The tile classes the generated kernels' loops give, computed from the same statements
+    (`range_statements`) with Python integers. Raises ValueError if the loops would visit a tile
+    twice or outside the sequences (a wrong bound)."""
+    for name, v in (("n_q", n_q), ("n_k", n_k), ("block_m", block_m), ("block_n", block_n)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    env0 = {"BLOCK_M": block_m, "BLOCK_N": block_n, "N_Q": n_q, "N_K": n_k, "i_b": b, "i_h": h,
+            **{"arg_" + k: v for k, v in (params or {}).items()}}
+    tiles_m, tiles_n = -(-n_q // block_m), -(-n_k // block_n)
+    grids = {}
+    for kernel, (t, _, _, _, names, _, _) in _KERNELS.items():
+        # per tile of the kernel's own index: the walked tiles, as its three loops visit them
+        own, walked = (tiles_m, block_m), (tiles_n, block_n)
+        if kernel == "dkdv":
+            own, walked = walked, own
+        grid = [["empty"] * walked[0] for _ in range(own[0])]
+        for i in range(own[0]):
+            env = {**env0, f"start_{t}": i * own[1]}
+            for name, text, _ in range_statements(rule, kernel):
+                env[name] = evaluate(text, env)
+            lo, full_lo, full_hi, hi = (env[k] for k in names)
+            step = walked[1]
+            visits = [*((s, "partial") for s in range(lo, full_lo, step)), *((s, "full") for s in range(full_lo, full_hi, step)),
+                      *((s, "partial") for s in range(full_hi, hi, step))]
+            for start, cls in visits:
+                j = start // step
+                if start % step or not 0 <= j < walked[0] or grid[i][j] != "empty":
+                    raise ValueError(f"{kernel} tile {i}: walked tile start {start} visited twice or out of range")
+                grid[i][j] = cls
+        grids[kernel] = grid if kernel == "fwd" else [list(col) for col in zip(*grid)]  # [query tile][KV tile]
+    fwd, dkdv = grids["fwd"], grids["dkdv"]
+    return TileClasses(tuple(map(tuple, fwd)), tuple(map(tuple, dkdv)))

@@ -1,0 +1,299 @@
+"""Tile classification (attngen.classify) against brute force, through its Python mirror of the
+kernels' range statements, and through generated kernels for masks beyond the shipped specs."""
+
+import functools
+import math
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from attngen import runtime
+from attngen.build import build
+from attngen.classify import classify_tiles, evaluate, mask_dnf
+from attngen.expr import parse_expr, parse_params, to_torch
+from attngen.plan import MASK_RULES, expr_rule, mask_rule, tile_counts
+from attngen.spec import load_spec
+from attngen.testing import check_module, random_inputs
+from attngen.verify import import_generated
+
+from helpers import SPEC_PATHS, assert_all_ok
+
+INTS = st.integers(-5, 320)
+DIVISORS = st.integers(-8, 70).filter(bool)  # a divisor of 0 leaves the mask undefined
+# (mask, {param: strategy}): every shipped spec's mask, then masks no spec ships
+SHIPPED = {s.name: s for s in map(load_spec, SPEC_PATHS)}
+_DRAW = {"c": DIVISORS, "d": DIVISORS, "width": DIVISORS, "W": DIVISORS}
+# (specs with tensor parameters: their masks are causal, or read the tensor; the document mask has
+# its own test below)
+SCALAR_SPECS = [s for s in SHIPPED.values() if all(kind in ("int", "float") for _, kind in s.params)]
+CASES = [(s.mask, {n: _DRAW.get(n, INTS) for n, _ in s.params}) for s in SCALAR_SPECS] + [
+    ("kv_idx * 16 + 31 <= q_idx", {}),  # compressed blocks of 16 keys, stride 16, seen once complete
+    ("3 * q_idx - 5 * kv_idx >= -7 and 2 * q_idx < 7 * kv_idx + w", {"w": INTS}),
+    ("q_idx // 5 >= kv_idx // 3 - w and kv_idx < 2 * q_idx", {"w": INTS}),
+    ("chunked(c)", {"c": DIVISORS}),
+    ("dilated(w, d)", {"w": INTS, "d": DIVISORS}),
+    ("abs(q_idx // W - kv_idx // W) <= r and abs(q_idx % W - kv_idx % W) <= r", {"W": DIVISORS, "r": st.integers(-2, 8)}),
+    ("prefix_lm(p)", {"p": INTS}),
+    ("global_tokens(g) or sliding_window(w)", {"g": INTS, "w": INTS}),
+    ("global_tokens(g) or chunked(c) or kv_idx * 4 + 3 <= q_idx", {"g": st.integers(-3, 40), "c": DIVISORS}),
+    ("kv_idx - h <= q_idx and q_idx - kv_idx < w + h", {"w": INTS}),  # reads the head
+    ("q_idx < q_len - w and kv_idx < kv_len - 1 and w != 3", {"w": INTS}),
+    ("not (kv_idx > q_idx or q_idx - kv_idx >= w)", {"w": INTS}),
+]
+TILES = st.sampled_from([16, 32, 64, 128])
+
+
+@functools.lru_cache(maxsize=None)
+def _rule_cached(mask, names):
+    return MASK_RULES[mask] if mask in MASK_RULES else expr_rule(mask, tuple((n, "int") for n in names))
+
+
+def _rule(mask, names):
+    return _rule_cached(mask, tuple(names))
+
+
+def _visible(mask, names, params, n_q, n_k, h):
+    qi = torch.arange(n_q).view(-1, 1)
+    ki = torch.arange(n_k).view(1, -1)
+    if mask in MASK_RULES:
+        return torch.ones(n_q, n_k, dtype=torch.bool) if mask == "none" else (qi >= ki)
+    fn = to_torch(parse_expr(mask, kind="mask", params=parse_params({n: "int" for n in names})))
+    return torch.as_tensor(fn(0, h, qi, ki, n_q, n_k, **params), dtype=torch.bool).expand(n_q, n_k)
+
+
+def brute_tiles(vis, block_m, block_n):
+    """Per tile: any visible pair, and all pairs inside Nq x Nk visible."""
+    n_q, n_k = vis.shape
+    tm, tn = math.ceil(n_q / block_m), math.ceil(n_k / block_n)
+    pad_any = torch.zeros(tm * block_m, tn * block_n, dtype=torch.bool)
+    pad_all = torch.ones(tm * block_m, tn * block_n, dtype=torch.bool)
+    pad_any[:n_q, :n_k] = vis
+    pad_all[:n_q, :n_k] = vis
+    shape = (tm, block_m, tn, block_n)
+    return pad_any.view(shape).any(3).any(1), pad_all.view(shape).all(3).all(1)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    case=st.sampled_from(CASES).flatmap(lambda c: st.tuples(st.just(c), st.fixed_dictionaries(c[1]))),
+    n_q=st.integers(1, 300),
+    n_k=st.integers(1, 300),
+    block_m=TILES,
+    block_n=TILES,
+    h=st.integers(0, 3),
+)
+@example(case=(("kv_idx * 16 + 31 <= q_idx", {}), {}), n_q=129, n_k=77, block_m=16, block_n=64, h=0)
+@example(case=(("chunked(c)", {"c": DIVISORS}), {"c": 5}), n_q=250, n_k=41, block_m=128, block_n=16, h=0)
+@example(case=(("prefix_lm(p)", {"p": INTS}), {"p": 0}), n_q=33, n_k=250, block_m=32, block_n=16, h=0)
+def test_tiles_never_skip_a_visible_pair_and_full_tiles_are_all_visible(case, n_q, n_k, block_m, block_n, h):
+    (mask, strategies), params = case
+    rule = _rule(mask, strategies)
+    vis = _visible(mask, strategies, params, n_q, n_k, h)
+    any_vis, all_vis = brute_tiles(vis, block_m, block_n)
+    classes = classify_tiles(rule, n_q, n_k, block_m, block_n, params, h=h)  # raises on a tile visited twice
+    for kernel, grid in (("fwd", classes.fwd), ("dkdv", classes.dkdv)):
+        cls = torch.tensor([[{"empty": 0, "partial": 1, "full": 2}[c] for c in row] for row in grid])
+        where = f"{kernel} {mask} {params}"
+        assert not (any_vis & (cls == 0)).any(), f"{where}: a skipped tile holds a visible pair"
+        assert not ((cls == 2) & ~all_vis).any(), f"{where}: a tile run unmasked holds a hidden pair"
+        if rule.tight:
+            assert not ((cls > 0) & ~any_vis).any(), f"{where}: a visited tile is wholly masked"
+
+
+@pytest.mark.parametrize("mask, params, path", [
+    ("kv_idx * 16 + 31 <= q_idx", (), "closed-form tile bounds (one conjunction of affine inequalities with integer"),
+    ("sliding_window(w)", (("w", "int"),), "closed-form tile bounds (one conjunction of affine inequalities)"),
+    ("chunked(c)", (("c", "int"),), "closed-form tile bounds (one conjunction"),
+    ("dilated(w, d)", (("w", "int"), ("d", "int")), "closed-form visited range"),
+    ("prefix_lm(p)", (("p", "int"),), "closed-form tile bounds for a disjunction of 2"),
+    ("global_tokens(g) or sliding_window(w)", (("g", "int"), ("w", "int")), "closed-form tile bounds for a disjunction of 3"),
+    ("(q_idx * kv_idx) % 3 == 0", (), "safe path (not bounded: Mod(kv_idx*q_idx, 3) == 0)"),
+    ("q_idx < 0", (), "never true"),
+])
+def test_paths(mask, params, path):
+    assert expr_rule(mask, params).path.startswith(path)
+
+
+def test_tensor_reads_take_the_safe_path():
+    from attngen.classify import classify
+
+    decls = parse_params({"ids": {"tensor": "int32", "dims": 2}})
+    c = classify(parse_expr("document(ids)", kind="mask", params=decls).sympy)
+    assert c.path.startswith("safe path") and (c.fwd.start, c.fwd.end, c.fwd.full_end) == ("0", "N_K", "0")
+    c = classify(parse_expr("document(ids) and causal", kind="mask", params=decls).sympy)
+    assert c.path.startswith("closed-form visited range") and c.fwd.end != "N_K" and c.fwd.full_end == "0"
+
+
+@pytest.mark.parametrize("mask, params", [
+    ("chunked(c)", {"c": 64}),
+    ("chunked(c)", {"c": 40}),
+    ("prefix_lm(p)", {"p": 100}),
+    ("kv_idx * 16 + 31 <= q_idx", {}),
+    ("dilated(w, d)", {"w": 32, "d": 2}),
+    ("abs(q_idx // W - kv_idx // W) <= r and abs(q_idx % W - kv_idx % W) <= r", {"W": 16, "r": 1}),
+])
+def test_closed_forms_are_exact_on_these_masks(mask, params):
+    """Not vacuous: here the bounds visit exactly the tiles holding a visible pair, and run unmasked
+    exactly the tiles whose pairs are all visible (none where a modulo condition remains)."""
+    n, bm, bn = 256, 16, 16
+    any_vis, all_vis = brute_tiles(_visible(mask, params, params, n, n, 0), bm, bn)
+    c = classify_tiles(_rule(mask, params), n, n, bm, bn, params)
+    modulo = "%" in mask or "dilated" in mask
+    for kernel in ("fwd", "dkdv"):
+        counts = c.counts(kernel)
+        assert counts["visited"] == int(any_vis.sum()) < counts["total"], kernel
+        assert counts["full"] == (0 if modulo else int(all_vis.sum())), kernel
+
+
+@pytest.mark.parametrize("c", [0, -1, -16])
+def test_non_positive_divisor_falls_back_to_the_safe_range(c):
+    """A divisor <= 0 at run time (undefined, or chunks unlike the positive case): the floor-division
+    bounds give way to the causal ones and no tile runs unmasked."""
+    causal = classify_tiles(MASK_RULES["causal"], 100, 100, 16, 32)
+    got = classify_tiles(_rule("chunked(c)", {"c": 0}), 100, 100, 16, 32, {"c": c})
+    for kernel in ("fwd", "dkdv"):
+        assert got.counts(kernel)["full"] == 0
+        assert got.counts(kernel)["visited"] == causal.counts(kernel)["visited"]
+
+
+@pytest.mark.parametrize("mask, params", [
+    ("abs(q_idx // W - kv_idx // W) <= r and abs(q_idx % W - kv_idx % W) <= r", {"W": 1000, "r": 2**30}),
+    ("abs(q_idx // W - kv_idx // W) <= r", {"W": 2**30, "r": -(2**30)}),
+    ("chunked(c)", {"c": 2**30}),
+    ("sliding_window(w)", {"w": 2**30}),
+    ("sliding_window(w)", {"w": -(2**30)}),
+    ("kv_idx * 16 + 31 <= q_idx or kv_idx < g", {"g": 2**30}),
+])
+def test_extreme_parameters_do_not_overflow_the_bounds(mask, params):
+    """Parameters at the ends of the accepted range (runtime.PARAM_INT_RANGE): the mirror wraps at
+    32 bits as the kernels do, so a bound that overflowed would skip visible pairs here."""
+    n_q, n_k = 200, 150
+    any_vis, all_vis = brute_tiles(_visible(mask, params, params, n_q, n_k, 0), 32, 16)
+    c = classify_tiles(_rule(mask, params), n_q, n_k, 32, 16, params)
+    for grid in (c.fwd, c.dkdv):
+        cls = torch.tensor([[{"empty": 0, "partial": 1, "full": 2}[x] for x in row] for row in grid])
+        assert not (any_vis & (cls == 0)).any() and not ((cls == 2) & ~all_vis).any()
+
+
+def test_tile_counts_of_expressions():
+    assert tile_counts("causal", 64, 64, 16, 16) == {"full": 6, "partial": 4, "visited": 10, "total": 16}
+    assert tile_counts("chunked(c)", 64, 64, 16, 16, {"c": 32}) == {"full": 2, "partial": 4, "visited": 6, "total": 16}
+
+
+def test_mirror_uses_triton_integer_semantics_and_refuses_other_text():
+    assert evaluate("-7 // 2", {}) == -3 and evaluate("-7 % 2", {}) == -1  # C truncation, as Triton
+    assert evaluate("x * 4", {"x": 2**30}) == 0 and evaluate("x + 1", {"x": 2**31 - 1}) == -(2**31)  # 32 bits
+    assert evaluate("tl.cdiv(x, 16)", {"x": 17}) == 2
+    assert evaluate("tl.where((a < b) & (b > 0), a, b)", {"a": 1, "b": 2}) == 1
+    for bad in ("__import__('os')", "x.real", "open('f')", "'a'", "[1]", "tl.load(x)", "lambda: 1", "_tdiv", "1.5"):
+        with pytest.raises(ValueError):
+            evaluate(bad, {"x": 1})
+
+
+@pytest.mark.parametrize("name", [n for n, s in SHIPPED.items() if s.mask not in MASK_RULES])
+def test_module_docstrings_name_each_kernels_path(name):
+    rule = mask_rule(SHIPPED[name])
+    text = (SPEC_PATHS[0].parent.parent / "generated" / f"{name}.py").read_text()
+    for line in (f"mask: {rule.path}.", *rule.notes):
+        assert line in text
+
+
+# A generated module with a mask no shipped spec has: integer coefficients in a disjunction.
+EXTRA_SPEC = """\
+name: {name}
+heads: {{q: 2, kv: 1}}
+head_dim: 16
+dtypes: [fp16]
+params: {{g: int}}
+mask: {mask}
+tiles: {{block_m: [16], block_n: [16], num_warps: [4], num_stages: [1]}}
+"""
+
+
+@pytest.fixture(scope="module")
+def extra_module(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("classify")
+    spec = tmp / "strided_blocks.yaml"
+    spec.write_text(EXTRA_SPEC.format(name="strided_blocks", mask="kv_idx * 4 + 3 <= q_idx or kv_idx < g"))
+    [(path, _)] = build([spec], tmp / "out")
+    return import_generated(path)
+
+
+@settings(max_examples=5, deadline=None)
+@given(n_q=st.integers(1, 90), n_k=st.integers(1, 40), g=st.integers(-2, 20), seed=st.integers(0, 99))
+@example(n_q=70, n_k=33, g=0, seed=0)
+def test_integer_coefficient_disjunction_kernel_matches_reference(extra_module, n_q, n_k, g, seed):
+    assert "closed-form" in extra_module.__doc__
+    q, k, v = random_inputs(extra_module, batch=1, n_q=n_q, n_k=n_k, dtype=runtime.TORCH_DTYPES["fp16"], seed=seed)
+    assert_all_ok(check_module(extra_module, q, k, v, seed=seed, params={"g": g}), f"Nq={n_q} Nk={n_k} g={g}")
+
+
+# Random masks: affine atoms with small integer coefficients, floor division by a literal or a
+# parameter, a modulo, abs, combined with and / or / not.
+_OPS = st.sampled_from(["<", "<=", ">", ">=", "==", "!="])
+_COEF = st.integers(-3, 3)
+_ATOMS = st.one_of(
+    st.builds("{} * q_idx + {} * kv_idx + {} {} s".format, _COEF, _COEF, st.integers(-40, 40), _OPS),
+    st.builds("q_idx // {0} {1} kv_idx // {0} + {2}".format, st.sampled_from(["3", "16", "p"]), _OPS, st.integers(-2, 2)),
+    st.builds("{} * (kv_idx // {}) <= q_idx + {}".format, st.integers(1, 5), st.sampled_from(["5", "p"]), st.integers(-9, 9)),
+    st.builds("abs(q_idx - kv_idx) <= {}".format, st.sampled_from(["s", "7", "-1"])),
+    st.just("(q_idx - kv_idx) % 3 == 0"),
+    st.just("q_idx < s"),
+)
+_MASKS = st.recursive(
+    _ATOMS,
+    lambda inner: st.one_of(
+        st.builds("({}) and ({})".format, inner, inner),
+        st.builds("({}) or ({})".format, inner, inner),
+        st.builds("not ({})".format, inner),
+    ),
+    max_leaves=4,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(mask=_MASKS, p=DIVISORS, s=st.integers(-20, 60), n_q=st.integers(1, 200), n_k=st.integers(1, 200),
+       block_m=TILES, block_n=TILES)
+def test_random_masks_are_classified_soundly(mask, p, s, n_q, n_k, block_m, block_n):
+    params = {"p": p, "s": s}
+    rule = _rule(mask, ("p", "s"))
+    vis = _visible(mask, ("p", "s"), params, n_q, n_k, 0)
+    any_vis, all_vis = brute_tiles(vis, block_m, block_n)
+    classes = classify_tiles(rule, n_q, n_k, block_m, block_n, params)
+    for kernel, grid in (("fwd", classes.fwd), ("dkdv", classes.dkdv)):
+        cls = torch.tensor([[{"empty": 0, "partial": 1, "full": 2}[c] for c in row] for row in grid])
+        assert not (any_vis & (cls == 0)).any(), f"{kernel} {mask} {params}: a skipped tile holds a visible pair"
+        assert not ((cls == 2) & ~all_vis).any(), f"{kernel} {mask} {params}: an unmasked tile holds a hidden pair"
+        if rule.tight:
+            assert not ((cls > 0) & ~any_vis).any(), f"{kernel} {mask} {params}: a visited tile is wholly masked"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 200),
+    docs=st.integers(1, 6),
+    block_m=TILES,
+    block_n=TILES,
+    seed=st.integers(0, 2**16),
+)
+def test_document_mask_bounds_come_from_its_causal_part(n, docs, block_m, block_n, seed):
+    """The shipped document spec's mask reads a tensor: the bounds use only its causal part, every
+    visited tile is masked, and no tile holding a visible pair is skipped."""
+    spec = SHIPPED["document"]
+    decls = parse_params(dict(spec.params))
+    g = torch.Generator().manual_seed(seed)
+    doc = torch.sort(torch.randint(0, docs, (1, n), generator=g), dim=1).values.to(torch.int32)
+    qi, ki = torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1)
+    fn = to_torch(parse_expr(spec.mask, kind="mask", params=decls))
+    vis = torch.as_tensor(fn(0, 0, qi, ki, n, n, doc=doc), dtype=torch.bool).expand(n, n)
+    rule = expr_rule(spec.mask, spec.params)
+    any_vis, _ = brute_tiles(vis, block_m, block_n)
+    causal_any, _ = brute_tiles(qi >= ki, block_m, block_n)
+    classes = classify_tiles(rule, n, n, block_m, block_n, {})
+    for kernel, grid in (("fwd", classes.fwd), ("dkdv", classes.dkdv)):
+        cls = torch.tensor([[{"empty": 0, "partial": 1, "full": 2}[c] for c in row] for row in grid])
+        assert not (any_vis & (cls == 0)).any(), f"{kernel}: a skipped tile holds a visible pair"
+        assert not (cls == 2).any(), f"{kernel}: a tile of a tensor-reading mask runs unmasked"
+        assert ((cls > 0) == causal_any).all(), f"{kernel}: the visited tiles are not the causal ones"
