@@ -269,3 +269,10 @@ def test_bad_arguments_raise_valueerror_naming_them(change, message):
         args[key] = fn(args[key]) if callable(fn) else fn
     with pytest.raises(ValueError, match=message):
         mod._slc_attention(args["q"], args["k"], args["v"], args["idx"], args["select_block"], args["scale"])
+
+
+def test_partial_defines_only_prefixed_names():
+    """The partial is pasted into a module beside another one: every name it defines starts with _slc."""
+    mod = selected_module()
+    own = {n for n in vars(mod) if not n.startswith("__")} - {"_rt", "torch", "triton", "tl"}
+    assert own and all(n.startswith("_slc") for n in own), sorted(n for n in own if not n.startswith("_slc"))
