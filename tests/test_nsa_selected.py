@@ -142,7 +142,7 @@ def make_case(batch, hkv, group, n, d, dv, select_block, top_n, dtype, kind, idx
 
 
 # The interpreter's cost grows with (query rows) x (blocks visited): large groups get short sequences.
-MAX_ROWS = 640
+MAX_ROWS = 512
 
 
 @st.composite
@@ -173,7 +173,7 @@ def pinned(group, n, **kw):
     return base | kw
 
 
-@settings(max_examples=6)
+@settings(max_examples=8)
 @given(case=cases(kinds=("selection",)))
 @example(case=pinned(1, 1))
 @example(case=pinned(1, 83, select_block=32, top_n=4, dtype="bf16"))
@@ -191,6 +191,9 @@ def test_matches_reference_on_selected_blocks(case):
 @example(case=pinned(2, 45, kind="holes", dtype="bf16"))
 @example(case=pinned(5, 37, kind="holes", select_block=32, top_n=2))
 @example(case=pinned(12, 12, kind="random", hkv=1, d=48, dv=24, dtype="fp32"))
+# blocks shorter than a key tile, and a block length that is not a power of two (a partial tile)
+@example(case=pinned(4, 53, kind="random", select_block=8, top_n=5))
+@example(case=pinned(2, 130, kind="random", select_block=48, top_n=2, hkv=1, dtype="bf16"))
 # the paper's head dims (192 / 128) with a group that is not a power of two above 16
 @example(case=pinned(24, 14, kind="random", hkv=1, d=192, dv=128, select_block=32, dtype="bf16"))
 def test_matches_reference_on_given_blocks(case):
@@ -272,7 +275,18 @@ def test_bad_arguments_raise_valueerror_naming_them(change, message):
 
 
 def test_partial_defines_only_prefixed_names():
-    """The partial is pasted into a module beside another one: every name it defines starts with _slc."""
-    mod = selected_module()
-    own = {n for n in vars(mod) if not n.startswith("__")} - {"_rt", "torch", "triton", "tl"}
-    assert own and all(n.startswith("_slc") for n in own), sorted(n for n in own if not n.startswith("_slc"))
+    """The partial is pasted into a module beside another one: every top-level name it binds
+    starts with _slc, and it imports nothing of its own."""
+    import ast
+
+    tree = ast.parse((ROOT / "templates" / "_nsa_selected.jinja").read_text())
+    names = []
+    for node in tree.body:
+        assert not isinstance(node, (ast.Import, ast.ImportFrom)), ast.dump(node)
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.append(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names += [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+    assert "_slc_attention" in names
+    assert all(n.startswith("_slc") for n in names), [n for n in names if not n.startswith("_slc")]
