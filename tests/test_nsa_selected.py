@@ -296,6 +296,15 @@ def test_partial_defines_only_prefixed_names():
     assert all(n.startswith("_slc") for n in names), [n for n in names if not n.startswith("_slc")]
 
 
+
+def test_partial_renders_to_itself():
+    """No Jinja syntax: included by the NSA template, the partial comes out unchanged (so this test
+    file's way of loading it checks the code a generated module runs)."""
+    from attngen.build import _env
+
+    assert _env().get_template("_nsa_selected.jinja").render() == (ROOT / "templates" / "_nsa_selected.jinja").read_text()
+
+
 # Compiles the partial's kernels for sm_90 with no GPU present (in a subprocess: this one runs the
 # interpreter): each kernel's signature comes from a launch recorded by _slc_forward / _slc_backward
 # on CPU tensors, as `attngen report` does for generated modules. Prints one JSON row per kernel.
