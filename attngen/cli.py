@@ -55,7 +55,7 @@ def _cmd_report(args) -> int:
 
     return report_main(
         args.specs, spec_dir=args.spec_dir, out=args.out, archs=args.arch, configs=args.configs,
-        json_path=args.json, jobs=args.jobs, timeout=args.timeout,
+        dtypes=args.dtypes, json_path=args.json, jobs=args.jobs, timeout=args.timeout,
     )
 
 
@@ -112,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--configs", choices=("first", "all"), default="all",
         help="autotune configs to compile: the first (smallest tiles) or all (default)",
+    )
+    p.add_argument(
+        "--dtypes", default="all", help="dtypes to compile: all (default), first (each module's first), "
+        "or a comma-separated list such as fp16,bf16",
     )
     p.add_argument("--json", metavar="FILE", help="also write every row to FILE as JSON")
     p.add_argument("--jobs", type=int, default=None, help="compile processes (default: one per CPU)")

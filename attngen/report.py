@@ -12,7 +12,10 @@ The signature each kernel is compiled with is taken from a recorded launch: the 
 and `_backward` run on contiguous [1, H, N, D] CPU tensors (N = RECORD_LEN) with every kernel
 replaced by a recorder, so the constexprs, argument types and Triton's launch-time specialisation
 (integers equal to 1 become constants, 16-byte aligned pointers and multiples of 16 get divisibility
-hints) match what the module would compile on a GPU for such inputs.
+hints) match what the module would compile on a GPU for such inputs. An NSA module's kernels (block
+selection and selected-block attention) are recorded the same way from its own wrappers,
+_topn_select and _slc_attention (forward and backward), at N = NSA_RECORD_LEN; its dense branch modules
+(<name>_cmp, <name>_win) are reported as modules of their own.
 
 Compilation runs in worker processes with TRITON_INTERPRET=0, since importing a generated module
 on a machine without a GPU otherwise selects Triton's CPU interpreter (see attngen.runtime).
@@ -51,6 +54,16 @@ SMEM_LIMIT = {
 RECORD_LEN = 1024
 """Sequence length of the recorded launch: a multiple of 16, as in most runs, so sequence lengths
 carry Triton's divisibility hint as they would on a GPU."""
+
+NSA_RECORD_LEN = 4096
+"""Sequence length of an NSA module's recorded launch: its block selection sizes a tile by the number
+of selection blocks (up to a chunk of them), which a long sequence fills as real runs do."""
+
+# Triton's names of the element types a launch passes tensors of (the pointer type is "*" + name).
+_TRITON_TYPES = {
+    "float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64",
+    "int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64", "uint8": "u8", "bool": "i1",
+}
 
 DEFAULT_TIMEOUT = 300.0
 """Seconds one compilation may take; some oversized tiles keep LLVM busy for many minutes."""
@@ -172,14 +185,10 @@ def _jit_function(obj):
 
 
 def _record_launches(mod, dtype: str) -> dict[str, _Launch]:
-    """Run the module's forward and backward with each kernel replaced by a recorder; return the
-    first launch of each kernel, in launch order."""
-    import torch
+    """Run the module's wrappers with each kernel replaced by a recorder; return the first launch of
+    each kernel, in launch order."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
-
-    from .runtime import TORCH_DTYPES
-    from .testing import default_params
 
     kernels = {n: o for n, o in vars(mod).items() if isinstance(o, (Autotuner, JITFunction))}
     calls: dict[str, tuple] = {}
@@ -191,20 +200,10 @@ def _record_launches(mod, dtype: str) -> dict[str, _Launch]:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: calls.setdefault(self.name, (args, kwargs))
 
-    t = TORCH_DTYPES[dtype]
-    n = RECORD_LEN
-    q = torch.empty(1, mod.Q_HEADS, n, mod.HEAD_DIM, dtype=t)
-    k = torch.empty(1, mod.KV_HEADS, n, mod.HEAD_DIM, dtype=t)
-    v = torch.empty(1, mod.KV_HEADS, n, mod.V_HEAD_DIM, dtype=t)
-    scale = mod.HEAD_DIM**-0.5
-    # parameters: scalars are never specialised on and tensors only by dtype: any representative value
-    params = tuple(default_params(mod, batch=1, n_q=n, n_k=n, device="cpu").values())
     try:
         for name in kernels:
             setattr(mod, name, _Recorder(name))
-        o, lse = mod._forward(q, k, v, scale, params)
-        if hasattr(mod, "_backward"):
-            mod._backward(q, k, v, o, lse, torch.empty_like(o), torch.zeros_like(lse), scale, params)
+        (_run_nsa if hasattr(mod, "_slc_attention") else _run_dense)(mod, dtype)
     finally:
         for name, obj in kernels.items():
             setattr(mod, name, obj)
@@ -221,6 +220,62 @@ def _record_launches(mod, dtype: str) -> dict[str, _Launch]:
     return launches
 
 
+def _qkv(mod, dtype: str, n: int):
+    """Contiguous q, k, v [1, H, n, D] of the module's shapes (contents never read)."""
+    import torch
+
+    from .runtime import TORCH_DTYPES
+
+    t = TORCH_DTYPES[dtype]
+    q = torch.empty(1, mod.Q_HEADS, n, mod.HEAD_DIM, dtype=t)
+    k = torch.empty(1, mod.KV_HEADS, n, mod.HEAD_DIM, dtype=t)
+    v = torch.empty(1, mod.KV_HEADS, n, mod.V_HEAD_DIM, dtype=t)
+    return q, k, v
+
+
+def _run_dense(mod, dtype: str) -> None:
+    """A dense module's forward and backward, as attention() calls them."""
+    import torch
+
+    from .testing import default_params
+
+    n = RECORD_LEN
+    q, k, v = _qkv(mod, dtype, n)
+    scale = mod.HEAD_DIM**-0.5
+    # parameters: scalars are never specialised on and tensors only by dtype: any representative value
+    params = tuple(default_params(mod, batch=1, n_q=n, n_k=n, device="cpu").values())
+    o, lse = mod._forward(q, k, v, scale, params)
+    if hasattr(mod, "_backward"):
+        mod._backward(q, k, v, o, lse, torch.empty_like(o), torch.zeros_like(lse), scale, params)
+
+
+def _run_nsa(mod, dtype: str) -> None:
+    """An NSA module's selection kernels, as nsa_attention calls them: the block selection with the
+    module's parameters, then selected-block attention forward and backward over int64 index lists
+    (valid ones: every position selects block 0)."""
+    import torch
+
+    n = NSA_RECORD_LEN
+    q, k, v = _qkv(mod, dtype, n)
+    scale = mod.HEAD_DIM**-0.5
+    n_cmp = max(0, (n - mod.BLOCK) // mod.STRIDE + 1)
+    k_cmp = torch.zeros(1, mod.KV_HEADS, n_cmp, mod.HEAD_DIM, dtype=q.dtype)
+    lse_cmp = torch.zeros(1, mod.Q_HEADS, n, dtype=torch.float32)
+    check = mod._topn_check
+    mod._topn_check = lambda *args: None  # in a compiling process it demands CUDA tensors
+    try:
+        mod._topn_select(
+            q, k_cmp, lse_cmp, block=mod.BLOCK, stride=mod.STRIDE, select_block=mod.SELECT_BLOCK,
+            top_n=mod.TOP_N, initial=mod.INITIAL, local=mod.LOCAL, score=mod.SCORE, per=mod.PER, scale=scale,
+        )
+    finally:
+        mod._topn_check = check
+    block_idx = torch.zeros(1, mod.KV_HEADS, n, mod.TOP_N, dtype=torch.int64)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    o, lse = mod._slc_attention(q, k, v, block_idx, mod.SELECT_BLOCK, scale)
+    torch.autograd.backward((o, lse), (torch.empty_like(o), torch.zeros_like(lse)))
+
+
 def _launches(path: str, dtype: str) -> dict[str, _Launch]:
     if (path, dtype) not in _LAUNCHES:
         _LAUNCHES[path, dtype] = _record_launches(_module(path), dtype)
@@ -231,12 +286,10 @@ def _describe(path: str) -> dict:
     """What to compile for one module: its dtypes, and each kernel with its configs."""
     try:
         mod = _module(path)
-        if not hasattr(mod, "_SPACES"):  # an NSA module: its dense branches are reported as modules of their own
-            return {"name": mod.NAME, "dtypes": list(mod.DTYPES), "kernels": [], "error": None}
         launches = _launches(path, mod.DTYPES[0])
         kernels = []
         for name, launch in launches.items():
-            space = list(mod._SPACES.get(name, ())) if launch.configs is not None else []
+            space = list(getattr(mod, "_SPACES", {}).get(name, ())) if launch.configs is not None else []
             if launch.configs is None:
                 kernels.append((name, [None]))
             elif len(launch.configs) != len(space):
@@ -253,8 +306,6 @@ def _describe(path: str) -> dict:
 def _signature(fn, values: dict) -> tuple[dict, dict, dict]:
     """ASTSource's signature, constexprs and attrs for these argument values, specialised as
     Triton specialises a launch."""
-    from .runtime import DTYPE_NAMES
-
     sig, consts, attrs = {}, {}, {}
     for i, p in enumerate(fn.params):
         if p.name not in values:
@@ -266,8 +317,10 @@ def _signature(fn, values: dict) -> tuple[dict, dict, dict]:
             sig[p.name], consts[(i,)] = "constexpr", x
             continue
         if hasattr(x, "data_ptr"):
-            # float pointers by the module's dtype names; int tensor parameters as *i32 / *i64
-            sig[p.name] = "*" + DTYPE_NAMES.get(x.dtype, str(x.dtype).replace("torch.int", "i"))
+            name = str(x.dtype).removeprefix("torch.")
+            if name not in _TRITON_TYPES:
+                raise TypeError(f"parameter {p.name}: cannot type a tensor of dtype {x.dtype}")
+            sig[p.name] = "*" + _TRITON_TYPES[name]
             aligned = x.data_ptr() % 16 == 0
         elif isinstance(x, bool):
             sig[p.name], aligned = "u1", False
@@ -518,6 +571,8 @@ def _failed_describe(path: str, reason: str) -> dict:
 
 def _jobs_for(path: str, described: dict, archs: list[int], configs, dtypes, kernels) -> list[_Job]:
     jobs = []
+    if dtypes == "first":
+        dtypes = described["dtypes"][:1]
     for kernel, space in described["kernels"]:
         for dtype in described["dtypes"]:
             if (kernels is None or kernel in kernels) and (dtypes is None or dtype in dtypes):
@@ -533,7 +588,7 @@ def run_report(
     archs: Iterable[str | int],
     *,
     configs: str | ConfigFilter = "all",
-    dtypes: Collection[str] | None = None,
+    dtypes: Collection[str] | str | None = None,
     kernels: Collection[str] | None = None,
     jobs: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
@@ -542,7 +597,8 @@ def run_report(
     """Compile every selected (kernel, dtype, arch, config) of the generated modules; one Row each.
 
     configs: 'all', 'first' (the first, smallest, config of the space) or a predicate over the
-    module's _SPACES entries. dtypes and kernels restrict the report when given. jobs: worker
+    module's _SPACES entries. dtypes and kernels restrict the report when given; dtypes='first'
+    keeps each module's first dtype (its DTYPES order, the spec's). jobs: worker
     processes (default: one per CPU); timeout: seconds one compilation may take before its row
     becomes an error. Workers are started with multiprocessing's spawn method, so a script calling
     this needs the usual `if __name__ == "__main__":` guard.
@@ -613,17 +669,22 @@ def main(
     out: str = "generated",
     archs: str = "sm_80,sm_90",
     configs: str = "all",
+    dtypes: str = "all",
     json_path: str | None = None,
     jobs: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> int:
     from .build import build, spec_files
-    from .spec import SpecError
+    from .spec import DTYPES, SpecError
 
     try:
         arch_list = [parse_arch(a) for a in archs.split(",") if a.strip()]
     except ValueError as e:
         print(f"attngen report: {e}", file=sys.stderr)
+        return 2
+    dtype_choice = None if dtypes == "all" else dtypes if dtypes == "first" else [d.strip() for d in dtypes.split(",")]
+    if isinstance(dtype_choice, list) and not set(dtype_choice) <= set(DTYPES):
+        print(f"attngen report: --dtypes {dtypes!r}: expected all, first or a list of {', '.join(DTYPES)}", file=sys.stderr)
         return 2
     given = [Path(s) for s in specs] or spec_files(spec_dir)
     if not given:
@@ -640,7 +701,9 @@ def main(
         if sys.stderr.isatty():
             print(f"\rcompiled {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
-    rows = run_report(modules, arch_list, configs=configs, jobs=jobs, timeout=timeout, progress=progress)
+    rows = run_report(
+        modules, arch_list, configs=configs, dtypes=dtype_choice, jobs=jobs, timeout=timeout, progress=progress
+    )
     print(format_table(rows))
     limits = ", ".join(f"sm_{a} {SMEM_LIMIT[a]} B" for a in arch_list)
     print(f"spills = ptxas spill stores + loads in bytes; smem = shared memory per block (limit: {limits});")

@@ -3,11 +3,7 @@ attngen.nsa_reference.selected_attention: o, lse, dq, dk, dv under the project's
 
 import functools
 import importlib.util
-import json
 import math
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -305,73 +301,32 @@ def test_partial_renders_to_itself():
     assert _env().get_template("_nsa_selected.jinja").render() == (ROOT / "templates" / "_nsa_selected.jinja").read_text()
 
 
-# Compiles the partial's kernels for sm_90 with no GPU present (in a subprocess: this one runs the
-# interpreter): each kernel's signature comes from a launch recorded by _slc_forward / _slc_backward
-# on CPU tensors, as `attngen report` does for generated modules. Prints one JSON row per kernel.
-_AOT_SCRIPT = r"""
-import contextlib, io, json, sys
-import importlib.util
-import torch
-from attngen import report, runtime
-assert not runtime.INTERPRET
-runtime.DTYPE_NAMES.update({torch.int32: "i32", torch.int64: "i64"})  # index tensors
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
-
-spec = importlib.util.spec_from_file_location("slc_aot", sys.argv[1])
-mod = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mod)
-for group, d, dv, dtype in json.loads(sys.argv[2]):
-    calls, kernels = {}, {n: f for n, f in vars(mod).items() if isinstance(f, JITFunction) and n.endswith("_kernel")}
-
-    class Recorder:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *a, **kw: calls.setdefault(self.name, (a, kw))
-
-    t = getattr(torch, dtype)
-    q, k, v = torch.zeros(1, 2 * group, 1024, d, dtype=t), torch.zeros(1, 2, 1024, d, dtype=t), torch.zeros(1, 2, 1024, dv, dtype=t)
-    idx = torch.zeros(1, 2, 1024, 16, dtype=torch.int32)
-    try:
-        for n in kernels:
-            setattr(mod, n, Recorder(n))
-        o, lse, packs = mod._slc_forward(q, k, v, idx, 64, 0.1)
-        mod._slc_backward(q, k, v, o, lse, idx, packs, torch.zeros_like(o), torch.zeros_like(lse), 64, 0.1)
-    finally:
-        for n, f in kernels.items():
-            setattr(mod, n, f)
-    for name, (args, kw) in calls.items():
-        fn = kernels[name]
-        values = dict(zip(fn.arg_names, args))
-        values.update({a: x for a, x in kw.items() if a in fn.arg_names})
-        sig, consts, attrs = report._signature(fn, values)
-        log = io.StringIO()
-        with contextlib.redirect_stdout(log):
-            c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                               target=GPUTarget("cuda", 90, 32), options={a: x for a, x in kw.items() if a not in fn.arg_names})
-        stats = report._ptxas_stats(log.getvalue()) or report._ptxas_stats(report._run_ptxas(c.asm["ptx"], 90))
-        print(json.dumps(dict(stats, kernel=name, group=group, d=d, dv=dv, dtype=dtype, smem=c.metadata.shared,
-                              tensor_cores=report.tensor_core_kind(c.asm["ptx"]))))
-"""
+def nsa_spec(tmp_path: Path, group: int, d: int, dv: int, dtype: str) -> Path:
+    """An NSA spec of 2 KV heads with `group` query heads each, the paper's selection (16 blocks of 64)."""
+    name = f"slc_g{group}_d{d}_{dv}_{dtype}"
+    spec = tmp_path / f"{name}.yaml"
+    spec.write_text(
+        f"name: {name}\nheads: {{q: {2 * group}, kv: 2}}\nhead_dim: {d}\nv_head_dim: {dv}\ndtypes: [{dtype}]\n"
+        "sparse:\n  kind: nsa\n  compress: {block: 32, stride: 16}\n  select: {block: 64, top_n: 16}\n"
+    )
+    return spec
 
 
-def test_kernels_compile_for_sm90_without_spills(tmp_path):
-    """Registers: the tile rule keeps every kernel spill-free at sm_90 (compiled ahead of time) for
-    the paper's head dims and the group sizes around the packing boundary."""
-    module = tmp_path / "nsa_selected_partial.py"
-    module.write_text(PREAMBLE + (ROOT / "templates" / "_nsa_selected.jinja").read_text())
-    configs = [[1, 192, 128, "float16"], [16, 192, 128, "bfloat16"], [3, 128, 128, "float16"], [32, 40, 40, "float16"]]
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DUMP_PTXAS_LOG="1", TRITON_CACHE_DIR=str(tmp_path / "cache"),
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(module), json.dumps(configs)], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 3 * len(configs)
+def test_kernels_compile_for_sm90_without_spills(tmp_path, monkeypatch):
+    """Registers: the tile rule keeps every kernel spill-free at sm_90 (compiled ahead of time by
+    `attngen report`, which records the tiles _slc_forward / _slc_backward launch) for the paper's
+    head dims and the group sizes around the packing boundary."""
+    from attngen.build import build
+    from attngen.report import SMEM_LIMIT, run_report
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    configs = [(1, 192, 128, "fp16"), (16, 192, 128, "bf16"), (3, 128, 128, "fp16"), (32, 40, 40, "fp16")]
+    specs = [nsa_spec(tmp_path, *c) for c in configs]
+    modules = [path for path, _ in build(specs, tmp_path / "gen") if path.stem in {s.stem for s in specs}]
+    kernels = {"_slc_fwd_kernel", "_slc_bwd_dq_kernel", "_slc_bwd_dkdv_kernel"}
+    rows = run_report(modules, ["sm_90"], kernels=kernels, jobs=2)
+    assert {(r.spec, r.kernel) for r in rows} == {(s.stem, k) for s in specs for k in kernels}
     for r in rows:
-        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
-        assert r["smem"] <= 232448 and r["tensor_cores"] != "none", r
+        assert r.error is None, r.error
+        assert r.spill_stores == 0 and r.spill_loads == 0, r
+        assert r.smem <= SMEM_LIMIT[90] and r.tensor_cores != "none", r

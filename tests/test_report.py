@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from attngen import report
-from attngen.build import build, derived_specs, spec_files
+from attngen.build import build, derived_specs, output_names, spec_files
 from attngen.cli import main as cli_main
 from attngen.spec import load_spec
 
@@ -26,14 +26,31 @@ def triton_cache(tmp_path_factory):
         yield
 
 
+# The shipped NSA spec whose modules are also compiled at fp32 (the other dtypes' code paths differ
+# from fp16 / bf16 in a few places only: tf32 dots, the block selection's halved row tiles).
+FP32_SPEC = ROOT / "specs" / "nsa_tiny.yaml"
+
+
+def kernel_names(spec) -> tuple[str, ...]:
+    """The kernels a module built from `spec` launches (forward and backward)."""
+    if spec.sparse is not None:
+        topn = "_topn_token_kernel" if spec.sparse.per == "token" else "_topn_block_kernel"
+        return (topn, "_slc_fwd_kernel", "_slc_bwd_dq_kernel", "_slc_bwd_dkdv_kernel")
+    return ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
+
+
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory, triton_cache):
-    """The report of every shipped spec at sm_90, first config of each space, through the CLI."""
+    """The report of every module of every shipped spec at sm_90 through the CLI: the first config of
+    each space at the module's first dtype; plus FP32_SPEC's modules at fp32. (Every dtype of every
+    module would take minutes; the dtypes share the kernels' code, which compiles or not as a whole.)"""
     tmp = tmp_path_factory.mktemp("shipped")
     rows_file = tmp / "rows.json"
-    args = ["report", *map(str, SHIPPED), "--arch", "sm_90", "--configs", "first", "--out", str(tmp / "gen")]
-    rc = cli_main([*args, "--json", str(rows_file), "--jobs", "2"])
-    return rc, json.loads(rows_file.read_text())
+    args = ["report", *map(str, SHIPPED), "--arch", "sm_90", "--configs", "first", "--dtypes", "first"]
+    rc = cli_main([*args, "--out", str(tmp / "gen"), "--json", str(rows_file), "--jobs", "2"])
+    fp32 = [path for path, _ in build([FP32_SPEC], tmp / "gen")]
+    extra = report.run_report(fp32, ["sm_90"], configs="first", dtypes=["fp32"], jobs=2)
+    return rc, json.loads(rows_file.read_text()), [r.to_json() for r in extra]
 
 
 def write_spec(tmp_path: Path, name: str, *, head_dim: int, dtypes: str, tiles: dict, backward: bool) -> Path:
@@ -47,16 +64,20 @@ def write_spec(tmp_path: Path, name: str, *, head_dim: int, dtypes: str, tiles: 
 
 
 def test_shipped_specs_compile_for_sm90(shipped):
-    _, rows = shipped
-    # an NSA spec's kernels are reported through its dense branch modules
+    _, cli_rows, fp32_rows = shipped
+    rows = cli_rows + fp32_rows
+    # an NSA spec builds its own module (block selection, selected attention) and dense branch modules
+    modules = [m for spec in map(load_spec, SHIPPED) for m in (spec, *derived_specs(spec))]
+    assert "fp32" in load_spec(FP32_SPEC).dtypes
+    fp32 = set(output_names(load_spec(FP32_SPEC)))
     expected = {
         (m.name, k, d)
-        for spec in map(load_spec, SHIPPED)
-        for m in (derived_specs(spec) or [spec])
-        for k in ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
-        for d in m.dtypes
+        for m in modules
+        for k in kernel_names(m)
+        for d in {m.dtypes[0], *(["fp32"] if m.name in fp32 else [])}
     }
     assert {(r["spec"], r["kernel"], r["dtype"]) for r in rows} == expected
+    assert len(rows) == len(expected)  # one config each
     assert all(r["arch"] == 90 for r in rows)
     compiled = [r for r in rows if r["error"] is None]
     for r in compiled:
@@ -65,7 +86,7 @@ def test_shipped_specs_compile_for_sm90(shipped):
         problems = [p for p, bad in (("spills", r["spills"] > 0), ("smem overflow", r["smem"] > 232448)) if bad]
         assert r["verdict"] == (", ".join(problems) or "ok"), r
         assert r["usable"] == (not problems), r
-    # fp16/bf16 matmuls run on tensor cores; the preprocess kernel has no tl.dot
+    # fp16/bf16 matmuls run on tensor cores (NSA's too); the preprocess kernel has no tl.dot
     for r in compiled:
         if r["kernel"] != "_bwd_preprocess" and r["dtype"] != "fp32":
             assert r["tensor_cores"] in ("wgmma", "mma"), r
@@ -76,7 +97,7 @@ def test_shipped_specs_compile_for_sm90(shipped):
 
 
 def test_shipped_exit_code_matches_rows(shipped):
-    rc, rows = shipped
+    rc, rows, _ = shipped
     groups: dict[tuple, bool] = {}
     for r in rows:
         key = (r["spec"], r["kernel"], r["dtype"])
@@ -129,6 +150,11 @@ def test_usable_configs_keeps_only_the_config_that_does_not_spill(tmp_path, trit
     )
     usable = report.usable_configs(spec, "_bwd_dkdv_kernel", "fp16", "sm_90", jobs=2)
     assert usable == [{"block_m": 32, "block_n": 32, "num_warps": 4, "num_stages": 2}]
+
+
+def test_unknown_dtype_is_refused(capsys):
+    assert cli_main(["report", str(SHIPPED[0]), "--dtypes", "fp16,fp8"]) == 2
+    assert "--dtypes 'fp16,fp8'" in capsys.readouterr().err
 
 
 def test_parse_arch():
