@@ -375,14 +375,16 @@ def _topn_select(q, k_cmp, lse_cmp, *, block, stride, select_block, top_n, initi
         q, k_cmp, row, k_norm, out, *q.stride(), *k_cmp.stride(), *row.stride(),
         n, k_cmp.shape[2], scale, block, stride, select_block, top_n, initial, local,
     )
-    # float32 tiles take twice the registers: half the rows keeps them from spilling (sm_90)
+    # float32 tiles take twice the registers: half the rows keeps them from spilling (sm_90); a
+    # narrow float32 head (D <= 32) spilled with 8 warps (capped at 128 registers) and not with 4
     tall = _topn_block_m // 2 if q.dtype == torch.float32 else _topn_block_m
+    warps = 4 if q.dtype == torch.float32 and common["BLOCK_D"] <= 32 else 8
     if per == "token":
         block_m = tall
-        _topn_token_kernel[(triton.cdiv(n, block_m), b * hkv)](*args, BLOCK_M=block_m, **common, num_warps=8)
+        _topn_token_kernel[(triton.cdiv(n, block_m), b * hkv)](*args, BLOCK_M=block_m, **common, num_warps=warps)
     else:  # row tiles no taller than a query block
         block_m = min(tall, max(16, triton.next_power_of_2(select_block)))
-        _topn_block_kernel[(num_sel, b * hkv)](*args, BLOCK_M=block_m, **common, num_warps=8)
+        _topn_block_kernel[(num_sel, b * hkv)](*args, BLOCK_M=block_m, **common, num_warps=warps)
     return out
 
 
