@@ -738,14 +738,29 @@ class FlexRunner:
 
     def make_block_mask(self, n, device):
         """The block mask at length n (None without a mask); also fixes the score_mod's lengths."""
+        import torch
+        from torch.fx.experimental.proxy_tensor import make_fx
+
         p = self.params
+        # The expressions as FX graphs of torch operations, traced once, for the compiled kernel:
+        # torch.compile traces those rather than attngen.expr.to_torch's walk over sympy (which
+        # Dynamo cannot). The example indices are 1-element vectors, so that a tensor parameter's
+        # read is advanced indexing (a 0-dim index would be read out as a Python int), and the
+        # graphs return 1-element results (FlexAttention's lowering takes no reshape); the
+        # parameter tensors become constants. create_block_mask, which needs scalar results and
+        # runs eagerly under vmap, evaluates the expression itself.
+        one = [torch.zeros(1, dtype=torch.int32, device=device) for _ in range(4)]
         if self.score is not None:
             score = self.score
-            self.score_mod = lambda s, b, h, q, kv: score(s, b, h, q, kv, n, n, **p)
+            g_score = make_fx(lambda s, b, h, q, kv: score(s, b, h, q, kv, n, n, **p))(
+                torch.zeros((), dtype=torch.float32, device=device), *one)
+            self.score_mod = lambda s, b, h, q, kv: g_score(s, b, h, q, kv)
         if self.visible is not None:
             visible = self.visible
-            mask_mod = lambda b, h, q, kv: visible(b, h, q, kv, n, n, **p)  # noqa: E731
-            self.block_mask = self.create_block_mask(mask_mod, None, None, n, n, device=device)
+            g_mask = make_fx(lambda b, h, q, kv: visible(b, h, q, kv, n, n, **p))(*one)
+            self.block_mask = self.create_block_mask(lambda b, h, q, kv: visible(b, h, q, kv, n, n, **p),
+                                                     None, None, n, n, device=device)
+            self.block_mask.mask_mod = lambda b, h, q, kv: g_mask(b, h, q, kv)
         return self.block_mask
 
     def __call__(self, q, k, v):
@@ -920,7 +935,7 @@ def _make_impl(impl: str, info: SpecInfo, n: int, batch: int, dev: str, dtype, n
         mask = {"sdpa_flash": info.mask, "sdpa_flash_causal": "causal", "sdpa_flash_dense": "none"}[impl]
         fn, note = sdpa_flash(mask, info.q_heads // info.kv_heads, dev, dtype)
         if impl != "sdpa_flash":
-            note = "; ".join(x for x in (f"baseline: dense {mask} attention of the same shape", note) if x)
+            note = "; ".join(x for x in (f"baseline: dense {'causal' if mask == 'causal' else 'unmasked'} attention of the same shape", note) if x)
         return fn, note, True
     if impl == "flex":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
