@@ -317,27 +317,30 @@ def expr_fns(mask: str, score_mod: str, decls: dict):
     return visible, score
 
 
-def mask_counts(visible, n_q: int, n_k: int, block_m: int, block_n: int, *, params=None, device="cpu",
-                chunk_elems: int = 1 << 24) -> tuple[int, int, int]:
-    """(tiles holding a visible pair, visible pairs, visible pairs above the diagonal kv > q) per
-    (batch 0, head 0), by evaluating the mask on every pair, a few query tiles at a time."""
+def mask_counts(visible, n_q: int, n_k: int, blocks, *, params=None, device="cpu",
+                chunk_elems: int = 1 << 24) -> tuple[list[int], int, int]:
+    """([tiles holding a visible pair, per (BLOCK_M, BLOCK_N) of `blocks`], visible pairs, visible
+    pairs above the diagonal kv > q) at batch 0, head 0, by evaluating the mask on every pair, a few
+    query tiles at a time."""
     import torch
 
     params = params or {}
-    n_nt = -(-n_k // block_n)
     kv = torch.arange(n_k, device=device).view(1, -1)
     zero = torch.zeros((), dtype=torch.int64, device=device)
-    rows = max(1, chunk_elems // max(1, n_k * block_m)) * block_m
-    tiles = pairs = above = 0
+    step = math.lcm(*(bm for bm, _ in blocks)) if blocks else 1
+    rows = max(1, chunk_elems // max(1, n_k * step)) * step
+    tiles, pairs, above = [0] * len(blocks), 0, 0
     for start in range(0, n_q, rows):
         stop = min(n_q, start + rows)
         q = torch.arange(start, stop, device=device).view(-1, 1)
         vis = visible(zero, zero, q, kv, n_q, n_k, **params).expand(stop - start, n_k)
         pairs += int(vis.sum())
         above += int((vis & (kv > q)).sum())
-        pad = torch.zeros(-(-(stop - start) // block_m) * block_m, n_nt * block_n, dtype=torch.bool, device=device)
-        pad[: stop - start, :n_k] = vis
-        tiles += int(pad.view(-1, block_m, n_nt, block_n).any(dim=3).any(dim=1).sum())
+        for i, (bm, bn) in enumerate(blocks):
+            n_nt = -(-n_k // bn)
+            pad = torch.zeros(-(-(stop - start) // bm) * bm, n_nt * bn, dtype=torch.bool, device=device)
+            pad[: stop - start, :n_k] = vis
+            tiles[i] += int(pad.view(-1, bm, n_nt, bn).any(dim=3).any(dim=1).sum())
     return tiles, pairs, above
 
 
@@ -482,17 +485,21 @@ def run_tiles(report: Report, infos: list[SpecInfo], lengths: list[int], device:
     for info in infos:
         rule = mask_rule(load_spec(info.path))
         visible, _ = info.fns()
+        configs = tile_configs(info.mod._SPACES["_fwd_kernel"])
+        blocks = [(cfg["block_m"], cfg["block_n"]) for _, cfg in configs]
         for n in lengths:
             params, shown = info.params(n, 1, "cpu")
             pairs = unmasked_pairs(info.mask, n, n)
-            countable = pairs is not None or n <= COUNT_MAX_N[device]
-            for role, cfg in tile_configs(info.mod._SPACES["_fwd_kernel"]):
+            counted = None
+            if pairs is None and n <= COUNT_MAX_N[device]:
+                counted, pairs, _ = mask_counts(visible, n, n, blocks, params=_on(params, device), device=device)
+            for i, (role, cfg) in enumerate(configs):
                 bm, bn = cfg["block_m"], cfg["block_n"]
                 counts = classify_tiles(rule, n, n, bm, bn, params).counts("fwd")
                 need = min_tiles(info.mask, n, n, bm, bn)
                 note = ""
-                if need is None and countable:
-                    need, pairs, _ = mask_counts(visible, n, n, bm, bn, params=_on(params, device), device=device)
+                if need is None and counted is not None:
+                    need = counted[i]
                     note = "tiles_min and unmasked_pairs by evaluating the mask on every pair"
                 elif need is None:
                     note = (f"tiles_min and unmasked_pairs not computed above N = {COUNT_MAX_N[device]} on "
@@ -1021,7 +1028,7 @@ def run_timing(report: Report, args, infos: list[SpecInfo], lengths: list[int], 
             if pairs is None and time.perf_counter() <= deadline:
                 try:
                     t = time.perf_counter()
-                    _, pairs, above = mask_counts(visible, n, n, 128, 128, params=params, device=dev)
+                    _, pairs, above = mask_counts(visible, n, n, [], params=params, device=dev)
                     inside_causal = above == 0
                     count_note = f"unmasked_pairs counted on {dev} in {time.perf_counter() - t:.2f} s"
                 except RuntimeError as e:  # out of memory: time without FLOPs
