@@ -8,6 +8,10 @@ interpreter, whose timings mean nothing, so it reports what is meaningful there 
 the forward kernel visits against the minimum the mask needs, and the time from spec to importable
 module next to FlexAttention's first-call compile time.
 
+Specs with an expression mask or a score_mod run with parameter values chosen per sequence length
+(recorded in the `params` column) and are timed against dense baselines of the same shape as well;
+NSA specs are left to benchmarks/nsa_model.py --gpu.
+
 Run `python benchmarks/bench.py --help` for the options, the CSV columns and the FLOP convention.
 """
 
@@ -667,7 +671,8 @@ def probe_main(args) -> int:
             if flex.make_block_mask(n, dev) is not None:
                 sync()
                 res["block_mask"] = time.perf_counter() - t
-                notes["block_mask"] = "create_block_mask, first call (not included in first_call_fwd)"
+                notes["block_mask"] = ("create_block_mask, first call, and tracing the spec's expressions "
+                                       "(not included in first_call_fwd)")
             # FlexAttention has no backward on the CPU
             steps = (("first_call_fwd", False), ("first_call_fwd_bwd", True)) if cuda else (("first_call_fwd", False),)
             first_calls(flex, steps, lambda grad: f"torch.compile(flex_attention) first call, B=1 N={n}; {flex.gqa_note}"
@@ -960,7 +965,7 @@ def _make_impl(impl: str, info: SpecInfo, n: int, batch: int, dev: str, dtype, n
         if fn.block_mask is not None:
             report.add(**base, impl="flex", **{"pass": "block_mask"}, first_call_s=times[0],
                        median_ms=statistics.median(times[1:]) * 1e3, status="ok",
-                       note="create_block_mask; not included in flex's fwd/bwd times")
+                       note="create_block_mask (and tracing the spec's expressions); not included in flex's fwd/bwd times")
         how = "mask_mod and score_mod from the spec's expressions (attngen.expr.to_torch)" if not info.plain else ""
         return fn, "; ".join(x for x in (fn.gqa_note, "torch.compile defaults", how) if x), True
     if not info.plain and impl in ("flash_attn", "fla_nsa"):
