@@ -8,6 +8,10 @@ interpreter, whose timings mean nothing, so it reports what is meaningful there 
 the forward kernel visits against the minimum the mask needs, and the time from spec to importable
 module next to FlexAttention's first-call compile time.
 
+Specs with an expression mask or a score_mod run with parameter values chosen per sequence length
+(recorded in the `params` column) and are timed against dense baselines of the same shape as well;
+NSA specs are left to benchmarks/nsa_model.py --gpu.
+
 Run `python benchmarks/bench.py --help` for the options, the CSV columns and the FLOP convention.
 """
 
@@ -47,10 +51,16 @@ FLOP_RULE = (
 COLUMNS = {
     "section": "tiles (forward tile work), compile (spec->module and first-call compile), timing (CUDA), env",
     "spec": "spec name",
-    "impl": "attngen, sdpa_flash, flex, flash_attn, fla_nsa",
+    "impl": "attngen, sdpa_flash, flex, flash_attn, fla_nsa; baselines for an expression mask or a "
+            "score_mod: sdpa_flash_causal (dense causal, for masks inside the causal triangle and causal "
+            "score_mod specs) or sdpa_flash_dense (no mask), attngen_causal (the same spec built with "
+            "mask causal, no params, no score_mod)",
     "pass": "fwd, bwd, fwd_bwd; compile section: torch_import, build, import, spec_to_module, process_wall, "
             "block_mask, first_call_fwd, first_call_fwd_bwd; env: availability",
-    "mask": "none or causal",
+    "mask": "the spec's mask: none, causal or an expression",
+    "score_mod": "the spec's score_mod expression, empty without one",
+    "params": "the mask's and score_mod's parameter values the row used (chosen per N to mean something "
+              "at long N, e.g. a 1024-key window; tensors described)",
     "q_heads": "query heads Hq",
     "kv_heads": "key/value heads Hkv",
     "head_dim": "D (q and k)",
@@ -71,7 +81,10 @@ COLUMNS = {
     "visited_over_min": "tiles_visited / tiles_min (1.0 = no tile visited in vain)",
     "useful_fraction": "unmasked pairs / (tiles_visited * BLOCK_M * BLOCK_N): share of computed scores "
                        "that are kept (diagonal tiles and sequence-end padding lower it)",
-    "unmasked_pairs": "visible (q, kv) pairs per (batch, head)",
+    "unmasked_pairs": "visible (q, kv) pairs per (batch, head) of the row's implementation (a baseline's "
+                      "own mask); for an expression mask counted at batch 0, head 0 by evaluating it "
+                      "on every pair (tiles: up to N = 4096 on the CPU, 65536 with CUDA; timing: on the "
+                      "device)",
     "flops": "FLOPs credited to the pass (see flop_rule)",
     "median_ms": "median time of one call over the repeats (CUDA events)",
     "tflops": "flops / median time / 1e12",
@@ -145,8 +158,10 @@ def make_parser() -> argparse.ArgumentParser:
                    "call is slow, see --seconds-per-measure)")
     p.add_argument("--seconds-per-measure", type=float, default=2.0, help="time to spend on the repeats of one "
                    "measurement, at least 3 repeats (default 2)")
-    p.add_argument("--impls", default="attngen,sdpa_flash,flex,flash_attn,fla_nsa",
-                   help="implementations to time (default: all)")
+    p.add_argument("--impls", default="attngen,attngen_causal,sdpa_flash,flex,flash_attn,fla_nsa",
+                   help="implementations to time (default: all). For a spec with an expression mask or a "
+                   "score_mod, sdpa_flash times the dense baseline (sdpa_flash_causal or sdpa_flash_dense) and "
+                   "attngen_causal the spec rebuilt with mask causal; flash_attn and fla_nsa are not timed")
     p.add_argument("--max-configs", type=int, default=0, help="autotune attngen over at most this many configs "
                    "of its space, spread evenly, largest included (default 0: all); recorded in the note")
     p.add_argument("--probe-n", type=int, default=256, help="sequence length of the compile probes (default 256)")
@@ -216,6 +231,123 @@ def flops_fwd(batch: int, q_heads: int, pairs: int, d: int, dv: int) -> int:
 PASS_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 
 
+# ----------------------------------------------------------------------------- expression masks, score_mods
+
+
+# Largest N at which the tiles section counts the visible pairs and the tiles holding one by
+# evaluating the mask over every (q, kv) pair: on the CPU, and on a CUDA device.
+COUNT_MAX_N = {"cpu": 4096, "cuda": 65536}
+NSA_NOTE = "NSA specs are timed by benchmarks/nsa_model.py --gpu (model of the NSA kernels: benchmarks/nsa_model.py)"
+
+
+def _window_params(n: int) -> dict:
+    return {"w": 1024}
+
+
+def _natten_params(n: int) -> dict:
+    # a square grid of side a power of two, a 7 x 7 neighbourhood (radius 3)
+    return {"width": 1 << max(0, math.ceil(math.log2(max(1.0, math.sqrt(n))))), "r": 3}
+
+
+# Values meaningful at long N for the shipped specs, by spec name and parameter names; any other
+# spec gets attngen.testing.default_params. Scalars only: the tensors are made in bench_params.
+BENCH_SCALARS = {
+    ("sliding_window", ("w",)): _window_params,
+    ("prefix_lm", ("p",)): lambda n: {"p": max(1, n // 4)},
+    ("chunked_local", ("c",)): lambda n: {"c": 1024},
+    ("dilated_window", ("d", "w")): lambda n: {"w": 2048, "d": 2},
+    ("natten_2d", ("r", "width")): _natten_params,
+    ("global_window", ("g", "w")): lambda n: {"g": 64, "w": 1024},
+    ("softcap", ("c",)): lambda n: {"c": 50.0},
+}
+DOC_LEN = 2048  # packed documents of this many tokens (the last one shorter)
+
+
+def spec_decls(spec) -> dict:
+    """A loaded spec's parameter declarations in the generated module's PARAMS form."""
+    return {n: k if isinstance(k, str) else {"tensor": k.tensor, "dims": k.dims} for n, k in spec.params}
+
+
+def bench_params(name: str, decls: dict, q_heads: int, n: int, batch: int, device) -> tuple[dict, str]:
+    """(keyword arguments of the module's attention, how they read in the CSV) at length n."""
+    import torch
+
+    from attngen.runtime import PARAM_DTYPES
+    from attngen.testing import default_params
+
+    if not decls:
+        return {}, ""
+    key = (name, tuple(sorted(decls)))
+    if key in BENCH_SCALARS:
+        values = BENCH_SCALARS[key](n)
+        return values, " ".join(f"{k}={v}" for k, v in values.items())
+    if name == "document" and list(decls) == ["doc"] and decls["doc"] == {"tensor": "int32", "dims": 2}:
+        ids = (torch.arange(n, device=device) // DOC_LEN).to(PARAM_DTYPES["int32"])
+        return {"doc": ids.expand(batch, n).contiguous()}, f"doc=ids of {DOC_LEN}-token documents"
+    shim = type("Decls", (), {"PARAMS": decls, "Q_HEADS": q_heads})
+    values = default_params(shim, batch=batch, n_q=n, n_k=n, device=device)
+    shown = []
+    for k, v in values.items():
+        if isinstance(v, torch.Tensor):
+            shown.append(f"{k}=tensor{list(v.shape)}")
+        else:
+            shown.append(f"{k}={v}")
+    how = {"alibi": "ALiBi slopes 2^(-8(h+1)/Hq)", "relpos_bias": "0.5*randn"}.get(name, "default_params")
+    return values, " ".join(shown) + f" ({how})"
+
+
+def expr_fns(mask: str, score_mod: str, decls: dict):
+    """(visible, score) callables of a spec's mask and score_mod, on broadcast index tensors:
+    visible(b, h, q, kv, q_len, kv_len, **params) -> bool tensor (None for mask none),
+    score(s, b, h, q, kv, q_len, kv_len, **params) (None without a score_mod)."""
+    import torch
+
+    from attngen.expr import parse_expr, parse_params, to_torch
+
+    parsed = parse_params(dict(decls)) if decls else {}
+    visible = None
+    if mask == "causal":
+        visible = lambda b, h, q, kv, q_len, kv_len, **p: q >= kv  # noqa: E731
+    elif mask != "none":
+        fn = to_torch(parse_expr(mask, kind="mask", params=parsed))
+
+        def visible(b, h, q, kv, q_len, kv_len, **p):
+            out = fn(b, h, q, kv, q_len, kv_len, **p)
+            return out if isinstance(out, torch.Tensor) else torch.full((), bool(out), device=q.device)
+    score = None
+    if score_mod:
+        fs = to_torch(parse_expr(score_mod, kind="score_mod", params=parsed))
+        score = lambda s, b, h, q, kv, q_len, kv_len, **p: fs(b, h, q, kv, q_len, kv_len, score=s, **p)  # noqa: E731
+    return visible, score
+
+
+def mask_counts(visible, n_q: int, n_k: int, blocks, *, params=None, device="cpu",
+                chunk_elems: int = 1 << 24) -> tuple[list[int], int, int]:
+    """([tiles holding a visible pair, per (BLOCK_M, BLOCK_N) of `blocks`], visible pairs, visible
+    pairs above the diagonal kv > q) at batch 0, head 0, by evaluating the mask on every pair, a few
+    query tiles at a time."""
+    import torch
+
+    params = params or {}
+    kv = torch.arange(n_k, device=device).view(1, -1)
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    step = math.lcm(*(bm for bm, _ in blocks)) if blocks else 1
+    rows = max(1, chunk_elems // max(1, n_k * step)) * step
+    tiles, pairs, above = [0] * len(blocks), 0, 0
+    for start in range(0, n_q, rows):
+        stop = min(n_q, start + rows)
+        q = torch.arange(start, stop, device=device).view(-1, 1)
+        vis = visible(zero, zero, q, kv, n_q, n_k, **params).expand(stop - start, n_k)
+        pairs += int(vis.sum())
+        above += int((vis & (kv > q)).sum())
+        for i, (bm, bn) in enumerate(blocks):
+            n_nt = -(-n_k // bn)
+            pad = torch.zeros(-(-(stop - start) // bm) * bm, n_nt * bn, dtype=torch.bool, device=device)
+            pad[: stop - start, :n_k] = vis
+            tiles[i] += int(pad.view(-1, bm, n_nt, bn).any(dim=3).any(dim=1).sum())
+    return tiles, pairs, above
+
+
 # ----------------------------------------------------------------------------- output
 
 
@@ -261,10 +393,10 @@ def _fmt(v):
 
 
 _PRINT_COLS = {
-    "tiles": ("spec", "mask", "n", "config", "tiles_visited", "tiles_min", "tiles_total", "visited_over_min",
+    "tiles": ("spec", "mask", "params", "n", "config", "tiles_visited", "tiles_min", "tiles_total", "visited_over_min",
               "useful_fraction"),
     "compile": ("spec", "impl", "pass", "seconds", "status", "note"),
-    "timing": ("spec", "impl", "pass", "n", "batch", "median_ms", "tflops", "peak_mem_mib", "status", "note"),
+    "timing": ("spec", "impl", "pass", "params", "n", "batch", "median_ms", "tflops", "peak_mem_mib", "status", "note"),
     "env": ("impl", "status", "note"),
 }
 
@@ -308,14 +440,27 @@ class SpecInfo:
         self.mod = module
         self.name = module.NAME
         self.mask = module.MASK
+        self.score_mod = getattr(module, "SCORE_MOD", "")
+        self.decls = dict(getattr(module, "PARAMS", {}))
         self.q_heads = module.Q_HEADS
         self.kv_heads = module.KV_HEADS
         self.d = module.HEAD_DIM
         self.dv = module.V_HEAD_DIM
 
     def shape_cols(self) -> dict:
-        return dict(spec=self.name, mask=self.mask, q_heads=self.q_heads, kv_heads=self.kv_heads,
-                    head_dim=self.d, v_head_dim=self.dv)
+        return dict(spec=self.name, mask=self.mask, score_mod=self.score_mod, q_heads=self.q_heads,
+                    kv_heads=self.kv_heads, head_dim=self.d, v_head_dim=self.dv)
+
+    @property
+    def plain(self) -> bool:
+        """Mask none or causal, no parameters, no score_mod: closed-form counts, every implementation."""
+        return self.mask in ("none", "causal") and not self.decls and not self.score_mod
+
+    def params(self, n: int, batch: int, device) -> tuple[dict, str]:
+        return bench_params(self.name, self.decls, self.q_heads, n, batch, device)
+
+    def fns(self):
+        return expr_fns(self.mask, self.score_mod, self.decls)
 
 
 def load_modules(paths: list[Path], out: Path) -> list[SpecInfo]:
@@ -336,21 +481,35 @@ def tile_configs(space) -> list[tuple[str, dict]]:
 # ----------------------------------------------------------------------------- section: tiles
 
 
-def run_tiles(report: Report, infos: list[SpecInfo], lengths: list[int]) -> None:
-    from attngen.plan import tile_counts
+def run_tiles(report: Report, infos: list[SpecInfo], lengths: list[int], device: str = "cpu") -> None:
+    from attngen.classify import classify_tiles
+    from attngen.plan import mask_rule
+    from attngen.spec import load_spec
 
     for info in infos:
+        rule = mask_rule(load_spec(info.path))
+        visible, _ = info.fns()
+        configs = tile_configs(info.mod._SPACES["_fwd_kernel"])
+        blocks = [(cfg["block_m"], cfg["block_n"]) for _, cfg in configs]
         for n in lengths:
+            params, shown = info.params(n, 1, "cpu")
             pairs = unmasked_pairs(info.mask, n, n)
-            for role, cfg in tile_configs(info.mod._SPACES["_fwd_kernel"]):
+            counted = None
+            if pairs is None and n <= COUNT_MAX_N[device]:
+                counted, pairs, _ = mask_counts(visible, n, n, blocks, params=_on(params, device), device=device)
+            for i, (role, cfg) in enumerate(configs):
                 bm, bn = cfg["block_m"], cfg["block_n"]
-                counts = tile_counts(info.mask, n, n, bm, bn)
+                counts = classify_tiles(rule, n, n, bm, bn, params).counts("fwd")
                 need = min_tiles(info.mask, n, n, bm, bn)
                 note = ""
-                if need is None:
-                    note = f"no closed form for mask {info.mask!r}: tiles_min not computed"
+                if need is None and counted is not None:
+                    need = counted[i]
+                    note = "tiles_min and unmasked_pairs by evaluating the mask on every pair"
+                elif need is None:
+                    note = (f"tiles_min and unmasked_pairs not computed above N = {COUNT_MAX_N[device]} on "
+                            f"{device} (the mask is evaluated on every pair)")
                 report.add(
-                    section="tiles", impl="attngen", **{"pass": "fwd"}, **info.shape_cols(), n=n,
+                    section="tiles", impl="attngen", **{"pass": "fwd"}, **info.shape_cols(), params=shown, n=n,
                     config=f"{role}:{bm}x{bn}", block_m=bm, block_n=bn,
                     tiles_full=counts["full"], tiles_partial=counts["partial"], tiles_visited=counts["visited"],
                     tiles_min=need, tiles_total=counts["total"],
@@ -358,6 +517,12 @@ def run_tiles(report: Report, infos: list[SpecInfo], lengths: list[int]) -> None
                     useful_fraction=(pairs / (counts["visited"] * bm * bn)) if pairs and counts["visited"] else None,
                     unmasked_pairs=pairs, status="ok", note=note,
                 )
+
+
+def _on(params: dict, device) -> dict:
+    import torch
+
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in params.items()}
 
 
 # ----------------------------------------------------------------------------- section: compile
@@ -481,7 +646,8 @@ def probe_main(args) -> int:
         notes["spec_to_module"] = "build + import: the module is importable and callable after this"
         if cuda:
             n_cfg = limit_configs(mod, args.max_configs)
-            first_calls(mod.attention, (("first_call_fwd", False), ("first_call_fwd_bwd", True)),
+            params, _ = bench_params(mod.NAME, dict(getattr(mod, "PARAMS", {})), mod.Q_HEADS, n, batch, dev)
+            first_calls(lambda q, k, v: mod.attention(q, k, v, **params), (("first_call_fwd", False), ("first_call_fwd_bwd", True)),
                         lambda grad: f"Triton JIT + autotune over {n_cfg} configs per kernel, B=1 N={n}"
                         + ("; the forward was compiled by the step before" if grad else ""))
         else:
@@ -497,12 +663,16 @@ def probe_main(args) -> int:
             print("PROBE " + json.dumps({**res, "_notes": notes}), flush=True)
             return 0
         try:
-            flex = FlexRunner(spec.mask, spec.q_heads, spec.kv_heads, flex_attention, create_block_mask)
+            decls = spec_decls(spec)
+            params, _ = bench_params(spec.name, decls, spec.q_heads, n, batch, dev)
+            visible, score = expr_fns(spec.mask, spec.score_mod, decls)
+            flex = FlexRunner(spec.q_heads, spec.kv_heads, flex_attention, create_block_mask, visible, score, params)
             t = time.perf_counter()
             if flex.make_block_mask(n, dev) is not None:
                 sync()
                 res["block_mask"] = time.perf_counter() - t
-                notes["block_mask"] = "create_block_mask, first call (not included in first_call_fwd)"
+                notes["block_mask"] = ("create_block_mask, first call, and tracing the spec's expressions "
+                                       "(not included in first_call_fwd)")
             # FlexAttention has no backward on the CPU
             steps = (("first_call_fwd", False), ("first_call_fwd_bwd", True)) if cuda else (("first_call_fwd", False),)
             first_calls(flex, steps, lambda grad: f"torch.compile(flex_attention) first call, B=1 N={n}; {flex.gqa_note}"
@@ -534,6 +704,8 @@ def limit_configs(mod, max_configs: int) -> int:
 
 
 def chosen_config(mod) -> str:
+    if mod is None:
+        return ""
     cfg = getattr(getattr(mod, "_fwd_kernel", None), "best_config", None)
     if cfg is None:
         return ""
@@ -546,18 +718,17 @@ class FlexRunner:
 
     _compiled = None
 
-    def __init__(self, mask, q_heads, kv_heads, flex_attention, create_block_mask):
+    def __init__(self, q_heads, kv_heads, flex_attention, create_block_mask, visible=None, score=None,
+                 params=None):
+        """`visible` and `score` as expr_fns gives them (None: no mask, no score_mod), `params` the
+        values of their parameters."""
         import torch
 
-        from attngen.plan import MASK_RULES
-
-        self.mask = mask
         self.group = q_heads // kv_heads
         self.create_block_mask = create_block_mask
         self.block_mask = None
-        rule = MASK_RULES[mask]
-        probe = rule.visible(torch.arange(2).view(2, 1), torch.arange(2).view(1, 2))
-        self.mask_mod = None if not isinstance(probe, torch.Tensor) else (lambda b, h, q, kv: rule.visible(q, kv))
+        self.visible, self.score, self.params = visible, score, dict(params or {})
+        self.score_mod = None
         if FlexRunner._compiled is None:
             with contextlib.suppress(Exception):  # many shapes and specs in one process: allow the recompiles
                 import torch._dynamo
@@ -578,12 +749,36 @@ class FlexRunner:
             self.gqa_note = "enable_gqa=True" if self.native_gqa else "repeat_interleave k/v (no enable_gqa in this torch)"
 
     def make_block_mask(self, n, device):
-        if self.mask_mod is not None:
-            self.block_mask = self.create_block_mask(self.mask_mod, None, None, n, n, device=device)
+        """The block mask at length n (None without a mask); also fixes the score_mod's lengths."""
+        import torch
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        p = self.params
+        # The expressions as FX graphs of torch operations, traced once, for the compiled kernel:
+        # torch.compile traces those rather than attngen.expr.to_torch's walk over sympy (which
+        # Dynamo cannot). The example indices are 1-element vectors, so that a tensor parameter's
+        # read is advanced indexing (a 0-dim index would be read out as a Python int), and the
+        # graphs return 1-element results (FlexAttention's lowering takes no reshape); the
+        # parameter tensors become constants. create_block_mask, which needs scalar results and
+        # runs eagerly under vmap, evaluates the expression itself.
+        one = [torch.zeros(1, dtype=torch.int32, device=device) for _ in range(4)]
+        if self.score is not None:
+            score = self.score
+            g_score = make_fx(lambda s, b, h, q, kv: score(s, b, h, q, kv, n, n, **p))(
+                torch.zeros((), dtype=torch.float32, device=device), *one)
+            self.score_mod = lambda s, b, h, q, kv: g_score(s, b, h, q, kv)
+        if self.visible is not None:
+            visible = self.visible
+            g_mask = make_fx(lambda b, h, q, kv: visible(b, h, q, kv, n, n, **p))(*one)
+            self.block_mask = self.create_block_mask(lambda b, h, q, kv: visible(b, h, q, kv, n, n, **p),
+                                                     None, None, n, n, device=device)
+            self.block_mask.mask_mod = lambda b, h, q, kv: g_mask(b, h, q, kv)
         return self.block_mask
 
     def __call__(self, q, k, v):
         kw = {"block_mask": self.block_mask, "scale": q.shape[-1] ** -0.5}
+        if self.score_mod is not None:
+            kw["score_mod"] = self.score_mod
         if self.group > 1:
             if self.native_gqa:
                 kw["enable_gqa"] = True
@@ -728,25 +923,38 @@ def measure(fn, args, cuda: bool) -> tuple[float, float, float | None]:
 
 
 def _make_impl(impl: str, info: SpecInfo, n: int, batch: int, dev: str, dtype, n_cfg: int, max_configs: int,
-               report: Report, base: dict):
-    """(callable, note, counts_flops) for one implementation at one shape; raises when unavailable."""
+               report: Report, base: dict, params: dict, variant=None):
+    """(callable, note, counts_flops) for one implementation at one shape; raises when unavailable.
+    `params` are the spec's parameter values, `variant` the attngen_causal module."""
     import torch
 
     import attngen.runtime as rt
 
-    if impl == "attngen":
-        if rt.DTYPE_NAMES[dtype] not in info.mod.DTYPES:
-            raise NotImplementedError(f"spec built for {', '.join(info.mod.DTYPES)}")
-        total = len(info.mod._SPACES["_fwd_kernel"])
+    if impl in ("attngen", "attngen_causal"):
+        mod = info.mod if impl == "attngen" else variant
+        if rt.DTYPE_NAMES[dtype] not in mod.DTYPES:
+            raise NotImplementedError(f"spec built for {', '.join(mod.DTYPES)}")
+        total = len(mod._SPACES["_fwd_kernel"])
         pruned = 0 < max_configs < total
-        return info.mod.attention, (f"autotune over {n_cfg} of {total} configs (--max-configs)" if pruned else ""), True
-    if impl == "sdpa_flash":
-        fn, note = sdpa_flash(info.mask, info.q_heads // info.kv_heads, dev, dtype)
+        note = f"autotune over {n_cfg} of {total} configs (--max-configs)" if pruned else ""
+        if impl == "attngen_causal":
+            limit_configs(mod, max_configs)
+            return mod.attention, "; ".join(x for x in (f"baseline: {mod.NAME}, mask causal", note) if x), True
+        if params:
+            return (lambda q, k, v: mod.attention(q, k, v, **params)), note, True
+        return mod.attention, note, True
+    if impl in ("sdpa_flash", "sdpa_flash_causal", "sdpa_flash_dense"):
+        mask = {"sdpa_flash": info.mask, "sdpa_flash_causal": "causal", "sdpa_flash_dense": "none"}[impl]
+        fn, note = sdpa_flash(mask, info.q_heads // info.kv_heads, dev, dtype)
+        if impl != "sdpa_flash":
+            note = "; ".join(x for x in (f"baseline: dense {'causal' if mask == 'causal' else 'unmasked'} attention of the same shape", note) if x)
         return fn, note, True
     if impl == "flex":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        fn = FlexRunner(info.mask, info.q_heads, info.kv_heads, flex_attention, create_block_mask)
+        visible, score = info.fns()
+        fn = FlexRunner(info.q_heads, info.kv_heads, flex_attention, create_block_mask, visible, score,
+                        _on(params, dev))
         sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
         times = []
         for _ in range(4):
@@ -757,14 +965,47 @@ def _make_impl(impl: str, info: SpecInfo, n: int, batch: int, dev: str, dtype, n
         if fn.block_mask is not None:
             report.add(**base, impl="flex", **{"pass": "block_mask"}, first_call_s=times[0],
                        median_ms=statistics.median(times[1:]) * 1e3, status="ok",
-                       note="create_block_mask; not included in flex's fwd/bwd times")
-        return fn, fn.gqa_note + "; torch.compile defaults", True
+                       note="create_block_mask (and tracing the spec's expressions); not included in flex's fwd/bwd times")
+        how = "mask_mod and score_mod from the spec's expressions (attngen.expr.to_torch)" if not info.plain else ""
+        return fn, "; ".join(x for x in (fn.gqa_note, "torch.compile defaults", how) if x), True
+    if not info.plain and impl in ("flash_attn", "fla_nsa"):
+        raise NotImplementedError(f"no {impl} form of this mask / score_mod (see the sdpa_flash_* baseline)")
     if impl == "flash_attn":
         return flash_attn_impl(info.mask), "", True
     if impl == "fla_nsa":
         fn, note = fla_nsa_impl(info, n, batch, dev, dtype)
         return fn, note, False
     raise ValueError(f"unknown implementation {impl!r}")
+
+
+def causal_variant(info: SpecInfo, out: Path):
+    """The spec built with mask causal and without parameters or score_mod: attngen's own dense
+    causal kernel of the same heads, dims and tile space, the baseline of attngen_causal."""
+    import yaml
+
+    from attngen.build import build
+    from attngen.verify import import_generated
+
+    data = yaml.safe_load(info.path.read_text(encoding="utf-8"))
+    for key in ("params", "score_mod"):
+        data.pop(key, None)
+    data.update(name=f"{info.name}_causal", mask="causal",
+                description=f"{info.name} with mask causal, no parameters, no score_mod (benchmark baseline)")
+    path = out / "baselines" / f"{info.name}_causal.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    [(module_path, _)] = build([path], out / "modules")
+    return import_generated(module_path)
+
+
+def spec_impls(info: SpecInfo, wanted: list[str], inside_causal: bool) -> list[str]:
+    """The implementations timed for a spec. For an expression mask or a score_mod, sdpa_flash is
+    the dense baseline (causal when every visible pair has kv <= q, else no mask) and attngen_causal
+    (when wanted) follows attngen; for a plain spec attngen_causal is the spec itself, so it is left out."""
+    if info.plain:
+        return [i for i in wanted if i != "attngen_causal"]
+    base = "sdpa_flash_causal" if inside_causal else "sdpa_flash_dense"
+    return [base if i == "sdpa_flash" else i for i in wanted if i != "attngen_causal" or inside_causal]
 
 
 OPTIONAL_MODULES = {"flash_attn": "flash_attn", "fla_nsa": "fla.ops.nsa"}
@@ -783,13 +1024,27 @@ def run_timing(report: Report, args, infos: list[SpecInfo], lengths: list[int], 
     smoke = "" if cuda else "CPU smoke run (--timing-on-cpu): times mean nothing"
     for info in infos:
         n_cfg = limit_configs(info.mod, args.max_configs)
+        visible, _ = info.fns()
+        variant = None
         for n in lengths:
             batch = args.batch or max(1, args.tokens // n)
-            pairs = unmasked_pairs(info.mask, n, n)
-            fwd_flops = flops_fwd(batch, info.q_heads, pairs, info.d, info.dv) if pairs is not None else None
-            base = dict(section="timing", **info.shape_cols(), dtype=args.dtype, batch=batch, n=n, unmasked_pairs=pairs)
+            params, shown = info.params(n, batch, dev)
+            pairs, inside_causal, count_note = unmasked_pairs(info.mask, n, n), info.mask in ("none", "causal"), ""
+            if pairs is None and time.perf_counter() <= deadline:
+                try:
+                    t = time.perf_counter()
+                    _, pairs, above = mask_counts(visible, n, n, [], params=params, device=dev)
+                    inside_causal = above == 0
+                    count_note = f"unmasked_pairs counted on {dev} in {time.perf_counter() - t:.2f} s"
+                except RuntimeError as e:  # out of memory: time without FLOPs
+                    count_note = f"unmasked_pairs not counted ({short_error(e, 100)}): no TFLOP/s"
+            impl_pairs = {"sdpa_flash_causal": unmasked_pairs("causal", n, n), "attngen_causal": unmasked_pairs("causal", n, n),
+                          "sdpa_flash_dense": n * n}
+            base = dict(section="timing", **info.shape_cols(), params=shown, dtype=args.dtype, batch=batch, n=n,
+                        unmasked_pairs=pairs)
+            impls = spec_impls(info, wanted, inside_causal)
             if time.perf_counter() > deadline:
-                report.add(**base, impl=",".join(wanted), status="skipped", note="time budget spent")
+                report.add(**base, impl=",".join(impls), status="skipped", note="time budget spent")
                 continue
             g = torch.Generator(device=dev).manual_seed(n)
             try:
@@ -798,18 +1053,25 @@ def run_timing(report: Report, args, infos: list[SpecInfo], lengths: list[int], 
                 v = torch.randn(batch, info.kv_heads, n, info.dv, device=dev, dtype=dtype, generator=g)
                 do = torch.randn(batch, info.q_heads, n, info.dv, device=dev, dtype=dtype, generator=g)
             except RuntimeError as e:  # out of memory for the inputs alone
-                report.add(**base, impl=",".join(wanted), status="error", note=short_error(e))
+                report.add(**base, impl=",".join(impls), status="error", note=short_error(e))
                 continue
-            for impl in wanted:
+            for impl in impls:
+                row = {**base, "unmasked_pairs": impl_pairs.get(impl, pairs)}
+                fwd_flops = flops_fwd(batch, info.q_heads, row["unmasked_pairs"], info.d, info.dv) \
+                    if row["unmasked_pairs"] is not None else None
                 try:
+                    if impl == "attngen_causal" and variant is None:
+                        variant = causal_variant(info, Path(args.out))
                     fn, note, counts_flops = _make_impl(impl, info, n, batch, dev, dtype, n_cfg, args.max_configs,
-                                                        report, base)
+                                                        report, row, params, variant)
                 except Exception as e:  # noqa: BLE001  (unsupported here: record and go on)
-                    report.add(**base, impl=impl, status="skipped", note=short_error(e))
+                    report.add(**row, impl=impl, status="skipped", note=short_error(e))
                     continue
+                if impl in ("attngen", "flex") and count_note:
+                    note = "; ".join(x for x in (note, count_note) if x)
                 for pass_ in PASS_FLOP_FACTOR:
                     if time.perf_counter() > deadline:
-                        report.add(**base, impl=impl, **{"pass": pass_}, status="skipped", note="time budget spent")
+                        report.add(**row, impl=impl, **{"pass": pass_}, status="skipped", note="time budget spent")
                         continue
                     call = None
                     try:
@@ -822,13 +1084,13 @@ def run_timing(report: Report, args, infos: list[SpecInfo], lengths: list[int], 
                                 why = [str(w.message) for w in caught if "not used because" not in str(w.message)]
                                 raise RuntimeError(" | ".join([short_error(e, 200), *why[:2]])) from e
                         flops = fwd_flops * PASS_FLOP_FACTOR[pass_] if (fwd_flops and counts_flops) else None
-                        extra = chosen_config(info.mod) if impl == "attngen" else ""
-                        report.add(**base, impl=impl, **{"pass": pass_}, flops=flops, median_ms=median,
+                        extra = chosen_config({"attngen": info.mod, "attngen_causal": variant}.get(impl))
+                        report.add(**row, impl=impl, **{"pass": pass_}, flops=flops, median_ms=median,
                                    tflops=(flops / (median * 1e-3) / 1e12) if flops else None,
                                    peak_mem_mib=peak, first_call_s=first, status="ok",
                                    note="; ".join(x for x in (extra, note, smoke) if x))
                     except Exception as e:  # noqa: BLE001  (OOM, unsupported shape: record and go on)
-                        report.add(**base, impl=impl, **{"pass": pass_}, status="error", note=short_error(str(e), 400))
+                        report.add(**row, impl=impl, **{"pass": pass_}, status="error", note=short_error(str(e), 400))
                     finally:
                         del call
                         if cuda:
@@ -985,16 +1247,11 @@ def main(argv: list[str] | None = None) -> int:
     from attngen.build import spec_files
 
     spec_paths = [Path(p) for p in (args.specs or spec_files(ROOT / "specs"))]
-    # Expression masks and score_mods (runtime parameters, no closed-form pair counts here) are not
-    # benchmarked yet.
     from attngen.spec import load_spec
 
-    def plain(s):
-        return s.mask in ("none", "causal") and not s.params and not s.score_mod and not s.sparse
-
-    skipped = [p for p in spec_paths if not plain(load_spec(p))]
+    skipped = [p for p in spec_paths if load_spec(p).sparse]
     if skipped:
-        print("bench: skipping expression-mask, score_mod and NSA specs (not benchmarked yet): " + ", ".join(p.stem for p in skipped))
+        print(f"bench: skipping {', '.join(p.stem for p in skipped)}: {NSA_NOTE}")
     spec_paths = [p for p in spec_paths if p not in skipped]
     out = Path(args.out)
     meta = {
@@ -1012,7 +1269,7 @@ def main(argv: list[str] | None = None) -> int:
         "flop_rule": FLOP_RULE,
         "columns": COLUMNS,
         "optional": {},
-        "notes": [],
+        "notes": [NSA_NOTE] if skipped else [],
     }
     report = Report(out, meta)
     try:
@@ -1024,7 +1281,7 @@ def main(argv: list[str] | None = None) -> int:
         infos = load_modules(spec_paths, out)
         deadline = t_start + args.budget if args.budget > 0 else float("inf")
         if "tiles" in sections:
-            run_tiles(report, infos, lengths)
+            run_tiles(report, infos, lengths, "cuda" if cuda else "cpu")
         for section in sections:
             if section == "timing":
                 run_timing(report, args, infos, lengths, deadline, cuda)

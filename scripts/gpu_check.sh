@@ -5,7 +5,12 @@
 #   scripts/gpu_check.sh OUTDIR
 #
 # Writes into OUTDIR: versions.txt, pytest.log, bench_*/ (bench.csv, meta.json, plots when
-# matplotlib is importable) with a log each, and summary.txt (each step's exit status and time).
+# matplotlib is importable) with a log each, nsa_model/ (the NSA cost model and its GPU timing,
+# log.txt and nsa.csv) and summary.txt (each step's exit status and time). The benchmarks run in
+# order of importance, each only when its minimum time is left: llama3_gqa against SDPA, flex and
+# flash-attn; sliding_window (w = 1024) at N = 16k against dense causal attention of the same heads
+# and dims (SDPA flash and attngen's own causal kernel) and FlexAttention; the other dense specs;
+# nsa_paper against SDPA flash causal at 8k..64k; compile times.
 # One failing step does not stop the others. Exit status: 1 when the tests failed or did not finish,
 # 2 when only a benchmark step failed, 0 otherwise.
 # Environment: PYTHON (interpreter, default python, else python3), TOTAL_S (budget, default 470),
@@ -113,12 +118,32 @@ bench() {  # bench NAME MIN_S MAX_S ARGS...: run when at least MIN_S seconds are
         --out "$OUT/$name" --budget $((limit - 25)) "$@" || bench_rc=1
 }
 
-bench bench_llama3_gqa 90 230 --specs specs/llama3_gqa.yaml --lengths 1k,2k,4k,8k,16k \
+# nsa_step MIN_S MAX_S: the NSA model and nsa_paper's GPU timing, when at least MIN_S seconds are left
+nsa_step() {
+    local min_s=$1 max_s=$2 avail limit
+    avail=$(($(left) - 10))
+    if [ "$avail" -lt "$min_s" ]; then
+        echo "== nsa_model: skipped, ${avail}s left" | tee -a "$SUMMARY"
+        return 0
+    fi
+    limit=$((avail < max_s ? avail : max_s))
+    mkdir -p "$OUT/nsa_model"
+    # rows are printed as they are measured: a step cut short keeps them in log.txt
+    step "nsa_model" "$OUT/nsa_model/log.txt" "$limit" "$PY" benchmarks/nsa_model.py --gpu \
+        --module generated/nsa_paper.py --lengths 8k,16k,32k,64k --warmup 1 --repeats 5 \
+        --seconds-per-measure 0.5 --csv "$OUT/nsa_model/nsa.csv" || bench_rc=1
+}
+
+bench bench_llama3_gqa 90 200 --specs specs/llama3_gqa.yaml --lengths 1k,2k,4k,8k,16k \
     --sections timing --max-configs 6 --warmup 2 --seconds-per-measure 1
-bench bench_other_specs 60 120 --specs specs/mha.yaml specs/mqa.yaml specs/gqa_hd80.yaml --lengths 1k,4k,16k \
+# sliding window (w = 1024, the row's params column) against dense causal of the same shape
+bench bench_sliding_window 60 100 --specs specs/sliding_window.yaml --lengths 16k --sections timing \
+    --impls attngen,attngen_causal,sdpa_flash,flex --max-configs 4 --warmup 2 --seconds-per-measure 0.5
+bench bench_other_specs 45 100 --specs specs/mha.yaml specs/mqa.yaml specs/gqa_hd80.yaml --lengths 1k,4k,16k \
     --sections timing --max-configs 4 --warmup 2 --seconds-per-measure 0.5
-bench bench_compile 45 90 --specs specs/llama3_gqa.yaml --sections tiles,compile --max-configs 6 \
-    --lengths 1k,4k,16k --probe-timeout 80
+nsa_step 45 90
+bench bench_compile 45 80 --specs specs/llama3_gqa.yaml --sections tiles,compile --max-configs 6 \
+    --lengths 1k,4k,16k --probe-timeout 70
 
 echo "== total $(($(date +%s) - START))s" | tee -a "$SUMMARY"
 if [ "$test_rc" -ne 0 ]; then
