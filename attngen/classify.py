@@ -26,6 +26,9 @@ How (a bound may be loose, never too tight):
     only widens the visited range, and makes its conjunction never full;
   * a disjunction visits the hull of its conjunctions' visited ranges and runs unmasked over one
     interval inside the union of their full ranges (the hull of two that overlap, else the larger).
+
+`id_equality` recognises the one data-dependent conjunct used at run time: ``T[b, q_idx] ==
+T[b, kv_idx]``, for which the kernels skip tile pairs whose id ranges are disjoint.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from sympy.polys.polyerrors import BasePolynomialError
 
 from .expr import FloorDiv, dnf, dnf_all, dnf_any, print_triton
 
-__all__ = ["Atom", "Bounds", "Classification", "TileClasses", "classify", "classify_tiles", "evaluate", "mask_dnf", "range_statements"]
+__all__ = ["Atom", "Bounds", "Classification", "TileClasses", "classify", "classify_tiles", "evaluate", "id_equality", "mask_dnf", "range_statements"]
 
 MAX_CONJ = 16  # conjunctions in the normal form; a larger mask is bounded as one opaque condition
 
@@ -535,3 +538,24 @@ def classify_tiles(rule, n_q: int, n_k: int, block_m: int, block_n: int, params=
         grids[kernel] = grid if kernel == "fwd" else [list(col) for col in zip(*grid)]  # [query tile][KV tile]
     fwd, dkdv = grids["fwd"], grids["dkdv"]
     return TileClasses(tuple(map(tuple, fwd)), tuple(map(tuple, dkdv)))
+
+
+# --------------------------------------------------------------------------- runtime tile skip
+
+
+def id_equality(value: sympy.Basic) -> str | None:
+    """The name of a 2-dim tensor T when the mask is ``T[b, q_idx] == T[b, kv_idx]`` (either side
+    first) or a conjunction with such a conjunct (as ``document(T) and ...``), else None. Such a
+    mask implies the equality, so a tile pair whose query ids and key ids have disjoint [min, max]
+    ranges holds no visible pair and may be skipped at run time, whatever the other conjuncts."""
+    for part in value.args if isinstance(value, sympy.And) else (value,):
+        if not isinstance(part, sympy.Eq):
+            continue
+        sides = (part.lhs, part.rhs)
+        if not all(isinstance(s, sympy.Indexed) and len(s.indices) == 2 for s in sides):
+            continue
+        (tq, iq), (tk, ik) = ((s.base.label.name, s.indices) for s in sides)
+        b = sympy.Symbol("b", integer=True, nonnegative=True)
+        if tq == tk and iq[0] == ik[0] == b and {iq[1], ik[1]} == {Q, KV}:
+            return tq
+    return None

@@ -293,6 +293,11 @@ class Plan:
     v_rows_mask_n: str
     vt_cols_mask: str
     vt_cols_mask_n: str
+    # the position in the parameter tuple of the id tensor T of a `T[b, q_idx] == T[b, kv_idx]`
+    # conjunct (classify.id_equality): the kernels skip tile pairs whose id ranges are disjoint
+    id_skip: int | None = None
+    id_skip_name: str = ""
+    id_args: str = ""  # ", ID_QMIN, ...": the kernels' id-range arguments, "" without the skip
 
 
 # Shared memory a config may plan for: the smaller opt-in maximum of the targets (A100, sm_80),
@@ -405,6 +410,13 @@ def make_plan(spec: Spec) -> Plan:
                 "summed per element in index order (runtime.index_sum_): deterministic, no atomics, but about one "
                 "more dQ pass plus a sort of B * H * Nq * Nk entries, with no tile skipped.",
             )
+    id_name = _id_skip(spec, rule)
+    if id_name:
+        paths += (
+            f"runtime tile skip: the mask implies {id_name}[b, q_idx] == {id_name}[b, kv_idx]; the wrapper takes the "
+            f"[min, max] of {id_name} over every 16 positions (O(N) in torch) and the forward, dQ and dK/dV loops skip a "
+            "visited tile pair whose query and key ranges are disjoint.",
+        )
     if spec.description:
         summary = f"{spec.description.rstrip('.')}. {summary}"
     return Plan(
@@ -445,4 +457,17 @@ def make_plan(spec: Spec) -> Plan:
         v_rows_mask_n=_and("(o_n[:, None] < N_K)", dv_row),
         vt_cols_mask=opt_mask(dv_col),
         vt_cols_mask_n=_and("(o_n[None, :] < N_K)", dv_col),
+        id_skip=list(param_decls(spec.params)).index(id_name) if id_name else None,
+        id_skip_name=id_name or "",
+        id_args=", ID_QMIN, ID_QMAX, ID_KMIN, ID_KMAX, N_QC, N_KC" if id_name else "",
     )
+
+
+def _id_skip(spec: Spec, rule: MaskRule) -> str | None:
+    """The id tensor of an expression mask with a `T[b, q_idx] == T[b, kv_idx]` conjunct, else None."""
+    if not rule.path:  # none / causal
+        return None
+    from .classify import id_equality
+    from .expr import parse_expr
+
+    return id_equality(parse_expr(spec.mask, kind="mask", params=param_decls(spec.params)).sympy)

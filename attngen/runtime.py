@@ -422,3 +422,21 @@ def kernel_params(params: tuple) -> tuple:
         else:
             out.append(v)
     return tuple(out)
+
+
+ID_CHUNK = 16  # positions per [min, max] entry of id_ranges: the smallest tile
+_ID_PAD = 256  # the largest tile: a tile's chunks are always inside the padded arrays
+
+
+def id_ranges(ids: torch.Tensor, batch: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (batch row, ID_CHUNK positions): the min and max of the ids the mask reads, as
+    contiguous [batch, P // ID_CHUNK] tensors (P: n rounded up to _ID_PAD). Position (b, i) reads
+    ids[b, i], or 0 outside the tensor (as the kernels' loads); positions past n repeat position
+    n - 1, so a tile that reaches past the end has the range of its real positions. O(batch * n)."""
+    rows, cols = min(batch, ids.shape[0]), min(n, ids.shape[1])
+    full = torch.zeros((batch, n), dtype=ids.dtype, device=ids.device)
+    full[:rows, :cols] = ids[:rows, :cols]
+    padded = -(-n // _ID_PAD) * _ID_PAD
+    pos = torch.arange(padded, device=ids.device).clamp_(max=n - 1)
+    chunks = full[:, pos].view(batch, padded // ID_CHUNK, ID_CHUNK)
+    return chunks.amin(-1).contiguous(), chunks.amax(-1).contiguous()
