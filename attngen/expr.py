@@ -761,12 +761,14 @@ def to_triton(expr: Expr, names: Mapping[str, str]) -> str:
     return text if prec == _ATOM else f"({text})"
 
 
-def print_triton(value: sympy.Basic, names: Mapping[str, str]) -> str:
-    """Triton source of a sympy value built from this module's vocabulary without tensor reads
-    (the plan's tile bounds: FloorDiv, Min, Max, Piecewise, relations, And/Or). `names` gives the
-    source text of every symbol. Integer // and % print with floor semantics, as in to_triton.
-    The result is parenthesised unless it is a name, call or literal."""
-    text, prec = _TritonPrinter(None, names).p(value)
+def print_triton(value: sympy.Basic, names: Mapping[str, str], expr: Expr | None = None) -> str:
+    """Triton source of a sympy value built from this module's vocabulary (the plan's tile
+    bounds: FloorDiv, Min, Max, Piecewise, relations, And/Or; a part of a parsed expression, such
+    as a tensor read's index). `names` gives the source text of every symbol; tensor reads need
+    the parsed `expr` the value comes from, for the tensors' declarations. Integer // and % print
+    with floor semantics, as in to_triton. The result is parenthesised unless it is a name, call
+    or literal."""
+    text, prec = _TritonPrinter(expr, names).p(value)
     return text if prec == _ATOM else f"({text})"
 
 

@@ -65,6 +65,16 @@ def _check_blocks(block: int, stride: int, select_block: Optional[int] = None) -
             raise ValueError(f"stride: {stride} does not divide select_block {select_block}")
 
 
+def _check_selection(top_n: int, initial: int, local: int, per: str) -> None:
+    _check_int("top_n", top_n, 1)
+    _check_int("initial", initial, 0)
+    _check_int("local", local, 0)
+    if initial + local > top_n:
+        raise ValueError(f"initial + local: {initial} + {local} forced blocks exceed top_n {top_n}")
+    if per not in PERS:
+        raise ValueError(f"per: unknown value {per!r} (expected 'token' or 'block')")
+
+
 # ----------------------------------------------------------------------------------------------
 # Compression
 
@@ -249,13 +259,7 @@ def select_blocks(
     Not differentiable.
     """
     _check_int("select_block", select_block, 1)
-    _check_int("top_n", top_n, 1)
-    _check_int("initial", initial, 0)
-    _check_int("local", local, 0)
-    if initial + local > top_n:
-        raise ValueError(f"initial + local: {initial} + {local} forced blocks exceed top_n {top_n}")
-    if per not in PERS:
-        raise ValueError(f"per: unknown value {per!r} (expected 'token' or 'block')")
+    _check_selection(top_n, initial, local, per)
     if scores.dim() != 4:
         raise ValueError("scores: expected a 4-D tensor [B, Hkv, N, S]")
     b, hkv, n, nb = scores.shape
@@ -366,16 +370,10 @@ def nsa_reference(
     if gates.shape != (b, hq, n, 3):
         raise ValueError(f"gates: expected shape [{b}, {hq}, {n}, 3], got {list(gates.shape)}")
     _check_blocks(block, stride, select_block)
-    _check_int("top_n", top_n, 1)
-    _check_int("initial", initial, 0)
-    _check_int("local", local, 0)
+    _check_selection(top_n, initial, local, per)
     _check_int("window", window, 1)
-    if initial + local > top_n:
-        raise ValueError(f"initial + local: {initial} + {local} forced blocks exceed top_n {top_n}")
     if score not in SCORES:
         raise ValueError(f"score: unknown score {score!r} (expected one of {', '.join(SCORES)})")
-    if per not in PERS:
-        raise ValueError(f"per: unknown value {per!r} (expected 'token' or 'block')")
 
     f64 = torch.float64
     q, k, v, gates = (t.to(f64) for t in (q, k, v, gates))

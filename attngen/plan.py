@@ -174,7 +174,7 @@ def score_mod_plan(text: str, params, backward: bool = True) -> ScoreModPlan | N
         return None
     import sympy
 
-    from .expr import _TritonPrinter, d_param, d_score, parse_expr, to_triton
+    from .expr import d_param, d_score, parse_expr, print_triton, to_triton
 
     decls = param_decls(params)
     mod = parse_expr(text, kind="score_mod", params=decls)
@@ -195,9 +195,8 @@ def score_mod_plan(text: str, params, backward: bool = True) -> ScoreModPlan | N
         if d.kind != "tensor" or d.elem != "float":
             continue
         (load,) = {n for n in sympy.preorder_traversal(mod.sympy) if isinstance(n, sympy.Indexed) and n.base.label.name == d.name}
-        printer = _TritonPrinter(mod, fwd_names)
         sizes = [f"{PARAM_PREFIX}{d.name}_size_{i}" for i in range(d.dims)]
-        idx = [f"tl.cast({printer.p(i)[0]}, tl.int64)" for i in load.indices]
+        idx = [f"tl.cast({print_triton(i, fwd_names, mod)}, tl.int64)" for i in load.indices]
         ok = " & ".join(f"({i} >= 0) & ({i} < {n})" for i, n in zip(idx, sizes))
         flat = idx[0]
         for i, n in zip(idx[1:], sizes[1:]):

@@ -349,10 +349,9 @@ def import_sibling(module_file: str, name: str):
 
 # ----------------------------------------------------------------------------- NSA
 
-
-def num_compressed(n: int, block: int, stride: int) -> int:
-    """Complete compression blocks (block tokens every stride) in n tokens."""
-    return max(0, (n - block) // stride + 1)
+# The block arithmetic and mean pooling are the oracle's own (torch only, at the input's dtype):
+# generated NSA modules pool k and v with exactly the function the reference uses.
+from .nsa_reference import compress_mean, num_compressed  # noqa: E402
 
 
 def check_nsa_inputs(
@@ -382,15 +381,6 @@ def check_nsa_inputs(
             raise ValueError(f"{name}: {tname} has dtype {t.dtype}; expected q's dtype {q.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name}: {tname} is on {t.device}; expected q's device {q.device}")
-
-
-def compress_mean(x: torch.Tensor, block: int, stride: int) -> torch.Tensor:
-    """Mean of each complete compression block: x [B, H, N, D] -> [B, H, C, D], differentiable
-    (as attngen.nsa_reference.compress_mean, at x's dtype)."""
-    b, h, n, d = x.shape
-    if num_compressed(n, block, stride) == 0:
-        return x.new_zeros(b, h, 0, d)
-    return x.unfold(2, block, stride).mean(dim=-1)
 
 
 def index_sum_(total: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:

@@ -340,7 +340,7 @@ def _topn_check(q, k_cmp, lse_cmp, block, stride, select_block, top_n, initial, 
 
 
 @torch.no_grad()
-def _topn_select(q, k_cmp, lse_cmp, *, block, stride, select_block, top_n, initial, local, score, per, scale):
+def _topn_select(q, k_cmp, lse_cmp, *, block, stride, select_block, top_n, initial, local, score, per, scale, check=True):
     """Selected blocks of NSA: block_idx int64 [B, Hkv, N, top_n], ascending, -1 padded.
 
     q [B, Hq, N, D], k_cmp [B, Hkv, C, D] (same dtype), lse_cmp float32 [B, Hq, N] (the compression
@@ -348,7 +348,8 @@ def _topn_select(q, k_cmp, lse_cmp, *, block, stride, select_block, top_n, initi
     Equals nsa_reference.select_blocks(group_scores(map_to_selection_blocks(importance_scores(...))))
     up to float32 rounding of the scores. scale None means 1/sqrt(D). No gradient.
     """
-    _topn_check(q, k_cmp, lse_cmp, block, stride, select_block, top_n, initial, local, score, per)
+    if check:  # check=False: a caller whose spec and tensors are already validated
+        _topn_check(q, k_cmp, lse_cmp, block, stride, select_block, top_n, initial, local, score, per)
     b, hq, n, d = q.shape
     hkv, c = k_cmp.shape[1], k_cmp.shape[2]
     scale = d ** -0.5 if scale is None else float(scale)
@@ -881,7 +882,7 @@ class _slc_Function(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def _slc_attention(q, k, v, block_idx, select_block: int, scale: float):
+def _slc_attention(q, k, v, block_idx, select_block: int, scale: float, check: bool = True):
     """Attention over the selected blocks of NSA.
 
     q [B, Hq, N, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] (fp16 / bf16 / fp32, any strides);
@@ -889,8 +890,11 @@ def _slc_attention(q, k, v, block_idx, select_block: int, scale: float):
     s // select_block is in block_idx[b, hk, t] (-1 entries skipped) and s <= t.
     Returns o [B, Hq, N, Dv] in q's dtype and lse float32 [B, Hq, N] (natural log; a row that sees
     nothing has o = 0, lse = -inf and zero gradients). Differentiable in q, k, v (also through lse).
+    check=False skips the argument checks (and the device sync of the index range check) for a
+    caller that has validated its tensors and made block_idx itself.
     """
-    _slc_check(q, k, v, block_idx, select_block, scale)
+    if check:
+        _slc_check(q, k, v, block_idx, select_block, scale)
     idx = block_idx.to(torch.int32).contiguous()
     scale = float(scale)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
@@ -917,16 +921,17 @@ def nsa_attention(q, k, v, gates, *, k_cmp=None, v_cmp=None, scale=None, return_
     )
     scale = HEAD_DIM ** -0.5 if scale is None else float(scale)
     if k_cmp is None:
-        k_cmp, v_cmp = _rt.compress_mean(k, BLOCK, STRIDE), _rt.compress_mean(v, BLOCK, STRIDE)
+        k_cmp, v_cmp = _rt.compress_mean(k, block=BLOCK, stride=STRIDE), _rt.compress_mean(v, block=BLOCK, stride=STRIDE)
     # -- compression branch; its lse scores the blocks for selection
     o_cmp, lse_cmp = _CMP.attention(q, k_cmp, v_cmp, scale=scale, return_lse=True)
     with torch.no_grad():
         block_idx = _topn_select(
             q.detach(), k_cmp.detach(), lse_cmp.detach(), block=BLOCK, stride=STRIDE, select_block=SELECT_BLOCK,
-            top_n=TOP_N, initial=INITIAL, local=LOCAL, score=SCORE, per=PER, scale=scale,
+            top_n=TOP_N, initial=INITIAL, local=LOCAL, score=SCORE, per=PER, scale=scale, check=False,
         )
     # -- selection branch over the chosen blocks
-    o_slc, lse_slc = _slc_attention(q, k, v, block_idx, SELECT_BLOCK, scale)
+    # (the spec's values were validated at build time, the tensors above, and the indices are our own)
+    o_slc, lse_slc = _slc_attention(q, k, v, block_idx, SELECT_BLOCK, scale, check=False)
     # -- window branch
     o_win, lse_win = _WIN.attention(q, k, v, scale=scale, return_lse=True)
     # -- gated sum in float32, one rounding to q's dtype
