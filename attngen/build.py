@@ -14,6 +14,7 @@ import jinja2
 from . import __version__
 from .nsa_plan import branches, make_nsa_plan
 from .plan import make_plan
+from .expr import parse_expr
 from .spec import Spec, SpecError, load_spec
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -57,14 +58,17 @@ def derived_specs(spec: Spec) -> list[Spec]:
     """The dense specs of an NSA spec's compression and window branches (nsa_plan.branches): same
     heads, dims, dtypes, tiles and backward, their own name and mask. Empty for a dense spec."""
     return [
-        dataclasses.replace(spec, name=name, mask=mask, description=doc, sparse=None, derived_from=spec.name)
+        dataclasses.replace(
+            spec, name=name, mask=mask, description=doc, sparse=None, derived_from=spec.name,
+            mask_expr=parse_expr(mask, kind="mask", file=spec.path),
+        )
         for name, mask, doc in branches(spec)
     ]
 
 
 def output_names(spec: Spec) -> list[str]:
     """Module names a spec builds: its own, then its derived branches'."""
-    return [spec.name] + [d.name for d in derived_specs(spec)]
+    return [spec.name] + [name for name, _, _ in branches(spec)]
 
 
 def render(spec: Spec) -> str:

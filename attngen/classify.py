@@ -401,15 +401,15 @@ def range_statements(rule, kernel: str) -> tuple[tuple[str, str, str], ...]:
     if kernel not in _KERNELS:
         raise ValueError(f"kernel must be 'fwd' or 'dkdv', got {kernel!r}")
     t, n, block, walk, (lo, full_lo, full_hi, hi), note, rounded = _KERNELS[kernel]
-    field = functools.partial(getattr, rule)
+    b: Bounds = rule.fwd if kernel == "fwd" else rule.dkdv
     return (
         (f"last_{t}", f"tl.minimum(start_{t} + {block}, {n}) - 1", ""),
-        *((name, text, "") for name, text in field(f"{kernel}_prelude")),
-        (hi, field(f"{kernel}_end"), ""),
-        (lo, field(f"{kernel}_start"), ""),
-        (lo, f"tl.where({field(f'{kernel}_visit')}, {lo} // {walk} * {walk}, {hi})", note),
-        (full_lo, f"tl.minimum(tl.maximum(tl.cdiv({field(f'{kernel}_full_start')}, {walk}) * {walk}, {lo}), {hi})", ""),
-        (full_hi, f"tl.maximum({rounded.format(field(f'{kernel}_full_end'))}, {full_lo})", ""),
+        *((name, text, "") for name, text in b.prelude),
+        (hi, b.end, ""),
+        (lo, b.start, ""),
+        (lo, f"tl.where({b.visit}, {lo} // {walk} * {walk}, {hi})", note),
+        (full_lo, f"tl.minimum(tl.maximum(tl.cdiv({b.full_start}, {walk}) * {walk}, {lo}), {hi})", ""),
+        (full_hi, f"tl.maximum({rounded.format(b.full_end)}, {full_lo})", ""),
     )
 
 

@@ -7,10 +7,14 @@ predicate, load masks). Nothing here imports torch or triton.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
-from typing import Callable
 
+import sympy
+
+from .classify import Bounds, classify, id_equality, range_statements
+from .expr import Expr, ParamDecl, d_param, d_score, print_triton, tensor_args, to_triton
 from .spec import Spec
 
 
@@ -18,43 +22,32 @@ from .spec import Spec
 class MaskRule:
     """How a mask shapes the tile loops.
 
-    Bounds are Triton expressions over the tile start and last index (`start_m` / `last_m` for a
-    query tile, `start_n` / `last_n` for a KV tile), BLOCK_M, BLOCK_N, N_Q, N_K, i_b, i_h and the
-    parameters (`arg_NAME`):
-      fwd_start, fwd_end          the KV range [start, end) a query tile visits (no visible key
-                                  outside it);
-      fwd_full_start, fwd_full_end  keys every row of the query tile sees (rounded inward to whole
-                                  KV tiles by the kernel): those tiles skip the mask;
-      dkdv_start, dkdv_end        the query range a KV tile visits;
-      dkdv_full_start             first query from which every query sees every key of the tile;
-      dkdv_full_end               end (a multiple of BLOCK_M) of the queries that see all of it;
-      fwd_visit / dkdv_visit      whether the tile sees anything, over its clipped range
+    `fwd` and `dkdv` are classify.Bounds: Triton expressions over the tile start and last index
+    (`start_m` / `last_m` for a query tile, `start_n` / `last_n` for a KV tile), BLOCK_M, BLOCK_N,
+    N_Q, N_K, i_b, i_h and the parameters (`arg_NAME`):
+      fwd.start, fwd.end          the KV range [start, end) a query tile visits (no visible key
+                                  outside it); fwd.full_start, fwd.full_end: keys every row of the
+                                  query tile sees (rounded inward to whole KV tiles by the kernel):
+                                  those tiles skip the mask;
+      dkdv.start, dkdv.end        the query range a KV tile visits; dkdv.full_start: first query
+                                  from which every query sees every key of the tile; dkdv.full_end:
+                                  end (a multiple of BLOCK_M for expressions) of those queries;
+      visit                       whether the tile sees anything, over its clipped range
                                   `lo`/`hi` (`q_lo`/`q_hi`);
-      fwd_prelude / dkdv_prelude  temporaries (name, expression) computed first.
-    Every kernel runs three tile loops (partial, full, partial) over these; attngen.classify
-    derives them for expression masks and prints the statements (`range_statements`) that the
-    templates print and `classify_tiles` evaluates. `predicate` is the visibility test over `{q}`
-    and `{kv}` index grids, or None. `visible(q_idx, kv_idx)` is the hand-written rule in Python
-    (benchmarks). `tight`: every visited tile holds a visible pair.
+      prelude                     temporaries (name, expression) computed first.
+    Every kernel runs three tile loops (partial, full, partial) over these;
+    classify.range_statements prints them as the statements the templates print and
+    `classify_tiles` evaluates. `predicate` is the visibility test over `{q}` and `{kv}` index
+    grids, or None. `tight`: every visited tile holds a visible pair. `path` and `notes` say, for
+    an expression mask, how its tiles were classified (module docstrings).
     """
 
     doc: str
     predicate: str | None
-    fwd_full_end: str
-    fwd_end: str
-    dkdv_start: str
-    dkdv_full_start: str
-    visible: Callable[[int, int], bool] | None
-    fwd_start: str = "0"
-    fwd_full_start: str = "0"
-    dkdv_full_end: str = "N_Q"
-    dkdv_end: str = "N_Q"
+    fwd: Bounds
+    dkdv: Bounds
     path: str = ""
-    fwd_visit: str = "lo < hi"
-    dkdv_visit: str = "q_lo < q_hi"
-    fwd_prelude: tuple[tuple[str, str], ...] = ()
-    dkdv_prelude: tuple[tuple[str, str], ...] = ()
-    notes: tuple[str, ...] = ()  # per kernel, how its tiles are classified (module docstrings)
+    notes: tuple[str, ...] = ()
     tight: bool = True
 
 
@@ -62,21 +55,21 @@ MASK_RULES = {
     "none": MaskRule(
         doc="none (every query sees every key).",
         predicate=None,
-        fwd_full_end="N_K",
-        fwd_end="N_K",
-        dkdv_start="0",
-        dkdv_full_start="0",
-        visible=lambda q, kv: True,
+        fwd=Bounds(prelude=(), start="0", end="N_K", visit="lo < hi", full_start="0", full_end="N_K", note=""),
+        dkdv=Bounds(prelude=(), start="0", end="N_Q", visit="q_lo < q_hi", full_start="0", full_end="N_Q", note=""),
     ),
     "causal": MaskRule(
         doc="causal, q_idx >= kv_idx (top-left aligned, as SDPA's is_causal).",
         predicate="({q} >= {kv})",
-        fwd_full_end="tl.minimum(start_m + 1, N_K)",
-        fwd_end="tl.minimum(tl.minimum(start_m + BLOCK_M, N_Q), N_K)",
-        dkdv_start="start_n // BLOCK_M * BLOCK_M",
-        dkdv_full_start="tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M",
-        dkdv_visit="start_n < q_hi",  # a KV tile past the last query is seen by none
-        visible=lambda q, kv: q >= kv,
+        fwd=Bounds(
+            prelude=(), start="0", end="tl.minimum(tl.minimum(start_m + BLOCK_M, N_Q), N_K)", visit="lo < hi",
+            full_start="0", full_end="tl.minimum(start_m + 1, N_K)", note="",
+        ),
+        dkdv=Bounds(
+            prelude=(), start="start_n // BLOCK_M * BLOCK_M", end="N_Q",
+            visit="start_n < q_hi",  # a KV tile past the last query is seen by none
+            full_start="tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M", full_end="N_Q", note="",
+        ),
     ),
 }
 
@@ -86,53 +79,39 @@ _RANGE_NAMES = {"b": "i_b", "h": "i_h", "q_len": "N_Q", "kv_len": "N_K"}
 PARAM_PREFIX = "arg_"
 
 
-def expr_rule(text: str, params: tuple[tuple[str, str], ...] = ()) -> MaskRule:
-    """The MaskRule of a mask expression, with tile bounds from attngen.classify: closed-form where
-    the mask's conditions bound the indices (affine inequalities with integer coefficients, floor
-    division by a width, disjunctions of those), the mask applied wherever a condition is not
-    understood; the safe path (every tile visited, mask applied) when nothing bounds them."""
-    from .classify import classify
-    from .expr import parse_expr, parse_params, to_triton
-
-    decls = parse_params(dict(params)) if params else {}
-    expr = parse_expr(text, kind="mask", params=decls)
-    base = {**_RANGE_NAMES, **{n: PARAM_PREFIX + n for n in decls}}
+def expr_rule(expr: Expr) -> MaskRule:
+    """The MaskRule of a parsed mask expression, with tile bounds from attngen.classify:
+    closed-form where the mask's conditions bound the indices (affine inequalities with integer
+    coefficients, floor division by a width, disjunctions of those), the mask applied wherever a
+    condition is not understood; the safe path (every tile visited, mask applied) when nothing
+    bounds them."""
+    names = [d.name for d in expr.decls]
+    base = {**_RANGE_NAMES, **{n: PARAM_PREFIX + n for n in names}}
     predicate = to_triton(expr, {**base, "q_idx": "{q}", "kv_idx": "{kv}"}).replace("{", "{{").replace("}", "}}")
     predicate = predicate.replace("{{q}}", "{q}").replace("{{kv}}", "{kv}")
-    c = classify(expr.sympy, tuple(decls))
+    c = classify(expr.sympy, tuple(names))
     return MaskRule(
         doc=f"expression {expr}",  # sympy's printout: no quotes or backslashes to escape in a docstring
         predicate=predicate,
-        fwd_start=c.fwd.start, fwd_full_start=c.fwd.full_start, fwd_full_end=c.fwd.full_end, fwd_end=c.fwd.end,
-        dkdv_start=c.dkdv.start, dkdv_full_start=c.dkdv.full_start,
-        dkdv_full_end=f"({c.dkdv.full_end}) // BLOCK_M * BLOCK_M", dkdv_end=c.dkdv.end,
-        fwd_visit=c.fwd.visit, dkdv_visit=c.dkdv.visit, fwd_prelude=c.fwd.prelude, dkdv_prelude=c.dkdv.prelude,
-        visible=None, path=c.path, tight=c.tight,
+        fwd=c.fwd,
+        dkdv=dataclasses.replace(c.dkdv, full_end=f"({c.dkdv.full_end}) // BLOCK_M * BLOCK_M"),
+        path=c.path, tight=c.tight,
         notes=(f"forward and dQ: {c.fwd.note}.", f"dK/dV: {c.dkdv.note}."),
     )
 
 
 def mask_rule(spec: Spec) -> MaskRule:
-    """The shipped hand-written rule for none / causal, else the expression's rule."""
-    if spec.mask in MASK_RULES:
+    """The shipped hand-written rule for none / causal, else the parsed expression's rule."""
+    if spec.mask_expr is None:
         return MASK_RULES[spec.mask]
-    return expr_rule(spec.mask, spec.params)
+    return expr_rule(spec.mask_expr)
 
 
-def param_decls(params) -> dict:
-    """expr.ParamDecl per declared parameter of a spec's `params` pairs."""
-    from .expr import parse_params
-
-    return parse_params(dict(params)) if params else {}
-
-
-def kernel_param_names(params) -> tuple[str, ...]:
+def kernel_param_names(decls: dict[str, ParamDecl]) -> tuple[str, ...]:
     """The kernel arguments that carry the parameters, in order: `arg_w` for a scalar, pointer,
     strides and sizes (expr.tensor_args) for a tensor."""
-    from .expr import tensor_args
-
     out: list[str] = []
-    for name, d in param_decls(params).items():
+    for name, d in decls.items():
         out += tensor_args(PARAM_PREFIX + name, d.dims) if d.kind == "tensor" else [PARAM_PREFIX + name]
     return tuple(out)
 
@@ -166,18 +145,13 @@ class ScoreModPlan:
     grads: tuple[GradParam, ...]
 
 
-def score_mod_plan(text: str, params, backward: bool = True) -> ScoreModPlan | None:
-    """Print a score_mod (None for none) for the kernels. The mod is applied to the scaled score
-    q.k * scale in natural units; the kernels convert from and back to their base-2 scores.
+def score_mod_plan(mod: Expr | None, decls: dict[str, ParamDecl], backward: bool = True) -> ScoreModPlan | None:
+    """Print a parsed score_mod (None for none) for the kernels. The mod is applied to the scaled
+    score q.k * scale in natural units; the kernels convert from and back to their base-2 scores.
     Without `backward` the derivatives are left empty."""
-    if not text:
+    if mod is None:
         return None
-    import sympy
-
-    from .expr import d_param, d_score, parse_expr, print_triton, to_triton
-
-    decls = param_decls(params)
-    mod = parse_expr(text, kind="score_mod", params=decls)
+    text = mod.text.strip()
     base = {**_RANGE_NAMES, **{n: PARAM_PREFIX + n for n in decls}}
     fwd_names = {**base, "q_idx": "o_m[:, None]", "kv_idx": "o_n[None, :]", "score": "b_z"}
     t_names = {**base, "q_idx": "o_m[None, :]", "kv_idx": "o_n[:, None]", "score": "b_zt"}
@@ -212,15 +186,12 @@ def score_mod_plan(text: str, params, backward: bool = True) -> ScoreModPlan | N
 
 
 def _param_docs(spec: Spec) -> tuple[str, ...]:
-    from .expr import parse_expr
-
-    decls = param_decls(spec.params)
+    decls = spec.param_decls
     readers = {n: [] for n in decls}
-    for kind, text in (("mask", "" if spec.mask in MASK_RULES else spec.mask), ("score_mod", spec.score_mod)):
-        if text:
-            e = parse_expr(text, kind=kind, params=decls)
+    for e in (spec.mask_expr, spec.score_mod_expr):
+        if e is not None:
             for n in e.params | e.tensors:
-                readers[n].append(kind)
+                readers[n].append(e.kind)
     lines = []
     for n, d in decls.items():
         role = {("mask",): "the mask's", ("score_mod",): "the score_mod's"}.get(tuple(readers[n]), "the mask's and score_mod's")
@@ -231,17 +202,6 @@ def _param_docs(spec: Spec) -> tuple[str, ...]:
             learn = "; learnable: receives a gradient" if d.elem == "float" else ""
             lines.append(f"{n}: {d.dtype} tensor with {d.dims} dim{'s' * (d.dims > 1)} on q's device, required: {role} parameter {n}{learn}.")
     return tuple(lines)
-
-
-def tile_counts(mask: str, n_q: int, n_k: int, block_m: int, block_n: int, params=None) -> dict[str, int]:
-    """How many (query tile, KV tile) pairs the forward kernel visits, split into full (mask
-    skipped) and partial (mask applied), for one (batch, head). `mask` is 'none', 'causal' or an
-    expression whose int parameters `params` (name -> value) gives. Mirrors the kernel's loops."""
-    from .classify import classify_tiles
-
-    params = dict(params or {})
-    rule = MASK_RULES[mask] if mask in MASK_RULES else expr_rule(mask, tuple((n, "int") for n in params))
-    return classify_tiles(rule, n_q, n_k, block_m, block_n, params).counts("fwd")
 
 
 def next_pow2(n: int) -> int:
@@ -356,8 +316,6 @@ def autotune_spaces(spec: Spec) -> dict[str, tuple[tuple[dict, ...], int]]:
 
 
 def make_plan(spec: Spec) -> Plan:
-    from .classify import range_statements
-
     rule = mask_rule(spec)
     block_d, block_dv = next_pow2(spec.head_dim), next_pow2(spec.v_head_dim)
     pad_d = block_d != spec.head_dim
@@ -380,16 +338,17 @@ def make_plan(spec: Spec) -> Plan:
         f"head_dim {spec.head_dim}" + (f" (v {spec.v_head_dim})" if spec.v_head_dim != spec.head_dim else "")
         + f", mask {spec.mask if spec.mask in MASK_RULES else rule.doc.removeprefix('expression ')}."
     )
-    sm = score_mod_plan(spec.score_mod, spec.params, spec.backward)
-    pointers = {f"{PARAM_PREFIX}{n}_ptr" for n, d in param_decls(spec.params).items() if d.kind == "tensor"}
+    decls = spec.param_decls
+    sm = score_mod_plan(spec.score_mod_expr, decls, spec.backward)
+    pointers = {f"{PARAM_PREFIX}{n}_ptr" for n, d in decls.items() if d.kind == "tensor"}
     if sm:
         summary = f"{summary[:-1]}, score_mod {sm.doc}."
     if rule.path:  # an expression mask
         paths = (f"mask: {rule.path}.", *rule.notes)
     elif pred:
         paths = (
-            f"forward and dQ: KV tiles below ({rule.fwd_full_end}) run unmasked; tiles up to ({rule.fwd_end}) apply the mask; later tiles are skipped.",
-            f"dK/dV: query tiles from ({rule.dkdv_start}) to ({rule.dkdv_full_start}) apply the mask; later ones run unmasked; earlier ones are skipped.",
+            f"forward and dQ: KV tiles below ({rule.fwd.full_end}) run unmasked; tiles up to ({rule.fwd.end}) apply the mask; later tiles are skipped.",
+            f"dK/dV: query tiles from ({rule.dkdv.start}) to ({rule.dkdv.full_start}) apply the mask; later ones run unmasked; earlier ones are skipped.",
         )
     else:
         paths = (
@@ -409,7 +368,7 @@ def make_plan(spec: Spec) -> Plan:
                 "summed per element in index order (runtime.index_sum_): deterministic, no atomics, but about one "
                 "more dQ pass plus a sort of B * H * Nq * Nk entries, with no tile skipped.",
             )
-    id_name = _id_skip(spec, rule)
+    id_name = _id_skip(spec)
     if id_name:
         paths += (
             f"runtime tile skip: the mask implies {id_name}[b, q_idx] == {id_name}[b, kv_idx]; the wrapper takes the "
@@ -433,8 +392,8 @@ def make_plan(spec: Spec) -> Plan:
         mask_doc=rule.doc,
         mask_path=rule.path or ("hand-written tile bounds" if pred else "no mask"),
         params={n: (k if isinstance(k, str) else dict(k)) for n, k in spec.params},
-        param_args="".join(f", {a}" for a in kernel_param_names(spec.params)),
-        param_nospec=tuple(a for a in kernel_param_names(spec.params) if a not in pointers),
+        param_args="".join(f", {a}" for a in kernel_param_names(decls)),
+        param_nospec=tuple(a for a in kernel_param_names(decls) if a not in pointers),
         score_mod=sm,
         param_docs=_param_docs(spec),
         backward=spec.backward,
@@ -456,17 +415,12 @@ def make_plan(spec: Spec) -> Plan:
         v_rows_mask_n=_and("(o_n[:, None] < N_K)", dv_row),
         vt_cols_mask=opt_mask(dv_col),
         vt_cols_mask_n=_and("(o_n[None, :] < N_K)", dv_col),
-        id_skip=list(param_decls(spec.params)).index(id_name) if id_name else None,
+        id_skip=list(decls).index(id_name) if id_name else None,
         id_skip_name=id_name or "",
         id_args=", ID_QMIN, ID_QMAX, ID_KMIN, ID_KMAX, N_QC, N_KC" if id_name else "",
     )
 
 
-def _id_skip(spec: Spec, rule: MaskRule) -> str | None:
+def _id_skip(spec: Spec) -> str | None:
     """The id tensor of an expression mask with a `T[b, q_idx] == T[b, kv_idx]` conjunct, else None."""
-    if not rule.path:  # none / causal
-        return None
-    from .classify import id_equality
-    from .expr import parse_expr
-
-    return id_equality(parse_expr(spec.mask, kind="mask", params=param_decls(spec.params)).sympy)
+    return id_equality(spec.mask_expr.sympy) if spec.mask_expr is not None else None

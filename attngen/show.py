@@ -61,9 +61,9 @@ def visibility(spec, params: dict, n_q: int, n_k: int):
         return torch.ones(n_q, n_k, dtype=torch.bool)
     if spec.mask == "causal":
         return qi >= ki
-    from .expr import parse_expr, parse_params, to_torch
+    from .expr import to_torch
 
-    fn = to_torch(parse_expr(spec.mask, kind="mask", params=parse_params(dict(spec.params))))
+    fn = to_torch(spec.mask_expr)
     return torch.as_tensor(fn(0, 0, qi, ki, n_q, n_k, **params), dtype=torch.bool).expand(n_q, n_k).clone()
 
 

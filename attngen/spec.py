@@ -15,6 +15,9 @@ from typing import Any, Iterator, Mapping
 
 import yaml
 
+from .errors import SpecError
+from .expr import Expr, ParamDecl, d_param, d_score, parse_expr, parse_params
+
 DTYPES = ("fp16", "bf16", "fp32")
 MASKS = ("none", "causal")
 MAX_SPEC_BYTES = 64 * 1024
@@ -38,14 +41,6 @@ DEFAULT_TILES = {
     "num_warps": (4, 8),
     "num_stages": (2, 3),
 }
-
-
-class SpecError(ValueError):
-    """One or more problems in a spec file, each located as FILE:LINE."""
-
-    def __init__(self, problems: list[tuple[str, int, str]]):
-        self.problems = sorted(problems, key=lambda p: p[1])
-        super().__init__("\n".join(f"{f}:{line}: {msg}" for f, line, msg in self.problems))
 
 
 @dataclass(frozen=True)
@@ -80,7 +75,7 @@ class SparseSpec:
 @dataclass(frozen=True)
 class TensorParam(Mapping):
     """A tensor parameter's declaration, ``{tensor: DTYPE, dims: N}``: a hashable mapping, so a Spec
-    stays hashable and expr.parse_params reads it like the YAML mapping it came from."""
+    stays hashable and reads (and prints into a module's PARAMS) like the YAML mapping it came from."""
 
     tensor: str
     dims: int
@@ -120,11 +115,21 @@ class Spec:
     derived_from: str = ""
     path: str = field(default="<string>", compare=False)
     sha256: str = field(default="", compare=False)
+    # What the reader parsed, for the plan (which never parses text again): the declarations of
+    # `params` in order, the mask (None for none / causal) and the score_mod (None for none).
+    decls: tuple[ParamDecl, ...] = field(default=(), compare=False)
+    mask_expr: Expr | None = field(default=None, compare=False)
+    score_mod_expr: Expr | None = field(default=None, compare=False)
 
     @property
     def group(self) -> int:
         """Query heads per KV head (1 for MHA, q_heads for MQA)."""
         return self.q_heads // self.kv_heads
+
+    @property
+    def param_decls(self) -> dict[str, ParamDecl]:
+        """name -> declaration of each runtime parameter, in declaration order."""
+        return {d.name: d for d in self.decls}
 
     @property
     def grouping(self) -> str:
@@ -309,7 +314,59 @@ _ATTENTION_ARGS = ("q", "k", "v", "scale", "return_lse", "params")
 
 
 def parse_spec(text: str, filename: str = "<string>") -> Spec:
-    """Parse and validate spec text; raise SpecError listing every problem found."""
+    """Parse and validate spec text; raise SpecError listing every problem found.
+
+    Each top-level key has its own validator below; each reports its problems at their lines and
+    returns None (or a default) for a bad value, so one pass reports every problem. The mask and
+    score_mod are parsed here, once: the Spec carries the parsed expressions and the parameter
+    declarations, and the plan consumes those."""
+    top, reader = _compose(text, filename)
+    v = _Validator(reader)
+    fields = v.mapping(top, "spec", _TOP_KEYS)
+    if fields is None:
+        raise SpecError(reader.problems)
+    name = _name(v, fields)
+    description = _description(v, fields)
+    q_heads, kv_heads = _heads(v, fields)
+    head_dim, v_head_dim = _head_dims(v, fields)
+    dtypes = _dtypes(v, fields)
+    decls = _params(v, fields)
+    mask, mask_expr, score_mod_expr = _expressions(v, fields, decls)
+    tiles = _tiles(v, fields)
+    backward = _backward(v, fields)
+    sparse = None
+    if "sparse" in fields:
+        sparse = _sparse(v, fields["sparse"])
+        _check_sparse_rest(v, top, fields, mask, q_heads, kv_heads)
+        mask = "causal"
+
+    if reader.problems:
+        raise SpecError(reader.problems)
+    assert None not in (name, q_heads, kv_heads, head_dim, v_head_dim, dtypes, decls)
+    return Spec(
+        name=name,
+        q_heads=q_heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        v_head_dim=v_head_dim,
+        dtypes=dtypes,
+        mask=mask,
+        params=tuple((n, TensorParam(d.dtype, d.dims) if d.kind == "tensor" else d.kind) for n, d in decls.items()),
+        score_mod=score_mod_expr.text.strip() if score_mod_expr else "",
+        tiles=tiles,
+        backward=backward,
+        description=description,
+        sparse=sparse,
+        path=filename,
+        sha256=hashlib.sha256(text.encode()).hexdigest(),
+        decls=tuple(decls.values()),
+        mask_expr=mask_expr,
+        score_mod_expr=score_mod_expr,
+    )
+
+
+def _compose(text: str, filename: str) -> tuple[_Node, _Reader]:
+    """The YAML document as _Nodes (safe composer, no aliases or tags), and its reader."""
     if len(text.encode()) > MAX_SPEC_BYTES:
         raise SpecError([(filename, 1, f"spec is larger than {MAX_SPEC_BYTES} bytes")])
     reader = _Reader(filename)
@@ -327,32 +384,35 @@ def parse_spec(text: str, filename: str = "<string>") -> Spec:
         loader.dispose()
     if root is None:
         raise SpecError([(filename, 1, "spec is empty")])
-    top = reader.convert(root)
-    v = _Validator(reader)
-    fields = v.mapping(top, "spec", _TOP_KEYS)
-    if fields is None:
-        raise SpecError(reader.problems)
+    return reader.convert(root), reader
 
-    name = None
-    if "name" in fields:
-        n = fields["name"]
-        if not isinstance(n.value, str):
-            reader.error(n.line, f"name: expected a string, got {_kind(n.value)}")
-        elif not n.value.isidentifier() or keyword.iskeyword(n.value) or not n.value.isascii():
-            reader.error(n.line, f"name: {n.value!r} is not a valid Python module name")
-        elif n.value.startswith("_"):
-            reader.error(n.line, f"name: {n.value!r} must not start with an underscore")
-        else:
-            name = n.value
 
-    description = ""
-    if "description" in fields:
-        d = fields["description"]
-        if not isinstance(d.value, str):
-            reader.error(d.line, f"description: expected a string, got {_kind(d.value)}")
-        else:
-            description = d.value.strip()
+def _name(v: _Validator, fields: dict[str, _Node]) -> str | None:
+    if "name" not in fields:
+        return None  # required: reported by the mapping check
+    n = fields["name"]
+    if not isinstance(n.value, str):
+        v.r.error(n.line, f"name: expected a string, got {_kind(n.value)}")
+    elif not n.value.isidentifier() or keyword.iskeyword(n.value) or not n.value.isascii():
+        v.r.error(n.line, f"name: {n.value!r} is not a valid Python module name")
+    elif n.value.startswith("_"):
+        v.r.error(n.line, f"name: {n.value!r} must not start with an underscore")
+    else:
+        return n.value
+    return None
 
+
+def _description(v: _Validator, fields: dict[str, _Node]) -> str:
+    if "description" not in fields:
+        return ""
+    d = fields["description"]
+    if not isinstance(d.value, str):
+        v.r.error(d.line, f"description: expected a string, got {_kind(d.value)}")
+        return ""
+    return d.value.strip()
+
+
+def _heads(v: _Validator, fields: dict[str, _Node]) -> tuple[int | None, int | None]:
     q_heads = kv_heads = None
     if "heads" in fields:
         h = v.mapping(fields["heads"], "heads", {"q": True, "kv": True})
@@ -362,164 +422,147 @@ def parse_spec(text: str, filename: str = "<string>") -> Spec:
             if "kv" in h:
                 kv_heads = v.int_in(h["kv"], "heads.kv", 1, MAX_HEADS)
             if q_heads is not None and kv_heads is not None and q_heads % kv_heads:
-                reader.error(h["kv"].line, f"heads.kv: {kv_heads} does not divide heads.q = {q_heads}")
+                v.r.error(h["kv"].line, f"heads.kv: {kv_heads} does not divide heads.q = {q_heads}")
                 kv_heads = None
+    return q_heads, kv_heads
 
+
+def _head_dims(v: _Validator, fields: dict[str, _Node]) -> tuple[int | None, int | None]:
     lo, hi = HEAD_DIM_RANGE
     head_dim = v.int_in(fields["head_dim"], "head_dim", lo, hi, multiple=8) if "head_dim" in fields else None
     v_head_dim = head_dim
     if "v_head_dim" in fields:
         v_head_dim = v.int_in(fields["v_head_dim"], "v_head_dim", lo, hi, multiple=8)
+    return head_dim, v_head_dim
 
-    dtypes = None
-    if "dtypes" in fields:
-        dn = fields["dtypes"]
-        items = dn.value if isinstance(dn.value, list) else [dn]
-        if not items:
-            reader.error(dn.line, "dtypes: expected at least one of " + ", ".join(DTYPES))
+
+def _dtypes(v: _Validator, fields: dict[str, _Node]) -> tuple[str, ...] | None:
+    if "dtypes" not in fields:
+        return None
+    dn = fields["dtypes"]
+    items = dn.value if isinstance(dn.value, list) else [dn]
+    if not items:
+        v.r.error(dn.line, "dtypes: expected at least one of " + ", ".join(DTYPES))
+        return None
+    seen: list[str] = []
+    for item in items:
+        if item.value not in DTYPES or not isinstance(item.value, str):
+            v.r.error(item.line, f"dtypes: {_kind(item.value)} is not one of {', '.join(DTYPES)}")
+        elif item.value in seen:
+            v.r.error(item.line, f"dtypes: {item.value} is listed twice")
         else:
-            seen: list[str] = []
-            for item in items:
-                if item.value not in DTYPES or not isinstance(item.value, str):
-                    reader.error(item.line, f"dtypes: {_kind(item.value)} is not one of {', '.join(DTYPES)}")
-                elif item.value in seen:
-                    reader.error(item.line, f"dtypes: {item.value} is listed twice")
-                else:
-                    seen.append(item.value)
-            if len(seen) == len(items):
-                dtypes = tuple(seen)
+            seen.append(item.value)
+    return tuple(seen) if len(seen) == len(items) else None
 
-    params: tuple[tuple[str, str], ...] = ()
-    decls: dict = {}
-    params_ok = True
-    if "params" in fields:
-        params_ok = False
-        pn = fields["params"]
-        if not isinstance(pn.value, dict):
-            reader.error(pn.line, f"params: expected a mapping of name -> int | float | {{tensor: DTYPE, dims: N}}, got {_kind(pn.value)}")
+
+def _params(v: _Validator, fields: dict[str, _Node]) -> dict[str, ParamDecl] | None:
+    """The parameter declarations (empty without `params:`), or None when any is bad."""
+    if "params" not in fields:
+        return {}
+    pn = fields["params"]
+    if not isinstance(pn.value, dict):
+        v.r.error(pn.line, f"params: expected a mapping of name -> int | float | {{tensor: DTYPE, dims: N}}, got {_kind(pn.value)}")
+        return None
+    plain = {}
+    for key, node in pn.value.items():
+        if key in _ATTENTION_ARGS or not key[:1].islower():
+            # the generated attention(q, k, v, *, <params>, scale, return_lse) takes them as
+            # keyword arguments; module constants are upper case
+            v.r.error(pn.key_lines.get(key, pn.line), f"params.{key}: a parameter name starts with a lower-case letter and is not one of {', '.join(_ATTENTION_ARGS)}")
+        elif isinstance(node.value, dict):
+            plain[key] = {k: n.value for k, n in node.value.items()}
         else:
-            plain = {}
-            for key, node in pn.value.items():
-                if key in _ATTENTION_ARGS or not key[:1].islower():
-                    # the generated attention(q, k, v, *, <params>, scale, return_lse) takes them as
-                    # keyword arguments; module constants are upper case
-                    reader.error(pn.key_lines.get(key, pn.line), f"params.{key}: a parameter name starts with a lower-case letter and is not one of {', '.join(_ATTENTION_ARGS)}")
-                elif isinstance(node.value, dict):
-                    plain[key] = {k: n.value for k, n in node.value.items()}
-                else:
-                    plain[key] = node.value
-            if len(plain) == len(pn.value):
-                from .expr import parse_params  # expr imports this module
+            plain[key] = node.value
+    if len(plain) != len(pn.value):
+        return None
+    try:
+        return parse_params(plain, v.r.filename, pn.key_lines)
+    except SpecError as e:
+        v.r.problems.extend(e.problems)
+        return None
 
-                try:
-                    decls = parse_params(plain, filename, pn.key_lines)
-                except SpecError as e:
-                    reader.problems.extend(e.problems)
-                else:
-                    params = tuple((n, TensorParam(d.dtype, d.dims) if d.kind == "tensor" else d.kind) for n, d in decls.items())
-                    params_ok = True
 
-    mask = "none"
-    exprs_ok = params_ok
-    parsed = []  # the parsed mask and score_mod, for the checks on their parameters
+def _expressions(v: _Validator, fields: dict[str, _Node], decls: dict[str, ParamDecl] | None) -> tuple[str, Expr | None, Expr | None]:
+    """(mask text, parsed mask or None for none / causal, parsed score_mod or None). Expressions
+    are parsed only when the declarations are good (they name the parameters)."""
+    mask, mask_expr, score_mod_expr = "none", None, None
+    ok = decls is not None
     if "mask" in fields:
         m = fields["mask"]
-        exprs_ok = False
         if not isinstance(m.value, str):
-            reader.error(m.line, f"mask: expected an expression (none, causal, sliding_window(w), ...), got {_kind(m.value)}")
+            v.r.error(m.line, f"mask: expected an expression (none, causal, sliding_window(w), ...), got {_kind(m.value)}")
+            ok = False
         elif m.value.strip() in MASKS:
             mask = m.value.strip()
-            exprs_ok = params_ok
-        elif params_ok:
-            from .expr import parse_expr
-
+        elif decls is not None:
             try:
-                parsed.append(parse_expr(m.value, kind="mask", params=decls, file=filename, line=m.line))
+                mask_expr = parse_expr(m.value, kind="mask", params=decls, file=v.r.filename, line=m.line)
             except SpecError as e:
-                reader.problems.extend(e.problems)
+                v.r.problems.extend(e.problems)
+                ok = False
             else:
                 mask = m.value.strip()
-                exprs_ok = True
-
-    score_mod = ""
     if "score_mod" in fields:
         sm = fields["score_mod"]
         if not isinstance(sm.value, str):
-            reader.error(sm.line, f"score_mod: expected an expression over score (softcap(c), score + bias[h], ...), got {_kind(sm.value)}")
-            exprs_ok = False
-        elif params_ok:
+            v.r.error(sm.line, f"score_mod: expected an expression over score (softcap(c), score + bias[h], ...), got {_kind(sm.value)}")
+            ok = False
+        elif decls is not None:
+            # (a module built without a backward pass need not differentiate it)
+            differentiate = "backward" not in fields or fields["backward"].value is not False
             try:
-                # (a module built without a backward pass need not differentiate it)
-                differentiate = "backward" not in fields or fields["backward"].value is not False
-                parsed.append(_parse_score_mod(sm.value, decls, filename, sm.line, differentiate))
+                score_mod_expr = _parse_score_mod(sm.value, decls, v.r.filename, sm.line, differentiate)
             except SpecError as e:
-                reader.problems.extend(e.problems)
-                exprs_ok = False
-            else:
-                score_mod = sm.value.strip()
-    if exprs_ok:
-        _check_param_use(reader, decls, parsed, fields.get("params"))
+                v.r.problems.extend(e.problems)
+                ok = False
+    if ok:
+        _check_param_use(v.r, decls, [e for e in (mask_expr, score_mod_expr) if e], fields.get("params"))
+    return mask, mask_expr, score_mod_expr
 
-    tiles = Tiles(**DEFAULT_TILES)
-    if "tiles" in fields:
-        t = v.mapping(fields["tiles"], "tiles", {k: False for k in DEFAULT_TILES})
-        if t is not None:
-            blo, bhi = BLOCK_RANGE
-            slo, shi = NUM_STAGES_RANGE
-            checks = {
-                "block_m": lambda n, w: v.int_in(n, w, blo, bhi, pow2=True),
-                "block_n": lambda n, w: v.int_in(n, w, blo, bhi, pow2=True),
-                "num_warps": lambda n, w: _one_of(v, n, w, NUM_WARPS),
-                "num_stages": lambda n, w: v.int_in(n, w, slo, shi),
-            }
-            values = dict(DEFAULT_TILES)
-            for key, check in checks.items():
-                if key in t:
-                    values[key] = v.int_list(t[key], f"tiles.{key}", check)
-            if all(x is not None for x in values.values()):
-                tiles = Tiles(**values)
 
-    backward = True
-    if "backward" in fields:
-        b = fields["backward"]
-        if not isinstance(b.value, bool):
-            reader.error(b.line, f"backward: expected true or false, got {_kind(b.value)}")
-        else:
-            backward = b.value
+def _tiles(v: _Validator, fields: dict[str, _Node]) -> Tiles:
+    if "tiles" not in fields:
+        return Tiles(**DEFAULT_TILES)
+    t = v.mapping(fields["tiles"], "tiles", {k: False for k in DEFAULT_TILES})
+    if t is None:
+        return Tiles(**DEFAULT_TILES)
+    blo, bhi = BLOCK_RANGE
+    slo, shi = NUM_STAGES_RANGE
+    checks = {
+        "block_m": lambda n, w: v.int_in(n, w, blo, bhi, pow2=True),
+        "block_n": lambda n, w: v.int_in(n, w, blo, bhi, pow2=True),
+        "num_warps": lambda n, w: _one_of(v, n, w, NUM_WARPS),
+        "num_stages": lambda n, w: v.int_in(n, w, slo, shi),
+    }
+    values = dict(DEFAULT_TILES)
+    for key, check in checks.items():
+        if key in t:
+            values[key] = v.int_list(t[key], f"tiles.{key}", check)
+    if any(x is None for x in values.values()):
+        return Tiles(**DEFAULT_TILES)  # the problem is reported; the spec is rejected
+    return Tiles(**values)
 
-    sparse = None
-    if "sparse" in fields:
-        sparse = _sparse(v, fields["sparse"])
-        # NSA is causal by construction and its branches take no user expressions
-        if "mask" in fields and mask != "causal":
-            reader.error(fields["mask"].line, "mask: a spec with sparse: is causal; leave mask out or write mask: causal")
-        for key in ("params", "score_mod"):
-            if key in fields:
-                reader.error(top.key_lines[key], f"{key}: not supported in a spec with sparse: (its branches have fixed masks)")
-        if q_heads is not None and kv_heads is not None and q_heads // kv_heads > MAX_NSA_GROUP:
-            reader.error(fields["heads"].line, f"heads: {q_heads // kv_heads} query heads per KV head; a spec with sparse: allows at most {MAX_NSA_GROUP}")
-        mask = "causal"
 
-    if reader.problems:
-        raise SpecError(reader.problems)
-    assert None not in (name, q_heads, kv_heads, head_dim, v_head_dim, dtypes)
-    return Spec(
-        name=name,
-        q_heads=q_heads,
-        kv_heads=kv_heads,
-        head_dim=head_dim,
-        v_head_dim=v_head_dim,
-        dtypes=dtypes,
-        mask=mask,
-        params=params,
-        score_mod=score_mod,
-        tiles=tiles,
-        backward=backward,
-        description=description,
-        sparse=sparse,
-        path=filename,
-        sha256=hashlib.sha256(text.encode()).hexdigest(),
-    )
+def _backward(v: _Validator, fields: dict[str, _Node]) -> bool:
+    if "backward" not in fields:
+        return True
+    b = fields["backward"]
+    if not isinstance(b.value, bool):
+        v.r.error(b.line, f"backward: expected true or false, got {_kind(b.value)}")
+        return True
+    return b.value
+
+
+def _check_sparse_rest(v: _Validator, top: _Node, fields: dict[str, _Node], mask: str, q_heads, kv_heads) -> None:
+    """What a spec with `sparse:` may not say: NSA is causal by construction and its branches take
+    no user expressions; its kernels allow at most MAX_NSA_GROUP query heads per KV head."""
+    if "mask" in fields and mask != "causal":
+        v.r.error(fields["mask"].line, "mask: a spec with sparse: is causal; leave mask out or write mask: causal")
+    for key in ("params", "score_mod"):
+        if key in fields:
+            v.r.error(top.key_lines[key], f"{key}: not supported in a spec with sparse: (its branches have fixed masks)")
+    if q_heads is not None and kv_heads is not None and q_heads // kv_heads > MAX_NSA_GROUP:
+        v.r.error(fields["heads"].line, f"heads: {q_heads // kv_heads} query heads per KV head; a spec with sparse: allows at most {MAX_NSA_GROUP}")
 
 
 def _choice(v: _Validator, fields: dict[str, _Node], key: str, where: str, choices: tuple[str, ...], default: str | None) -> str | None:
@@ -580,8 +623,6 @@ def _sparse(v: _Validator, node: _Node) -> SparseSpec | None:
 def _parse_score_mod(text: str, decls: dict, filename: str, line: int, differentiate: bool):
     """Parse a score_mod and, with `differentiate`, check that the backward pass can differentiate
     it: with respect to score, and to each float tensor it reads (read at one index)."""
-    from .expr import d_param, d_score, parse_expr
-
     mod = parse_expr(text, kind="score_mod", params=decls, file=filename, line=line)
     if not differentiate:
         return mod

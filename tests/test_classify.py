@@ -13,7 +13,8 @@ from attngen import runtime
 from attngen.build import build
 from attngen.classify import classify_tiles, evaluate, mask_dnf
 from attngen.expr import parse_expr, parse_params, to_torch
-from attngen.plan import MASK_RULES, expr_rule, mask_rule, tile_counts
+from attngen.plan import MASK_RULES, mask_rule
+from mirror import rule_for, tile_counts
 from attngen.spec import load_spec
 from attngen.testing import check_module, random_inputs
 from attngen.verify import import_generated
@@ -47,7 +48,7 @@ TILES = st.sampled_from([16, 32, 64, 128])
 
 @functools.lru_cache(maxsize=None)
 def _rule_cached(mask, names):
-    return MASK_RULES[mask] if mask in MASK_RULES else expr_rule(mask, tuple((n, "int") for n in names))
+    return rule_for(mask, tuple((n, "int") for n in names))
 
 
 def _rule(mask, names):
@@ -113,7 +114,7 @@ def test_tiles_never_skip_a_visible_pair_and_full_tiles_are_all_visible(case, n_
     ("q_idx < 0", (), "never true"),
 ])
 def test_paths(mask, params, path):
-    assert expr_rule(mask, params).path.startswith(path)
+    assert rule_for(mask, params).path.startswith(path)
 
 
 def test_tensor_reads_take_the_safe_path():
@@ -288,7 +289,7 @@ def test_document_mask_bounds_come_from_its_causal_part(n, docs, block_m, block_
     qi, ki = torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1)
     fn = to_torch(parse_expr(spec.mask, kind="mask", params=decls))
     vis = torch.as_tensor(fn(0, 0, qi, ki, n, n, doc=doc), dtype=torch.bool).expand(n, n)
-    rule = expr_rule(spec.mask, spec.params)
+    rule = mask_rule(spec)
     any_vis, _ = brute_tiles(vis, block_m, block_n)
     causal_any, _ = brute_tiles(qi >= ki, block_m, block_n)
     classes = classify_tiles(rule, n, n, block_m, block_n, {})

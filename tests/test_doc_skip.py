@@ -10,7 +10,8 @@ from attngen import runtime
 from attngen.build import build
 from attngen.classify import classify_tiles, id_equality
 from attngen.expr import parse_expr, parse_params
-from attngen.plan import expr_rule, make_plan
+from attngen.plan import make_plan
+from mirror import rule_for
 from attngen.spec import load_spec
 from attngen.testing import check_module, random_inputs
 from attngen.verify import import_generated
@@ -166,7 +167,7 @@ def _visits(mod, ids, batch, n_q, n_k):
     c = mod._SPACES["_fwd_kernel"][0]
     bm, bn = c["block_m"], c["block_n"]
     assert all(mod._SPACES[k][0] == c for k in mod._SPACES)
-    grid = classify_tiles(expr_rule(mod.MASK, tuple(mod.PARAMS.items())), n_q, n_k, bm, bn)
+    grid = classify_tiles(rule_for(mod.MASK, mod.PARAMS), n_q, n_k, bm, bn)
     run = ~_skips(ids, batch, n_q, n_k, bm, bn)
     fwd = torch.tensor([[x != "empty" for x in row] for row in grid.fwd])
     dkdv = torch.tensor([[x != "empty" for x in row] for row in grid.dkdv])

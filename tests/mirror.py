@@ -1,0 +1,26 @@
+"""Test-only helpers around the kernels' tile loops (attngen.classify's Python mirror): the
+MaskRule of a mask given as text, and the forward kernel's tile counts."""
+
+from __future__ import annotations
+
+from attngen.classify import classify_tiles
+from attngen.expr import parse_expr, parse_params
+from attngen.plan import MASK_RULES, MaskRule, expr_rule
+
+
+def rule_for(mask: str, params=()) -> MaskRule:
+    """'none', 'causal' or a mask expression over the declared `params` ((name, kind) pairs or a
+    mapping; kind 'int', 'float' or a tensor declaration) -> the MaskRule the generator uses."""
+    if mask in MASK_RULES:
+        return MASK_RULES[mask]
+    decls = parse_params(dict(params)) if params else {}
+    return expr_rule(parse_expr(mask, kind="mask", params=decls))
+
+
+def tile_counts(mask: str, n_q: int, n_k: int, block_m: int, block_n: int, params=None) -> dict[str, int]:
+    """How many (query tile, KV tile) pairs the forward kernel visits, split into full (mask
+    skipped) and partial (mask applied), for one (batch, head); `params` gives int parameters'
+    values (name -> value)."""
+    params = dict(params or {})
+    rule = rule_for(mask, tuple((n, "int") for n in params))
+    return classify_tiles(rule, n_q, n_k, block_m, block_n, params).counts("fwd")
