@@ -1,8 +1,8 @@
 """The plan of an NSA spec's main module (templates/nsa.py.jinja): its constants and documentation.
 
 The compression and window branches are dense modules built from derived specs (build.derived_specs);
-the selection kernels come from the partials templates/_nsa_topn.jinja and _nsa_selected.jinja,
-which take every NSA parameter as an argument. So this plan only names things.
+the selection kernels live in the kernel library (attngen.kernels.nsa_topn, nsa_selected), which
+takes every NSA parameter as an argument and which the module imports. So this plan only names things.
 """
 
 from __future__ import annotations

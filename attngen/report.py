@@ -13,9 +13,12 @@ and `_backward` run on contiguous [1, H, N, D] CPU tensors (N = RECORD_LEN) with
 replaced by a recorder, so the constexprs, argument types and Triton's launch-time specialisation
 (integers equal to 1 become constants, 16-byte aligned pointers and multiples of 16 get divisibility
 hints) match what the module would compile on a GPU for such inputs. An NSA module's kernels (block
-selection and selected-block attention) are recorded the same way from its own wrappers,
-_topn_select and _slc_attention (forward and backward), at N = NSA_RECORD_LEN; its dense branch modules
-(<name>_cmp, <name>_win) are reported as modules of their own.
+selection and selected-block attention) live in the kernel library (attngen.kernels); they are
+recorded the same way from the library's wrappers, nsa_topn.topn_select and
+nsa_selected.selected_attention (forward and backward), called with the module's constants at
+N = NSA_RECORD_LEN, and reported under the module's spec as `nsa_topn.<kernel>` and
+`nsa_selected.<kernel>`. Its dense branch modules (<name>_cmp, <name>_win) are reported as modules
+of their own.
 
 Compilation runs in worker processes with TRITON_INTERPRET=0, since importing a generated module
 on a machine without a GPU otherwise selects Triton's CPU interpreter (see attngen.runtime).
@@ -184,13 +187,35 @@ def _jit_function(obj):
     return obj
 
 
+def _is_nsa(mod) -> bool:
+    return hasattr(mod, "nsa_attention")
+
+
+def _kernel_homes(mod) -> dict[str, object]:
+    """The modules defining the kernels `mod` launches, by the prefix of their report names: a dense
+    module's own kernels (no prefix); for an NSA module, the kernel library modules it calls."""
+    if _is_nsa(mod):
+        from .kernels import nsa_selected, nsa_topn
+
+        return {"nsa_topn.": nsa_topn, "nsa_selected.": nsa_selected}
+    return {"": mod}
+
+
 def _record_launches(mod, dtype: str) -> dict[str, _Launch]:
-    """Run the module's wrappers with each kernel replaced by a recorder; return the first launch of
-    each kernel, in launch order."""
+    """Run the module's wrappers with each kernel replaced by a recorder (in the module that defines
+    it); return the first launch of each kernel, in launch order."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
-    kernels = {n: o for n, o in vars(mod).items() if isinstance(o, (Autotuner, JITFunction))}
+    homes = _kernel_homes(mod)
+    # report name -> (defining module, attribute, kernel)
+    found = {
+        prefix + n: (home, n, o)
+        for prefix, home in homes.items()
+        for n, o in vars(home).items()
+        if isinstance(o, (Autotuner, JITFunction))
+    }
+    kernels = {name: o for name, (_, _, o) in found.items()}
     calls: dict[str, tuple] = {}
 
     class _Recorder:
@@ -201,12 +226,12 @@ def _record_launches(mod, dtype: str) -> dict[str, _Launch]:
             return lambda *args, **kwargs: calls.setdefault(self.name, (args, kwargs))
 
     try:
-        for name in kernels:
-            setattr(mod, name, _Recorder(name))
-        (_run_nsa if hasattr(mod, "_slc_attention") else _run_dense)(mod, dtype)
+        for name, (home, attr, _) in found.items():
+            setattr(home, attr, _Recorder(name))
+        (_run_nsa if _is_nsa(mod) else _run_dense)(mod, dtype)
     finally:
-        for name, obj in kernels.items():
-            setattr(mod, name, obj)
+        for home, attr, obj in found.values():
+            setattr(home, attr, obj)
 
     launches = {}
     for name, (args, kwargs) in calls.items():
@@ -250,10 +275,12 @@ def _run_dense(mod, dtype: str) -> None:
 
 
 def _run_nsa(mod, dtype: str) -> None:
-    """An NSA module's selection kernels, as nsa_attention calls them: the block selection with the
-    module's parameters, then selected-block attention forward and backward over int64 index lists
-    (valid ones: every position selects block 0)."""
+    """An NSA module's selection kernels, as nsa_attention calls them from the kernel library: the
+    block selection with the module's parameters, then selected-block attention forward and backward
+    over int64 index lists (valid ones: every position selects block 0)."""
     import torch
+
+    from .kernels import nsa_selected, nsa_topn
 
     n = NSA_RECORD_LEN
     q, k, v = _qkv(mod, dtype, n)
@@ -261,18 +288,15 @@ def _run_nsa(mod, dtype: str) -> None:
     n_cmp = max(0, (n - mod.BLOCK) // mod.STRIDE + 1)
     k_cmp = torch.zeros(1, mod.KV_HEADS, n_cmp, mod.HEAD_DIM, dtype=q.dtype)
     lse_cmp = torch.zeros(1, mod.Q_HEADS, n, dtype=torch.float32)
-    check = mod._topn_check
-    mod._topn_check = lambda *args: None  # in a compiling process it demands CUDA tensors
-    try:
-        mod._topn_select(
-            q, k_cmp, lse_cmp, block=mod.BLOCK, stride=mod.STRIDE, select_block=mod.SELECT_BLOCK,
-            top_n=mod.TOP_N, initial=mod.INITIAL, local=mod.LOCAL, score=mod.SCORE, per=mod.PER, scale=scale,
-        )
-    finally:
-        mod._topn_check = check
+    # check=False: in a compiling process the checks demand CUDA tensors (the module's are CPU ones)
+    nsa_topn.topn_select(
+        q, k_cmp, lse_cmp, block=mod.BLOCK, stride=mod.STRIDE, select_block=mod.SELECT_BLOCK,
+        top_n=mod.TOP_N, initial=mod.INITIAL, local=mod.LOCAL, score=mod.SCORE, per=mod.PER, scale=scale,
+        check=False,
+    )
     block_idx = torch.zeros(1, mod.KV_HEADS, n, mod.TOP_N, dtype=torch.int64)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    o, lse = mod._slc_attention(q, k, v, block_idx, mod.SELECT_BLOCK, scale)
+    o, lse = nsa_selected.selected_attention(q, k, v, block_idx, mod.SELECT_BLOCK, scale)
     torch.autograd.backward((o, lse), (torch.empty_like(o), torch.zeros_like(lse)))
 
 

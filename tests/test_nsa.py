@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from attngen import nsa_reference as nr
 from attngen import runtime
-from attngen.build import TEMPLATES, build, check, render_all, spec_files
+from attngen.build import build, check, render_all, spec_files
 from attngen.cli import main as cli
 from attngen.spec import SpecError, load_spec
 from attngen.testing import check_module, check_nsa_module, nsa_composed, random_inputs, random_nsa_inputs, reference_mask
@@ -208,11 +208,15 @@ def test_bad_inputs_raise_valueerror_naming_them(change, message):
     assert message in str(info.value)
 
 
-def test_module_includes_the_partials_verbatim():
-    """The kernel partials are plain Python pasted as they are (no Jinja processing changes them)."""
-    text = Path(TINY.__file__).read_text()
-    for partial in ("_nsa_topn.jinja", "_nsa_selected.jinja"):
-        assert (TEMPLATES / partial).read_text() in text
+def test_module_calls_the_kernel_library():
+    """The selection kernels are imported from attngen.kernels, not copied: the module defines no
+    Triton function of its own."""
+    from triton.runtime.jit import JITFunction
+
+    from attngen.kernels import nsa_selected, nsa_topn
+
+    assert TINY.nsa_topn is nsa_topn and TINY.nsa_selected is nsa_selected
+    assert not [n for n, o in vars(TINY).items() if isinstance(o, JITFunction)]
 
 
 # ----------------------------------------------------------------------------- every group size

@@ -1,10 +1,7 @@
-"""NSA selected-block attention (templates/_nsa_selected.jinja) against the float64 oracle
+"""NSA selected-block attention (attngen.kernels.nsa_selected) against the float64 oracle
 attngen.nsa_reference.selected_attention: o, lse, dq, dk, dv under the project's tolerance rule."""
 
-import functools
-import importlib.util
 import math
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,27 +11,11 @@ from hypothesis import strategies as st
 
 from attngen import nsa_reference as nsa
 from attngen import runtime
+from attngen.kernels import nsa_selected
 from attngen.reference import attention_reference
 from attngen.testing import _loss, compare
 
 from helpers import assert_all_ok
-
-ROOT = Path(__file__).resolve().parent.parent
-# What a generated NSA module puts before the partial it includes.
-PREAMBLE = "from attngen import runtime as _rt\nimport torch\nimport triton\nimport triton.language as tl\n"
-
-
-@functools.lru_cache(maxsize=None)
-def selected_module():
-    """The selected-attention partial as an importable module, as a generated module includes it
-    (the kernels need a real source file, so it is written to a temporary one)."""
-    text = PREAMBLE + (ROOT / "templates" / "_nsa_selected.jinja").read_text()
-    path = Path(tempfile.mkdtemp(prefix="attngen-nsa-")) / "nsa_selected_partial.py"
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location("attngen_nsa_selected_partial", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # ----------------------------------------------------------------------------- index lists
@@ -95,12 +76,11 @@ INDEX_KINDS = {"selection": selected_lists, "random": random_lists, "holes": lis
 def check_selected(q, k, v, idx, select_block, scale, seed, backward=True):
     """Kernel vs float64 reference (PyTorch at the input dtype as the tolerance baseline), o, lse and
     the three gradients; also: keys no query sees get exactly zero dk, dv."""
-    mod = selected_module()
     dtype = q.dtype
     group = q.shape[1] // k.shape[1]
     leaves = [t.detach().requires_grad_(backward) for t in (q, k, v)]
     with runtime.poison_outputs():
-        o, lse = mod._slc_attention(*leaves, idx, select_block, scale)
+        o, lse = nsa_selected.selected_attention(*leaves, idx, select_block, scale)
     gen = torch.Generator().manual_seed(seed + 1)
     do = torch.randn(o.shape, generator=gen, dtype=torch.float64)
     dlse = torch.randn(lse.shape, generator=gen, dtype=torch.float64)
@@ -203,12 +183,11 @@ def test_matches_reference_on_given_blocks(case):
 
 
 def test_every_row_empty_gives_zeros():
-    mod = selected_module()
     q, k, v, idx = make_case(**pinned(3, 20))
     idx = torch.full_like(idx, -1)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     with runtime.poison_outputs():
-        o, lse = mod._slc_attention(*leaves, idx, 16, 0.3)
+        o, lse = nsa_selected.selected_attention(*leaves, idx, 16, 0.3)
         assert torch.equal(o, torch.zeros_like(o))
         assert torch.equal(lse, torch.full_like(lse, -math.inf))
         grads = torch.autograd.grad(o.float().sum() + torch.where(lse.isinf(), 0, lse).sum(), leaves)
@@ -218,12 +197,11 @@ def test_every_row_empty_gives_zeros():
 
 def test_backward_is_deterministic():
     """dK/dV come from per-block programs with a fixed order (no atomics): two runs agree bitwise."""
-    mod = selected_module()
     q, k, v, idx = make_case(**pinned(3, 75, select_block=16, top_n=5, kind="random", dtype="bf16"))
     runs = []
     for _ in range(2):
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        o, lse = mod._slc_attention(*leaves, idx, 16, 0.25)
+        o, lse = nsa_selected.selected_attention(*leaves, idx, 16, 0.25)
         runs.append(torch.autograd.grad((o.float() * torch.linspace(-1, 1, o.shape[-1])).sum() + lse.sum(), leaves))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
@@ -231,11 +209,10 @@ def test_backward_is_deterministic():
 
 def test_wrong_kernel_is_caught():
     """The check is not vacuous: the right output under other indices fails it."""
-    mod = selected_module()
     case = pinned(2, 50, top_n=2, kind="random")
     q, k, v, idx = make_case(**case)
     other = make_case(**(case | {"seed": 7}))[3]
-    o, _ = mod._slc_attention(q, k, v, other, 16, 0.3)
+    o, _ = nsa_selected.selected_attention(q, k, v, other, 16, 0.3)
     o_ref, _ = nsa.selected_attention(q, k, v, idx.long(), select_block=16, scale=0.3)
     mask = nsa.selection_mask(idx.long(), select_block=16).repeat_interleave(2, dim=1)
     o_base, _ = attention_reference(q, k, v, scale=0.3, mask=mask, compute_dtype=None)
@@ -265,40 +242,12 @@ def test_strided_inputs():
     ],
 )
 def test_bad_arguments_raise_valueerror_naming_them(change, message):
-    mod = selected_module()
     q, k, v, idx = make_case(**pinned(2, 40, top_n=2, dtype="fp32"))
     args = dict(q=q, k=k, v=v, idx=idx, select_block=16, scale=0.3)
     for key, fn in change.items():
         args[key] = fn(args[key]) if callable(fn) else fn
     with pytest.raises(ValueError, match=message):
-        mod._slc_attention(args["q"], args["k"], args["v"], args["idx"], args["select_block"], args["scale"])
-
-
-def test_partial_defines_only_prefixed_names():
-    """The partial is pasted into a module beside another one: every top-level name it binds
-    starts with _slc, and it imports nothing of its own."""
-    import ast
-
-    tree = ast.parse((ROOT / "templates" / "_nsa_selected.jinja").read_text())
-    names = []
-    for node in tree.body:
-        assert not isinstance(node, (ast.Import, ast.ImportFrom)), ast.dump(node)
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            names.append(node.name)
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            names += [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
-    assert "_slc_attention" in names
-    assert all(n.startswith("_slc") for n in names), [n for n in names if not n.startswith("_slc")]
-
-
-
-def test_partial_renders_to_itself():
-    """No Jinja syntax: included by the NSA template, the partial comes out unchanged (so this test
-    file's way of loading it checks the code a generated module runs)."""
-    from attngen.build import _env
-
-    assert _env().get_template("_nsa_selected.jinja").render() == (ROOT / "templates" / "_nsa_selected.jinja").read_text()
+        nsa_selected.selected_attention(args["q"], args["k"], args["v"], args["idx"], args["select_block"], args["scale"])
 
 
 def nsa_spec(tmp_path: Path, group: int, d: int, dv: int, dtype: str) -> Path:
@@ -314,7 +263,7 @@ def nsa_spec(tmp_path: Path, group: int, d: int, dv: int, dtype: str) -> Path:
 
 def test_kernels_compile_for_sm90_without_spills(tmp_path, monkeypatch):
     """Registers: the tile rule keeps every kernel spill-free at sm_90 (compiled ahead of time by
-    `attngen report`, which records the tiles _slc_forward / _slc_backward launch) for the paper's
+    `attngen report`, which records the tiles nsa_selected's wrappers launch) for the paper's
     head dims and the group sizes around the packing boundary."""
     from attngen.build import build
     from attngen.report import SMEM_LIMIT, run_report
@@ -323,7 +272,7 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path, monkeypatch):
     configs = [(1, 192, 128, "fp16"), (16, 192, 128, "bf16"), (3, 128, 128, "fp16"), (32, 40, 40, "fp16")]
     specs = [nsa_spec(tmp_path, *c) for c in configs]
     modules = [path for path, _ in build(specs, tmp_path / "gen") if path.stem in {s.stem for s in specs}]
-    kernels = {"_slc_fwd_kernel", "_slc_bwd_dq_kernel", "_slc_bwd_dkdv_kernel"}
+    kernels = {"nsa_selected.fwd_kernel", "nsa_selected.bwd_dq_kernel", "nsa_selected.bwd_dkdv_kernel"}
     rows = run_report(modules, ["sm_90"], kernels=kernels, jobs=2)
     assert {(r.spec, r.kernel) for r in rows} == {(s.stem, k) for s in specs for k in kernels}
     for r in rows:

@@ -1,4 +1,4 @@
-"""NSA block selection (templates/_nsa_topn.jinja) against the float64 reference.
+"""NSA block selection (attngen.kernels.nsa_topn) against the float64 reference.
 
 The kernel sums float32 scores in another order than the float64 reference, so two blocks whose
 scores differ by rounding only may swap. Each comparison therefore carries an error bound per
@@ -9,10 +9,7 @@ scores are exact or far apart must match on every row, and structural properties
 present, no future block, ascending, -1 padding, no duplicates) hold on arbitrary inputs.
 """
 
-import importlib.util
 import math
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,31 +17,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from attngen import nsa_reference as nsa
-
-ROOT = Path(__file__).resolve().parent.parent
-# What templates/nsa.py.jinja puts above the partials it includes.
-PRELUDE = "from attngen import runtime as _rt\nimport torch\nimport triton\nimport triton.language as tl\n"
-_LOADED = {}
-
-
-def load_partial(name: str):
-    """Import templates/<name>.jinja (a partial of plain Python + Triton) as a module, with the
-    imports the NSA module template puts above it."""
-    if name not in _LOADED:
-        src = PRELUDE + (ROOT / "templates" / f"{name}.jinja").read_text()
-        path = Path(tempfile.mkdtemp(prefix="attngen-partial-")) / f"{name.lstrip('_')}_partial.py"
-        path.write_text(src)  # kept: Triton reads kernel source back from the file
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        _LOADED[name] = mod
-    return _LOADED[name]
-
-
-def topn_select():
-    """The function under test (later: the generated NSA module's copy)."""
-    return load_partial("_nsa_topn")._topn_select
-
+from attngen.kernels import nsa_topn
 
 F64 = torch.float64
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -72,7 +45,7 @@ def lse_of(q, k_cmp, block, stride):
 
 def run_kernel(q, k_cmp, lse, geometry, top_n, initial, local, score, per, scale=None):
     block, stride, select_block = geometry
-    return topn_select()(
+    return nsa_topn.topn_select(
         q, k_cmp, lse, block=block, stride=stride, select_block=select_block, top_n=top_n,
         initial=initial, local=local, score=score, per=per, scale=scale,
     )
@@ -458,23 +431,4 @@ def test_bad_arguments(change, word):
     kw = dict(block=32, stride=16, select_block=64, top_n=4, initial=1, local=2, score="probs", per="token", scale=None)
     kw.update(ch)
     with pytest.raises(ValueError, match=word):
-        topn_select()(q, k_cmp, lse, **kw)
-
-
-def test_partial_defines_only_prefixed_names():
-    """The partial is pasted into the NSA module beside another: every top-level name it binds is _topn*."""
-    import ast
-
-    tree = ast.parse((ROOT / "templates" / "_nsa_topn.jinja").read_text())
-    names = []
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            names.append(node.name)
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            names += [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            names += [(a.asname or a.name).split(".")[0] for a in node.names]
-    assert "_topn_select" in names
-    assert [n for n in names if not n.startswith("_topn")] == []
-    assert "{{" not in (ROOT / "templates" / "_nsa_topn.jinja").read_text()  # no Jinja syntax
+        nsa_topn.topn_select(q, k_cmp, lse, **kw)

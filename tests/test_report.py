@@ -34,8 +34,8 @@ FP32_SPEC = ROOT / "specs" / "nsa_tiny.yaml"
 def kernel_names(spec) -> tuple[str, ...]:
     """The kernels a module built from `spec` launches (forward and backward)."""
     if spec.sparse is not None:
-        topn = "_topn_token_kernel" if spec.sparse.per == "token" else "_topn_block_kernel"
-        return (topn, "_slc_fwd_kernel", "_slc_bwd_dq_kernel", "_slc_bwd_dkdv_kernel")
+        topn = "nsa_topn.token_kernel" if spec.sparse.per == "token" else "nsa_topn.block_kernel"
+        return (topn, "nsa_selected.fwd_kernel", "nsa_selected.bwd_dq_kernel", "nsa_selected.bwd_dkdv_kernel")
     return ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
 
 

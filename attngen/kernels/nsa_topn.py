@@ -1,40 +1,54 @@
-# ---------------------------------------------------------------------------------------------
-# NSA block selection: importance scores of the selection blocks and top-n, fused.
-#
-# One program scores a tile of query positions (per="token") or one query block (per="block") for
-# one KV head. For each chunk of _topn_chunk selection blocks it loops over the compressed blocks
-# that overlap the chunk, and for each head of the KV group recomputes the compressed scores
-# (softmax probability exp(q.k*scale - lse_cmp), the logit q.k*scale, or the cosine) of the visible
-# compressed blocks, sums them over the group, and maps them onto the chunk's selection blocks with
-# the overlap weights (a small [BLOCK_C, BLOCK_S] matmul of small integers). The chunk's scores
-# [BLOCK_M, BLOCK_S] then merge into a running top-n list kept in registers. Neither the [N, C]
-# compressed scores nor the [N, S] selection-block scores are ever written to memory, and the
-# register footprint does not grow with the sequence: S beyond one chunk is streamed.
-#
-# Ties go to the lower index everywhere: inside a chunk by the lowest index among equal maxima,
-# across chunks because the running list only holds indices below the current chunk.
-# Scores are summed in float32 in an order different from the float64 reference, so two blocks
-# whose scores differ by float32 rounding only may come out in either order.
-#
-# Cost: every chunk re-reads the block//stride - 1 compressed blocks it shares with the previous
-# chunk (at most one extra compressed tile per chunk; none while S <= _topn_chunk). The overlap map
-# is a float32 'ieee' dot (exact weights; CUDA cores, not tensor cores).
-#
-# Registers (sm_90, 8 warps, BLOCK_S 64, D 128 / 192, any group size): 16-bit inputs with 32 rows
-# per tile take 180-211 registers, float32 inputs with 16 rows 139-204, no spills. Holding all S
-# selection blocks of a row tile at once instead would spill from S = 256 on (D = 192: from 128),
-# hence the chunks.
+"""NSA block selection: importance scores of the selection blocks and top-n, fused.
 
-_topn_scores = {"probs": 0, "dot": 1, "cosine": 2}
-_topn_pers = ("token", "block")
-_topn_chunk = 64  # selection blocks scored per pass (BLOCK_S at most)
-_topn_block_m = 32  # query positions per tile
-_topn_block_c = 32  # compressed blocks per tile
-_topn_none = 1 << 30  # "no block" in the running lists (above every real index)
+topn_select(q, k_cmp, lse_cmp, ...) returns the selected blocks of each query position (or each
+query block) as int64 indices [B, Hkv, N, top_n], ascending and -1 padded. Every NSA parameter is
+an argument, so one copy serves every NSA spec: a generated NSA module calls it with its spec's
+values. The float64 oracle is attngen.nsa_reference (importance_scores, map_to_selection_blocks,
+group_scores, select_blocks).
+
+One program scores a tile of query positions (per="token") or one query block (per="block") for
+one KV head. For each chunk of CHUNK selection blocks it loops over the compressed blocks that
+overlap the chunk, and for each head of the KV group recomputes the compressed scores (softmax
+probability exp(q.k*scale - lse_cmp), the logit q.k*scale, or the cosine) of the visible
+compressed blocks, sums them over the group, and maps them onto the chunk's selection blocks with
+the overlap weights (a small [BLOCK_C, BLOCK_S] matmul of small integers). The chunk's scores
+[BLOCK_M, BLOCK_S] then merge into a running top-n list kept in registers. Neither the [N, C]
+compressed scores nor the [N, S] selection-block scores are ever written to memory, and the
+register footprint does not grow with the sequence: S beyond one chunk is streamed.
+
+Ties go to the lower index everywhere: inside a chunk by the lowest index among equal maxima,
+across chunks because the running list only holds indices below the current chunk.
+Scores are summed in float32 in an order different from the float64 reference, so two blocks
+whose scores differ by float32 rounding only may come out in either order.
+
+Cost: every chunk re-reads the block//stride - 1 compressed blocks it shares with the previous
+chunk (at most one extra compressed tile per chunk; none while S <= CHUNK). The overlap map is a
+float32 'ieee' dot (exact weights; CUDA cores, not tensor cores).
+
+Registers (sm_90, 8 warps, BLOCK_S 64, D 128 / 192, any group size): 16-bit inputs with 32 rows
+per tile take 180-211 registers, float32 inputs with 16 rows 139-204, no spills. Holding all S
+selection blocks of a row tile at once instead would spill from S = 256 on (D = 192: from 128),
+hence the chunks.
+
+Kernels (what `attngen report` compiles): token_kernel (per="token"), block_kernel (per="block").
+"""
+
+from attngen import runtime as _rt  # first: selects Triton's interpreter when there is no GPU
+
+import torch
+import triton
+import triton.language as tl
+
+SCORES = {"probs": 0, "dot": 1, "cosine": 2}  # score= values, and the kernels' SCORE constexpr
+PERS = ("token", "block")  # per= values: one choice per query position, or per query block
+CHUNK = 64  # selection blocks scored per pass (BLOCK_S at most)
+TILE_M = 32  # query positions per tile
+TILE_C = 32  # compressed blocks per tile
+NO_BLOCK = 1 << 30  # "no block" in the running lists (above every real index)
 
 
 @triton.jit
-def _topn_chunk_scores(
+def _chunk_scores(
     p_q0, p_k0, p_row0, p_kn0, o_m, m_m, j0, i_lo, i_hi, scale,
     stride_qh, stride_qm, stride_qd, stride_kn, stride_kd, stride_rh, stride_rm,
     block, stride, pieces, per_select,
@@ -88,7 +102,7 @@ def _topn_chunk_scores(
 
 
 @triton.jit
-def _topn_merge(b_lv, b_li, b_cv, o_j, own, top_n, initial, local, BIG: tl.constexpr, TOP_PAD: tl.constexpr):
+def _merge(b_lv, b_li, b_cv, o_j, own, top_n, initial, local, BIG: tl.constexpr, TOP_PAD: tl.constexpr):
     """Merge a chunk of scores b_cv [R, BS] (block indices o_j, all above those in b_li) into the
     running top-n list (b_lv values, b_li indices, [R, TP], BIG = empty). Position rows of own block
     `own` [R] may pick blocks 0..own; the first `initial` and the `local` latest are forced."""
@@ -114,7 +128,7 @@ def _topn_merge(b_lv, b_li, b_cv, o_j, own, top_n, initial, local, BIG: tl.const
 
 
 @triton.jit
-def _topn_ascending(b_li, top_n, BIG: tl.constexpr, TOP_PAD: tl.constexpr):
+def _ascending(b_li, top_n, BIG: tl.constexpr, TOP_PAD: tl.constexpr):
     """The picked indices [R, TP] sorted ascending, -1 for empty slots."""
     o_t = tl.arange(0, TOP_PAD)
     b_prev = tl.full([b_li.shape[0]], -1, tl.int32)
@@ -127,13 +141,13 @@ def _topn_ascending(b_li, top_n, BIG: tl.constexpr, TOP_PAD: tl.constexpr):
 
 
 @triton.jit
-def _topn_num_visible(t, block, stride):
+def _num_visible(t, block, stride):
     """Compressed blocks complete at position t (a scalar >= 0): max(0, (t + 1 - block)//stride + 1)."""
     return tl.where(t + 1 >= block, (tl.maximum(t + 1 - block, 0)) // stride + 1, 0)
 
 
 @triton.jit(do_not_specialize=["N", "n_cmp"])
-def _topn_token_kernel(
+def token_kernel(
     Q, K, ROW, KN, OUT,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -154,7 +168,7 @@ def _topn_token_kernel(
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < N
     t_last = tl.minimum(i_m * BLOCK_M + BLOCK_M, N) - 1
-    n_vis = _topn_num_visible(t_last, block, stride)
+    n_vis = _num_visible(t_last, block, stride)
     own = o_m // select_block
     p_q0 = Q + i_b.to(tl.int64) * stride_qb + (i_hk * GROUP).to(tl.int64) * stride_qh
     p_k0 = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
@@ -167,23 +181,23 @@ def _topn_token_kernel(
         # compressed blocks overlapping pieces j0*per_select .. (j0 + BLOCK_S)*per_select - 1
         i_lo = tl.maximum(j0 * per_select - pieces + 1, 0)
         i_hi = tl.minimum((j0 + BLOCK_S) * per_select, n_vis)
-        b_cv = _topn_chunk_scores(
+        b_cv = _chunk_scores(
             p_q0, p_k0, p_row0, p_kn0, o_m, m_m, j0, i_lo, i_hi, scale,
             stride_qh, stride_qm, stride_qd, stride_kn, stride_kd, stride_rh, stride_rm,
             block, stride, pieces, per_select,
             GROUP, SCORE, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_C, BLOCK_S, DOT_UPCAST, DOT_PRECISION,
         )
         o_j = j0 + tl.arange(0, BLOCK_S)
-        b_lv, b_li = _topn_merge(b_lv, b_li, b_cv, o_j, own, top_n, initial, local, BIG, TOP_PAD)
+        b_lv, b_li = _merge(b_lv, b_li, b_cv, o_j, own, top_n, initial, local, BIG, TOP_PAD)
 
-    b_out = _topn_ascending(b_li, top_n, BIG, TOP_PAD)
+    b_out = _ascending(b_li, top_n, BIG, TOP_PAD)
     o_t = tl.arange(0, TOP_PAD)
     p_out = OUT + i_bh.to(tl.int64) * N * top_n + o_m[:, None] * top_n + o_t[None, :]
     tl.store(p_out, b_out.to(tl.int64), mask=m_m[:, None] & (o_t[None, :] < top_n))
 
 
 @triton.jit(do_not_specialize=["N", "n_cmp"])
-def _topn_block_kernel(
+def block_kernel(
     Q, K, ROW, KN, OUT,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -204,7 +218,7 @@ def _topn_block_kernel(
     per_select = select_block // stride
     start = i_qb * select_block
     end = tl.minimum(start + select_block, N)
-    n_vis = _topn_num_visible(end - 1, block, stride)
+    n_vis = _num_visible(end - 1, block, stride)
     own = i_qb + tl.zeros([1], dtype=tl.int32)
     p_q0 = Q + i_b.to(tl.int64) * stride_qb + (i_hk * GROUP).to(tl.int64) * stride_qh
     p_k0 = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
@@ -219,7 +233,7 @@ def _topn_block_kernel(
         b_cv = tl.zeros([BLOCK_S], dtype=tl.float32)
         for m0 in range(start, end, BLOCK_M):
             o_m = m0 + tl.arange(0, BLOCK_M)
-            b_rows = _topn_chunk_scores(
+            b_rows = _chunk_scores(
                 p_q0, p_k0, p_row0, p_kn0, o_m, o_m < end, j0, i_lo, i_hi, scale,
                 stride_qh, stride_qm, stride_qd, stride_kn, stride_kd, stride_rh, stride_rm,
                 block, stride, pieces, per_select,
@@ -227,9 +241,9 @@ def _topn_block_kernel(
             )
             b_cv += tl.sum(b_rows, 0)
         o_j = j0 + tl.arange(0, BLOCK_S)
-        b_lv, b_li = _topn_merge(b_lv, b_li, b_cv[None, :], o_j, own, top_n, initial, local, BIG, TOP_PAD)
+        b_lv, b_li = _merge(b_lv, b_li, b_cv[None, :], o_j, own, top_n, initial, local, BIG, TOP_PAD)
 
-    b_out = _topn_ascending(b_li, top_n, BIG, TOP_PAD)  # [1, TP]
+    b_out = _ascending(b_li, top_n, BIG, TOP_PAD)  # [1, TP]
     o_t = tl.arange(0, TOP_PAD)
     p_out0 = OUT + i_bh.to(tl.int64) * N * top_n
     for m0 in range(start, end, BLOCK_M):
@@ -238,28 +252,28 @@ def _topn_block_kernel(
         tl.store(p_out0 + o_m[:, None] * top_n + o_t[None, :], b_rep.to(tl.int64), mask=(o_m[:, None] < end) & (o_t[None, :] < top_n))
 
 
-def _topn_check_int(name, value, lo):
+def _check_int(name, value, lo):
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name}: expected an int, got {type(value).__name__}")
     if value < lo:
         raise ValueError(f"{name}: must be >= {lo}, got {value}")
 
 
-def _topn_check(q, k_cmp, lse_cmp, block, stride, select_block, top_n, initial, local, score, per):
+def _check(q, k_cmp, lse_cmp, block, stride, select_block, top_n, initial, local, score, per):
     for name, value, lo in (
         ("block", block, 1), ("stride", stride, 1), ("select_block", select_block, 1),
         ("top_n", top_n, 1), ("initial", initial, 0), ("local", local, 0),
     ):
-        _topn_check_int(name, value, lo)
+        _check_int(name, value, lo)
     if block % stride:
         raise ValueError(f"stride: {stride} does not divide block {block}")
     if select_block % stride:
         raise ValueError(f"stride: {stride} does not divide select_block {select_block}")
     if initial + local > top_n:
         raise ValueError(f"initial + local: {initial} + {local} forced blocks exceed top_n {top_n}")
-    if score not in _topn_scores:
-        raise ValueError(f"score: unknown score {score!r} (expected one of {', '.join(_topn_scores)})")
-    if per not in _topn_pers:
+    if score not in SCORES:
+        raise ValueError(f"score: unknown score {score!r} (expected one of {', '.join(SCORES)})")
+    if per not in PERS:
         raise ValueError(f"per: unknown value {per!r} (expected 'token' or 'block')")
     for name, t in (("q", q), ("k_cmp", k_cmp)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -291,16 +305,20 @@ def _topn_check(q, k_cmp, lse_cmp, block, stride, select_block, top_n, initial, 
 
 
 @torch.no_grad()
-def _topn_select(q, k_cmp, lse_cmp, *, block, stride, select_block, top_n, initial, local, score, per, scale, check=True):
+def topn_select(q, k_cmp, lse_cmp, *, block, stride, select_block, top_n, initial, local, score, per, scale, check=True):
     """Selected blocks of NSA: block_idx int64 [B, Hkv, N, top_n], ascending, -1 padded.
 
     q [B, Hq, N, D], k_cmp [B, Hkv, C, D] (same dtype), lse_cmp float32 [B, Hq, N] (the compression
     branch's natural-log lse, -inf where no block is complete; only read for score="probs").
     Equals nsa_reference.select_blocks(group_scores(map_to_selection_blocks(importance_scores(...))))
     up to float32 rounding of the scores. scale None means 1/sqrt(D). No gradient.
+    block, stride: the compression blocks (stride divides block); select_block (a multiple of
+    stride), top_n, initial and local (forced first and latest blocks, initial + local <= top_n);
+    score one of SCORES, per one of PERS. Bad arguments raise ValueError naming them; check=False
+    skips those checks for a caller whose parameters and tensors are already validated.
     """
     if check:  # check=False: a caller whose spec and tensors are already validated
-        _topn_check(q, k_cmp, lse_cmp, block, stride, select_block, top_n, initial, local, score, per)
+        _check(q, k_cmp, lse_cmp, block, stride, select_block, top_n, initial, local, score, per)
     b, hq, n, d = q.shape
     hkv, c = k_cmp.shape[1], k_cmp.shape[2]
     scale = d ** -0.5 if scale is None else float(scale)
@@ -316,12 +334,12 @@ def _topn_select(q, k_cmp, lse_cmp, *, block, stride, select_block, top_n, initi
         row = torch.linalg.vector_norm(q.float(), dim=-1)
         k_norm = torch.linalg.vector_norm(k_cmp.float(), dim=-1).contiguous()
     num_sel = -(-n // select_block)
-    block_s = min(max(16, triton.next_power_of_2(num_sel)), _topn_chunk)
+    block_s = min(max(16, triton.next_power_of_2(num_sel)), CHUNK)
     common = dict(
-        H_KV=hkv, GROUP=hq // hkv, SCORE=_topn_scores[score],
+        H_KV=hkv, GROUP=hq // hkv, SCORE=SCORES[score],
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
-        BLOCK_C=_topn_block_c, BLOCK_S=block_s, TOP_PAD=max(2, triton.next_power_of_2(top_n)),
-        BIG=_topn_none, DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
+        BLOCK_C=TILE_C, BLOCK_S=block_s, TOP_PAD=max(2, triton.next_power_of_2(top_n)),
+        BIG=NO_BLOCK, DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
     )
     args = (
         q, k_cmp, row, k_norm, out, *q.stride(), *k_cmp.stride(), *row.stride(),
@@ -329,12 +347,12 @@ def _topn_select(q, k_cmp, lse_cmp, *, block, stride, select_block, top_n, initi
     )
     # float32 tiles take twice the registers: half the rows keeps them from spilling (sm_90); a
     # narrow float32 head (D <= 32) spilled with 8 warps (capped at 128 registers) and not with 4
-    tall = _topn_block_m // 2 if q.dtype == torch.float32 else _topn_block_m
+    tall = TILE_M // 2 if q.dtype == torch.float32 else TILE_M
     warps = 4 if q.dtype == torch.float32 and common["BLOCK_D"] <= 32 else 8
     if per == "token":
         block_m = tall
-        _topn_token_kernel[(triton.cdiv(n, block_m), b * hkv)](*args, BLOCK_M=block_m, **common, num_warps=warps)
+        token_kernel[(triton.cdiv(n, block_m), b * hkv)](*args, BLOCK_M=block_m, **common, num_warps=warps)
     else:  # row tiles no taller than a query block
         block_m = min(tall, max(16, triton.next_power_of_2(select_block)))
-        _topn_block_kernel[(num_sel, b * hkv)](*args, BLOCK_M=block_m, **common, num_warps=warps)
+        block_kernel[(num_sel, b * hkv)](*args, BLOCK_M=block_m, **common, num_warps=warps)
     return out

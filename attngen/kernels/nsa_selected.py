@@ -1,27 +1,41 @@
+"""NSA selected-block attention: forward, dQ and dK/dV kernels, and their autograd wrapper.
 
-# ----------------------------------------------------------------------------- NSA selected-block attention
-#
-# Query t of KV head hk sees key s iff s // SB is one of block_idx[b, hk, t, :] (-1 entries skipped)
-# and s <= t; the G query heads of a KV head share its index list.
-#
-# Forward and dQ (group-centric, as in the NSA paper): one program per (batch, KV head, pack of
-# PACK consecutive positions). Its rows are the PACK x G (position, query head) pairs, so a loaded
-# K/V tile feeds every query head of the group at once; PACK = max(16, pow2(G)) // G fills the 16
-# rows tl.dot needs when G is small. The program walks the union of the PACK index lists, each
-# block once, with a per-row mask "this row's position selected it and s <= t"; the union (sorted,
-# duplicates and blocks wholly in the pack's future dropped) is built in torch before the launch,
-# so the kernel's loop does no de-duplication and skips nothing at run time.
-# dK/dV (deterministic, no atomics): the index lists are inverted in torch (positions sorted by the
-# block they selected, offsets per (batch, KV head, block)); one program per (batch, KV head, block,
-# key tile) walks the (position, head) pairs that selected its block and owns its keys' gradients.
-# Keys that no position selected get exactly zero.
+selected_attention(q, k, v, block_idx, select_block, scale) attends each query to the blocks its
+index list names. The block length, index lists and scale are arguments, so one copy serves every
+NSA spec: a generated NSA module calls it with its spec's values. The float64 oracle is
+attngen.nsa_reference.selected_attention.
+
+Query t of KV head hk sees key s iff s // SB is one of block_idx[b, hk, t, :] (-1 entries skipped)
+and s <= t; the G query heads of a KV head share its index list.
+
+Forward and dQ (group-centric, as in the NSA paper): one program per (batch, KV head, pack of
+PACK consecutive positions). Its rows are the PACK x G (position, query head) pairs, so a loaded
+K/V tile feeds every query head of the group at once; PACK = max(16, pow2(G)) // G fills the 16
+rows tl.dot needs when G is small. The program walks the union of the PACK index lists, each
+block once, with a per-row mask "this row's position selected it and s <= t"; the union (sorted,
+duplicates and blocks wholly in the pack's future dropped) is built in torch before the launch,
+so the kernel's loop does no de-duplication and skips nothing at run time.
+dK/dV (deterministic, no atomics): the index lists are inverted in torch (positions sorted by the
+block they selected, offsets per (batch, KV head, block)); one program per (batch, KV head, block,
+key tile) walks the (position, head) pairs that selected its block and owns its keys' gradients.
+Keys that no position selected get exactly zero.
+
+Kernels (what `attngen report` compiles): fwd_kernel, bwd_dq_kernel, bwd_dkdv_kernel, launched
+with the fixed tiles of _tiles (no autotuning).
+"""
+
+from attngen import runtime as _rt  # first: selects Triton's interpreter when there is no GPU
+
+import torch
+import triton
+import triton.language as tl
 
 
-def _slc_pow2(x):
+def _pow2(x):
     return 1 << max(0, int(x) - 1).bit_length()
 
 
-def _slc_tiles(group, head_dim, v_head_dim, select_block):
+def _tiles(group, head_dim, v_head_dim, select_block):
     """Tile sizes and warps by a fixed rule (no autotuning).
 
     Rows: BLOCK_R = max(16, pow2(G)), PACK = BLOCK_R // G positions per program (G < 16 packs
@@ -37,12 +51,12 @@ def _slc_tiles(group, head_dim, v_head_dim, select_block):
     32 rows, 192; dQ, 8 warps, 16 rows, 192 / 128). Under the interpreter the key tile is
     always 32, so tests see blocks of 64 keys take two tiles and blocks of 16 fill half of one.
     """
-    block_r = max(16, _slc_pow2(group))
-    block_d, block_dv = max(16, _slc_pow2(head_dim)), max(16, _slc_pow2(v_head_dim))
+    block_r = max(16, _pow2(group))
+    block_d, block_dv = max(16, _pow2(head_dim)), max(16, _pow2(v_head_dim))
     widest = max(block_d, block_dv)
     unaligned = head_dim % 16 != 0 or v_head_dim % 16 != 0
     wide = widest > 64 or unaligned
-    block_n = max(16, min(_slc_pow2(select_block), 64 >> (widest > 128) >> (unaligned and widest > 64)))
+    block_n = max(16, min(_pow2(select_block), 64 >> (widest > 128) >> (unaligned and widest > 64)))
     if _rt.INTERPRET:
         block_n = 32
     return dict(
@@ -54,7 +68,7 @@ def _slc_tiles(group, head_dim, v_head_dim, select_block):
 
 
 @triton.jit
-def _slc_rows(
+def _rows(
     IDX, i_b, i_hk, i_p, N_Q,
     H_KV: tl.constexpr, GROUP: tl.constexpr, PACK: tl.constexpr, N_SEL: tl.constexpr,
     BLOCK_SEL: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -77,7 +91,7 @@ def _slc_rows(
 
 
 @triton.jit
-def _slc_fwd_tile(
+def _fwd_tile(
     b_q, b_m, b_l, b_acc, b_lim, p_k0, p_v0, start_s, n_in, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -112,7 +126,7 @@ def _slc_fwd_tile(
 
 
 @triton.jit(do_not_specialize=["N_Q", "N_K", "N_PACKS"])
-def _slc_fwd_kernel(
+def fwd_kernel(
     Q, K, V, IDX, UNION, COUNT, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -130,7 +144,7 @@ def _slc_fwd_kernel(
     i_bh = tl.program_id(1)
     i_b = i_bh // H_KV
     i_hk = i_bh % H_KV
-    o_t, m_r, o_h, b_ridx, t_last = _slc_rows(IDX, i_b, i_hk, i_p, N_Q, H_KV, GROUP, PACK, N_SEL, BLOCK_SEL, BLOCK_R)
+    o_t, m_r, o_h, b_ridx, t_last = _rows(IDX, i_b, i_hk, i_p, N_Q, H_KV, GROUP, PACK, N_SEL, BLOCK_SEL, BLOCK_R)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
 
@@ -154,7 +168,7 @@ def _slc_fwd_kernel(
         for in_blk in range(0, SB, BLOCK_N):
             start_s = blk * SB + in_blk
             if start_s <= t_last:  # a tile wholly in the pack's future is skipped
-                b_m, b_l, b_acc = _slc_fwd_tile(
+                b_m, b_l, b_acc = _fwd_tile(
                     b_q, b_m, b_l, b_acc, b_lim, p_k0, p_v0, start_s, s_end - start_s, qk_scale,
                     stride_kn, stride_kd, stride_vn, stride_vd,
                     HEAD_DIM, V_HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_DV, DOT_UPCAST, DOT_PRECISION,
@@ -170,7 +184,7 @@ def _slc_fwd_kernel(
 
 
 @triton.jit
-def _slc_dq_tile(
+def _dq_tile(
     b_dq, b_q, b_do, b_lse, b_delta, b_lim, p_k0, p_v0, start_s, n_in, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -198,7 +212,7 @@ def _slc_dq_tile(
 
 
 @triton.jit(do_not_specialize=["N_Q", "N_K", "N_PACKS"])
-def _slc_bwd_dq_kernel(
+def bwd_dq_kernel(
     Q, K, V, O, DO, IDX, UNION, COUNT, LSE, DLSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -218,7 +232,7 @@ def _slc_bwd_dq_kernel(
     i_bh = tl.program_id(1)
     i_b = i_bh // H_KV
     i_hk = i_bh % H_KV
-    o_t, m_r, o_h, b_ridx, t_last = _slc_rows(IDX, i_b, i_hk, i_p, N_Q, H_KV, GROUP, PACK, N_SEL, BLOCK_SEL, BLOCK_R)
+    o_t, m_r, o_h, b_ridx, t_last = _rows(IDX, i_b, i_hk, i_p, N_Q, H_KV, GROUP, PACK, N_SEL, BLOCK_SEL, BLOCK_R)
     o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
@@ -254,7 +268,7 @@ def _slc_bwd_dq_kernel(
         for in_blk in range(0, SB, BLOCK_N):
             start_s = blk * SB + in_blk
             if start_s <= t_last:
-                b_dq = _slc_dq_tile(
+                b_dq = _dq_tile(
                     b_dq, b_q, b_do, b_lse, b_delta, b_lim, p_k0, p_v0, start_s, s_end - start_s, qk_scale,
                     stride_kn, stride_kd, stride_vn, stride_vd,
                     HEAD_DIM, V_HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_DV, DOT_UPCAST, DOT_PRECISION,
@@ -264,7 +278,7 @@ def _slc_bwd_dq_kernel(
 
 
 @triton.jit(do_not_specialize=["N_Q", "N_K", "N_BLK"])
-def _slc_bwd_dkdv_kernel(
+def bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, POS, OFFS, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -341,7 +355,7 @@ def _slc_bwd_dkdv_kernel(
     tl.store(p_dv[:, None] + o_dv[None, :] * stride_dvd, b_dv.to(DV.dtype.element_ty), mask=m_v)
 
 
-def _slc_check(q, k, v, block_idx, select_block, scale):
+def _check(q, k, v, block_idx, select_block, scale):
     """ValueError naming the argument for anything the kernels cannot take."""
     for name, t in (("q", q), ("k", k), ("v", v), ("block_idx", block_idx)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -373,7 +387,7 @@ def _slc_check(q, k, v, block_idx, select_block, scale):
             raise ValueError(f"selected attention: block_idx entries must be -1 or in 0..{nb - 1} (Nk = {nk}, select_block = {select_block})")
 
 
-def _slc_union(idx, select_block, pack):
+def _union(idx, select_block, pack):
     """The blocks each pack of `pack` consecutive positions visits: (union int32 [B, Hkv, P, pack * n],
     count int32 [B, Hkv, P]) with P = ceil(N / pack). Entries union[..., :count] are the distinct
     blocks of the pack's index lists, ascending, without blocks wholly after the pack's last
@@ -395,23 +409,23 @@ def _slc_union(idx, select_block, pack):
     return torch.where(u == big, -1, u).to(torch.int32).contiguous(), count.contiguous()
 
 
-def _slc_forward(q, k, v, idx, select_block, scale):
+def _forward(q, k, v, idx, select_block, scale):
     """idx: int32 [B, Hkv, N, n] contiguous. Returns o [B, Hq, N, Dv] (q's dtype), lse float32
-    [B, Hq, N], and the packs' block lists (see _slc_union) for the dQ kernel."""
+    [B, Hq, N], and the packs' block lists (see _union) for the dQ kernel."""
     b, hq, n, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     o = _rt.empty_like_layout(q, (b, hq, n, dv), dtype=q.dtype)
     lse = _rt.empty((b, hq, n), dtype=torch.float32, device=q.device)
     if b == 0 or n == 0 or nk == 0 or idx.shape[3] == 0:
         return o.zero_(), lse.fill_(float("-inf")), None
-    c = _slc_tiles(hq // hkv, d, dv, select_block)
-    union, count = _slc_union(idx, select_block, c["PACK"])
-    _slc_fwd_kernel[(union.shape[2], b * hkv)](
+    c = _tiles(hq // hkv, d, dv, select_block)
+    union, count = _union(idx, select_block, c["PACK"])
+    fwd_kernel[(union.shape[2], b * hkv)](
         q, k, v, idx, union, count, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         scale * 1.4426950408889634, n, nk, union.shape[2],
         H=hq, H_KV=hkv, GROUP=hq // hkv, PACK=c["PACK"],
-        SB=select_block, N_SEL=idx.shape[3], BLOCK_SEL=_slc_pow2(idx.shape[3]),
+        SB=select_block, N_SEL=idx.shape[3], BLOCK_SEL=_pow2(idx.shape[3]),
         HEAD_DIM=d, V_HEAD_DIM=dv, BLOCK_D=c["BLOCK_D"], BLOCK_DV=c["BLOCK_DV"],
         BLOCK_R=c["BLOCK_R"], BLOCK_N=c["BLOCK_N"],
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
@@ -420,7 +434,7 @@ def _slc_forward(q, k, v, idx, select_block, scale):
     return o, lse, (union, count)
 
 
-def _slc_invert(idx, select_block, n_blocks):
+def _invert(idx, select_block, n_blocks):
     """Which positions selected each block: (pos int32 [M], offs int64 [B * Hkv * n_blocks + 1]).
 
     The positions that selected block j of (b, hk) are pos[offs[s]:offs[s + 1]] with
@@ -441,7 +455,7 @@ def _slc_invert(idx, select_block, n_blocks):
     return pos, offs
 
 
-def _slc_backward(q, k, v, o, lse, idx, packs, do, dlse, select_block, scale):
+def _backward(q, k, v, o, lse, idx, packs, do, dlse, select_block, scale):
     b, hq, n, d = q.shape
     hkv, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     dq, dk, dv = _rt.empty_like(q), _rt.empty_like(k), _rt.empty_like(v)
@@ -451,23 +465,23 @@ def _slc_backward(q, k, v, o, lse, idx, packs, do, dlse, select_block, scale):
     do = torch.zeros_like(o) if do is None else do
     dlse = torch.zeros_like(lse) if dlse is None else dlse.to(torch.float32).contiguous()
     delta = _rt.empty((b, hq, n), dtype=torch.float32, device=q.device)
-    c = _slc_tiles(hq // hkv, d, dv_dim, select_block)
+    c = _tiles(hq // hkv, d, dv_dim, select_block)
     common = dict(
         H=hq, H_KV=hkv, GROUP=hq // hkv, SB=select_block,
         HEAD_DIM=d, V_HEAD_DIM=dv_dim, BLOCK_D=c["BLOCK_D"], BLOCK_DV=c["BLOCK_DV"], BLOCK_N=c["BLOCK_N"],
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
     )
-    _slc_bwd_dq_kernel[(union.shape[2], b * hkv)](
+    bwd_dq_kernel[(union.shape[2], b * hkv)](
         q, k, v, o, do, idx, union, count, lse, dlse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
         scale * 1.4426950408889634, scale, n, nk, union.shape[2],
-        PACK=c["PACK"], N_SEL=idx.shape[3], BLOCK_SEL=_slc_pow2(idx.shape[3]), BLOCK_R=c["BLOCK_R"],
+        PACK=c["PACK"], N_SEL=idx.shape[3], BLOCK_SEL=_pow2(idx.shape[3]), BLOCK_R=c["BLOCK_R"],
         num_warps=c["WARPS_DQ"], **common,
     )
     n_blocks = triton.cdiv(nk, select_block)
     tiles = triton.cdiv(select_block, c["BLOCK_N"])
-    pos, offs = _slc_invert(idx, select_block, n_blocks)
-    _slc_bwd_dkdv_kernel[(n_blocks * tiles, b * hkv)](
+    pos, offs = _invert(idx, select_block, n_blocks)
+    bwd_dkdv_kernel[(n_blocks * tiles, b * hkv)](
         q, k, v, do, lse, delta, pos, offs, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         scale * 1.4426950408889634, scale, n, nk, n_blocks,
@@ -476,10 +490,10 @@ def _slc_backward(q, k, v, o, lse, idx, packs, do, dlse, select_block, scale):
     return dq, dk, dv
 
 
-class _slc_Function(torch.autograd.Function):
+class _SelectedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, idx, select_block, scale):
-        o, lse, packs = _slc_forward(q, k, v, idx, select_block, scale)
+        o, lse, packs = _forward(q, k, v, idx, select_block, scale)
         ctx.save_for_backward(q, k, v, o, lse, idx, *(packs or ()))
         ctx.select_block, ctx.scale = select_block, scale
         return o, lse
@@ -488,11 +502,11 @@ class _slc_Function(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # the kernels' gradients are not differentiable again
     def backward(ctx, do, dlse):
         q, k, v, o, lse, idx, *packs = ctx.saved_tensors
-        dq, dk, dv = _slc_backward(q, k, v, o, lse, idx, packs or None, do, dlse, ctx.select_block, ctx.scale)
+        dq, dk, dv = _backward(q, k, v, o, lse, idx, packs or None, do, dlse, ctx.select_block, ctx.scale)
         return dq, dk, dv, None, None, None
 
 
-def _slc_attention(q, k, v, block_idx, select_block: int, scale: float, check: bool = True):
+def selected_attention(q, k, v, block_idx, select_block: int, scale: float, check: bool = True):
     """Attention over the selected blocks of NSA.
 
     q [B, Hq, N, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] (fp16 / bf16 / fp32, any strides);
@@ -504,9 +518,9 @@ def _slc_attention(q, k, v, block_idx, select_block: int, scale: float, check: b
     caller that has validated its tensors and made block_idx itself.
     """
     if check:
-        _slc_check(q, k, v, block_idx, select_block, scale)
+        _check(q, k, v, block_idx, select_block, scale)
     idx = block_idx.to(torch.int32).contiguous()
     scale = float(scale)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _slc_Function.apply(q, k, v, idx, select_block, scale)
-    return _slc_forward(q, k, v, idx, select_block, scale)[:2]
+        return _SelectedAttention.apply(q, k, v, idx, select_block, scale)
+    return _forward(q, k, v, idx, select_block, scale)[:2]
