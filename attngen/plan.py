@@ -7,11 +7,32 @@ predicate, load masks). Nothing here imports torch or triton.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass
 from typing import Callable
 
-from .spec import Spec
+from .spec import Spec, SpecError
+
+
+class StageError(Exception):
+    """An unexpected exception while planning what one spec key asks for: a bug in attngen, which
+    the build reports at that key's line (the original exception is the __cause__)."""
+
+    def __init__(self, key: str, error: BaseException):
+        super().__init__(f"{key}: {type(error).__name__}: {error}")
+        self.key, self.error = key, error
+
+
+@contextlib.contextmanager
+def stage(key: str):
+    """Attribute any exception but a SpecError raised inside to spec key `key` (StageError)."""
+    try:
+        yield
+    except (SpecError, StageError):
+        raise
+    except Exception as e:
+        raise StageError(key, e) from e
 
 
 @dataclass(frozen=True)
@@ -358,7 +379,8 @@ def autotune_spaces(spec: Spec) -> dict[str, tuple[tuple[dict, ...], int]]:
 def make_plan(spec: Spec) -> Plan:
     from .classify import range_statements
 
-    rule = mask_rule(spec)
+    with stage("mask"):
+        rule = mask_rule(spec)
     block_d, block_dv = next_pow2(spec.head_dim), next_pow2(spec.v_head_dim)
     pad_d = block_d != spec.head_dim
     pad_dv = block_dv != spec.v_head_dim
@@ -380,7 +402,8 @@ def make_plan(spec: Spec) -> Plan:
         f"head_dim {spec.head_dim}" + (f" (v {spec.v_head_dim})" if spec.v_head_dim != spec.head_dim else "")
         + f", mask {spec.mask if spec.mask in MASK_RULES else rule.doc.removeprefix('expression ')}."
     )
-    sm = score_mod_plan(spec.score_mod, spec.params, spec.backward)
+    with stage("score_mod"):
+        sm = score_mod_plan(spec.score_mod, spec.params, spec.backward)
     pointers = {f"{PARAM_PREFIX}{n}_ptr" for n, d in param_decls(spec.params).items() if d.kind == "tensor"}
     if sm:
         summary = f"{summary[:-1]}, score_mod {sm.doc}."
@@ -409,7 +432,13 @@ def make_plan(spec: Spec) -> Plan:
                 "summed per element in index order (runtime.index_sum_): deterministic, no atomics, but about one "
                 "more dQ pass plus a sort of B * H * Nq * Nk entries, with no tile skipped.",
             )
-    id_name = _id_skip(spec, rule)
+    with stage("mask"):
+        id_name = _id_skip(spec, rule)
+        ranges = range_statements(rule, "fwd"), range_statements(rule, "dkdv")
+    with stage("params"):
+        param_docs = _param_docs(spec)
+    with stage("tiles"):
+        spaces = autotune_spaces(spec)
     if id_name:
         paths += (
             f"runtime tile skip: the mask implies {id_name}[b, q_idx] == {id_name}[b, kv_idx]; the wrapper takes the "
@@ -436,12 +465,12 @@ def make_plan(spec: Spec) -> Plan:
         param_args="".join(f", {a}" for a in kernel_param_names(spec.params)),
         param_nospec=tuple(a for a in kernel_param_names(spec.params) if a not in pointers),
         score_mod=sm,
-        param_docs=_param_docs(spec),
+        param_docs=param_docs,
         backward=spec.backward,
-        spaces=autotune_spaces(spec),
+        spaces=spaces,
         paths=paths,
-        fwd_ranges=range_statements(rule, "fwd"),
-        dkdv_ranges=range_statements(rule, "dkdv"),
+        fwd_ranges=ranges[0],
+        dkdv_ranges=ranges[1],
         mask_and_fwd=f" & {mask_fwd}" if mask_fwd else "",
         mask_bwd_t=mask_t,
         q_rows_mask=_and("m_m[:, None]", d_row),
