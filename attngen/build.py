@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
+import yaml
 
 from . import __version__
 from .nsa_plan import branches, make_nsa_plan
-from .plan import make_plan
+from .plan import StageError, make_plan, stage
 from .expr import parse_expr
 from .spec import Spec, SpecError, load_spec
 
@@ -77,7 +78,9 @@ def render(spec: Spec) -> str:
     shown = display_path(spec.path)
     header = Header(__version__, shown, spec.sha256, f"attngen build {shown}", spec.derived_from)
     if spec.sparse is not None:
-        text = _env().get_template("nsa.py.jinja").render(p=make_nsa_plan(spec), h=header)
+        with stage("sparse"):
+            plan = make_nsa_plan(spec)
+        text = _env().get_template("nsa.py.jinja").render(p=plan, h=header)
     else:
         text = _env().get_template("dense.py.jinja").render(p=make_plan(spec), h=header)
     text = re.sub(r"\n{4,}", "\n\n\n", text)  # at most two blank lines, as PEP 8 asks
@@ -85,8 +88,39 @@ def render(spec: Spec) -> str:
 
 
 def render_all(spec: Spec) -> list[tuple[str, str]]:
-    """(file name, source) of every module a spec builds (three for an NSA spec with a window)."""
-    return [(f"{s.name}.py", render(s)) for s in [spec, *derived_specs(spec)]]
+    """(file name, source) of every module a spec builds (three for an NSA spec with a window).
+    An unexpected exception (a bug in attngen, never the spec's fault) becomes a SpecError at the
+    line of the spec key being planned, with a bug-report hint, the exception as its __cause__."""
+    out = []
+    for s in [spec, *derived_specs(spec)]:
+        try:
+            out.append((f"{s.name}.py", render(s)))
+        except SpecError:
+            raise
+        except Exception as e:
+            error = e.error if isinstance(e, StageError) else e
+            # a branch of an NSA spec takes its mask from sparse:; an error outside the planned
+            # keys (the template) is the module's, which `name` names
+            key = "sparse" if s.derived_from else e.key if isinstance(e, StageError) else "name"
+            msg = " ".join(f"{type(error).__name__}: {error}".split())
+            msg = msg if len(msg) <= 160 else msg[:157] + "..."
+            raise SpecError([(s.path, _key_line(s.path, key), (
+                f"{key}: internal error while generating {s.name}.py ({msg}); this is a bug in attngen "
+                f"{__version__}, not in the spec: please report it with this spec file"))]) from e
+    return out
+
+
+def _key_line(path: str, key: str) -> int:
+    """The line of top-level `key` in the spec file at `path` (1 if it cannot be found)."""
+    try:
+        node = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return 1
+    if isinstance(node, yaml.MappingNode):
+        for k, _ in node.value:
+            if isinstance(k, yaml.ScalarNode) and k.value == key:
+                return k.start_mark.line + 1
+    return 1
 
 
 def write_if_changed(path: Path, text: str) -> bool:
@@ -137,7 +171,14 @@ def build(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT) -> list[tu
     validated and rendered before any file is written, so a bad spec writes nothing. Returns
     (path, changed) pairs."""
     specs = load_all(paths)
-    rendered = [(Path(out_dir) / fname, text) for s in specs for fname, text in render_all(s)]
+    rendered, problems = [], []
+    for s in specs:
+        try:
+            rendered += [(Path(out_dir) / fname, text) for fname, text in render_all(s)]
+        except SpecError as e:
+            problems.extend(e.problems)
+    if problems:
+        raise SpecError(problems)
     return [(path, write_if_changed(path, text)) for path, text in rendered]
 
 

@@ -22,8 +22,10 @@ How (a bound may be loose, never too tight):
     a = 0 it is a condition on other alone, which holds on the whole tile iff at both ends. A W
     that is not a positive literal is guarded by ``W > 0`` at run time (else the range is [0, N)
     and nothing is full);
-  * any other atom (modulo, tensor reads, products of indices) is dropped from the bounds, which
-    only widens the visited range, and makes its conjunction never full;
+  * any other atom (modulo, products of indices, and any atom that reads a tensor, wherever the
+    read sits: ``kv_idx < lens[b]``, ``abs(q_idx - kv_idx) <= win[h]``) is dropped from the bounds,
+    which only widens the visited range, and makes its conjunction never full; the conjunction's
+    other atoms still bound it;
   * a disjunction visits the hull of its conjunctions' visited ranges and runs unmasked over one
     interval inside the union of their full ranges (the hull of two that overlap, else the larger).
 
@@ -87,6 +89,10 @@ def _leaf(d, op: str | None):
     """The normal form of ``d op 0``; abs() of an index expression is split into its two sides."""
     if op is None:
         return ((Atom(None, text=str(d)),),)
+    if d.has(sympy.Indexed):
+        # a tensor's contents are unknown at build time: the atom bounds nothing (whatever else
+        # it compares, abs or min/max included), and its conjunction runs masked
+        return ((Atom(None, text=f"{d} {op} 0"),),)
     if op in ("==", "!=") and _decompose(d) is None and _abs_split(d) is None:
         return ((Atom(None, text=f"{d} {op} 0"),),)  # no bounds either way: keep it whole
     if op == "==":
@@ -128,7 +134,7 @@ class _Linear:
 
 
 def _decompose(d) -> _Linear | None:
-    if d is None:
+    if d is None or d.has(sympy.Indexed):  # a tensor's contents bound nothing at build time
         return None
     reps = {}
     for node in sympy.preorder_traversal(d):

@@ -7,6 +7,7 @@ predicate, load masks). Nothing here imports torch or triton.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 from dataclasses import dataclass
@@ -15,7 +16,27 @@ import sympy
 
 from .classify import Bounds, classify, id_equality, range_statements
 from .expr import Expr, ParamDecl, d_param, d_score, print_triton, tensor_args, to_triton
-from .spec import Spec
+from .spec import Spec, SpecError
+
+
+class StageError(Exception):
+    """An unexpected exception while planning what one spec key asks for: a bug in attngen, which
+    the build reports at that key's line (the original exception is the __cause__)."""
+
+    def __init__(self, key: str, error: BaseException):
+        super().__init__(f"{key}: {type(error).__name__}: {error}")
+        self.key, self.error = key, error
+
+
+@contextlib.contextmanager
+def stage(key: str):
+    """Attribute any exception but a SpecError raised inside to spec key `key` (StageError)."""
+    try:
+        yield
+    except (SpecError, StageError):
+        raise
+    except Exception as e:
+        raise StageError(key, e) from e
 
 
 @dataclass(frozen=True)
@@ -316,7 +337,8 @@ def autotune_spaces(spec: Spec) -> dict[str, tuple[tuple[dict, ...], int]]:
 
 
 def make_plan(spec: Spec) -> Plan:
-    rule = mask_rule(spec)
+    with stage("mask"):
+        rule = mask_rule(spec)
     block_d, block_dv = next_pow2(spec.head_dim), next_pow2(spec.v_head_dim)
     pad_d = block_d != spec.head_dim
     pad_dv = block_dv != spec.v_head_dim
@@ -339,7 +361,8 @@ def make_plan(spec: Spec) -> Plan:
         + f", mask {spec.mask if spec.mask in MASK_RULES else rule.doc.removeprefix('expression ')}."
     )
     decls = spec.param_decls
-    sm = score_mod_plan(spec.score_mod_expr, decls, spec.backward)
+    with stage("score_mod"):
+        sm = score_mod_plan(spec.score_mod_expr, decls, spec.backward)
     pointers = {f"{PARAM_PREFIX}{n}_ptr" for n, d in decls.items() if d.kind == "tensor"}
     if sm:
         summary = f"{summary[:-1]}, score_mod {sm.doc}."
@@ -368,7 +391,13 @@ def make_plan(spec: Spec) -> Plan:
                 "summed per element in index order (runtime.index_sum_): deterministic, no atomics, but about one "
                 "more dQ pass plus a sort of B * H * Nq * Nk entries, with no tile skipped.",
             )
-    id_name = _id_skip(spec)
+    with stage("mask"):
+        id_name = _id_skip(spec)
+        ranges = range_statements(rule, "fwd"), range_statements(rule, "dkdv")
+    with stage("params"):
+        param_docs = _param_docs(spec)
+    with stage("tiles"):
+        spaces = autotune_spaces(spec)
     if id_name:
         paths += (
             f"runtime tile skip: the mask implies {id_name}[b, q_idx] == {id_name}[b, kv_idx]; the wrapper takes the "
@@ -395,12 +424,12 @@ def make_plan(spec: Spec) -> Plan:
         param_args="".join(f", {a}" for a in kernel_param_names(decls)),
         param_nospec=tuple(a for a in kernel_param_names(decls) if a not in pointers),
         score_mod=sm,
-        param_docs=_param_docs(spec),
+        param_docs=param_docs,
         backward=spec.backward,
-        spaces=autotune_spaces(spec),
+        spaces=spaces,
         paths=paths,
-        fwd_ranges=range_statements(rule, "fwd"),
-        dkdv_ranges=range_statements(rule, "dkdv"),
+        fwd_ranges=ranges[0],
+        dkdv_ranges=ranges[1],
         mask_and_fwd=f" & {mask_fwd}" if mask_fwd else "",
         mask_bwd_t=mask_t,
         q_rows_mask=_and("m_m[:, None]", d_row),

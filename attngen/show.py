@@ -2,7 +2,8 @@
 
 Prints the path each kernel takes, the tile grids of the forward / dQ kernels and of the dK/dV
 kernel (F full: visited without the mask, P partial: visited with it, . skipped), the pairs at
-N <= 64 with the forward tile classes, and the fractions of tiles visited / full / partial. The
+N <= 64 with the forward tile classes, and the fractions of tiles visited / full / partial, at
+batch 0 and head 0 (a tensor parameter is given as a JSON list: --param win=[4,2]). The
 classes come from attngen.classify's mirror of the kernels' own range statements; visibility from
 the mask itself (attngen.expr.to_torch). With --out, draws the same as a PNG (matplotlib, the
 `bench` extra).
@@ -30,8 +31,10 @@ def resolve_spec(arg: str, spec_dir: str = "specs") -> Path:
     return Path(spec_dir) / f"{arg}.yaml"
 
 
-def parse_param_args(items: list[str], decls: dict[str, str]) -> dict:
-    """--param name=value strings, typed by the spec's declarations; ValueError naming the problem."""
+def parse_param_args(items: list[str], decls: dict) -> dict:
+    """--param name=value strings, typed by the spec's declarations ('int', 'float', or a tensor's
+    {tensor: DTYPE, dims: N}, given as a JSON list nested N deep: --param win=[4,2]); ValueError
+    naming the problem."""
     values = {}
     for item in items:
         name, sep, text = item.partition("=")
@@ -40,15 +43,53 @@ def parse_param_args(items: list[str], decls: dict[str, str]) -> dict:
             raise ValueError(f"--param {item!r}: expected name=value")
         if name not in decls:
             known = ", ".join(decls) or "none"
-            raise ValueError(f"--param {name}: the spec declares no scalar parameter {name!r} (declared: {known})")
+            raise ValueError(f"--param {name}: the spec declares no parameter {name!r} (declared: {known})")
+        if not isinstance(decls[name], str):
+            values[name] = _tensor_arg(name, text, decls[name])
+            continue
         try:
             values[name] = int(text) if decls[name] == "int" else float(text)
         except ValueError:
             raise ValueError(f"--param {name}: {text!r} is not {'an int' if decls[name] == 'int' else 'a float'}") from None
     missing = [n for n in decls if n not in values]
     if missing:
-        raise ValueError("missing " + ", ".join(f"--param {n}=VALUE ({decls[n]})" for n in missing))
+        raise ValueError("missing " + ", ".join(f"--param {n}={_want(decls[n])}" for n in missing))
     return values
+
+
+def _want(kind) -> str:
+    if isinstance(kind, str):
+        return f"VALUE ({kind})"
+    dims = kind["dims"]
+    return f"{'[' * dims}...{']' * dims} ({kind['tensor']} tensor, {dims} dim{'s' * (dims > 1)}, as a JSON list)"
+
+
+def _tensor_arg(name: str, text: str, kind):
+    """A tensor parameter from a JSON list nested `dims` deep, of the declared element type."""
+    import json
+
+    import torch
+
+    from .runtime import PARAM_DTYPES
+
+    dtype, dims = PARAM_DTYPES[kind["tensor"]], kind["dims"]
+    want = f"--param {name}: expected {_want(kind)}"
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise ValueError(f"{want}, got {text!r}") from None
+    flat, level = [data], 0
+    while level < dims and all(isinstance(x, list) for x in flat):
+        flat, level = [y for x in flat for y in x], level + 1
+    numbers = (int,) if not dtype.is_floating_point else (int, float)
+    if level != dims or not flat or not all(isinstance(x, numbers) and not isinstance(x, bool) for x in flat):
+        raise ValueError(f"{want}, got {text!r}")
+    if not dtype.is_floating_point and any(not -(2**31) <= x < 2**31 for x in flat):
+        raise ValueError(f"--param {name}: elements must fit in 32 bits")
+    try:
+        return torch.tensor(data, dtype=dtype)
+    except (ValueError, TypeError, RuntimeError):  # ragged rows
+        raise ValueError(f"{want} with rows of equal length, got {text!r}") from None
 
 
 def visibility(spec, params: dict, n_q: int, n_k: int):
@@ -67,6 +108,11 @@ def visibility(spec, params: dict, n_q: int, n_k: int):
     return torch.as_tensor(fn(0, 0, qi, ki, n_q, n_k, **params), dtype=torch.bool).expand(n_q, n_k).clone()
 
 
+def _shown(params: dict) -> str:
+    text = ", ".join(f"{k}={str(v.tolist()).replace(' ', '') if hasattr(v, 'tolist') else v}" for k, v in params.items())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 def _fraction(label: str, counts: dict) -> str:
     total = counts["total"]
 
@@ -78,7 +124,7 @@ def _fraction(label: str, counts: dict) -> str:
 
 def render_text(spec, paths, classes, vis, block_m: int, block_n: int, params: dict) -> str:
     n_q, n_k = vis.shape
-    shown = ", ".join(f"{k}={v}" for k, v in params.items())
+    shown = _shown(params)
     lines = [
         f"{spec.name}: mask {spec.mask}" + (f" with {shown}" if shown else ""),
         f"N_Q = {n_q}, N_K = {n_k}, tiles BLOCK_M x BLOCK_N = {block_m} x {block_n}",
@@ -132,7 +178,7 @@ def draw_png(path: Path, spec, classes, vis, block_m: int, block_n: int, params:
         ax.set_title(f"{label}: {c['full']} full, {c['partial']} partial, {c['total'] - c['visited']} skipped")
         ax.set_xlabel("key (kv_idx)")
         ax.set_ylabel("query (q_idx)")
-    shown = ", ".join(f"{k}={v}" for k, v in params.items())
+    shown = _shown(params)
     fig.suptitle(f"{spec.name}" + (f" ({shown})" if shown else "") + "\ndark green: visible, unmasked tile; light "
                  "green: visible, masked tile; grey: hidden, masked tile; white: skipped tile", fontsize=9)
     fig.tight_layout()
@@ -169,15 +215,13 @@ def main(spec_arg: str, *, spec_dir: str = "specs", out: str | None = None, n: i
         if value < 1 or value & (value - 1):
             return fail(f"{name} must be a power of two, got {value}")
     decls = dict(spec.params)
-    tensors = [k for k, v in decls.items() if v not in ("int", "float")]
-    if tensors:
-        return fail(f"tensor parameters ({', '.join(tensors)}) cannot be given on the command line")
     try:
         values = parse_param_args(list(params), decls)
     except ValueError as e:
         return fail(str(e))
     rule = mask_rule(spec)
-    classes = classify_tiles(rule, n, n_k, block_m, block_n, values)
+    # the tile bounds read the scalars only (a tensor read bounds nothing at build time)
+    classes = classify_tiles(rule, n, n_k, block_m, block_n, {k: v for k, v in values.items() if decls[k] in ("int", "float")})
     vis = visibility(spec, values, n, n_k)
     sys.stdout.write(render_text(spec, make_plan(spec).paths, classes, vis, block_m, block_n, values))
     if out:

@@ -271,6 +271,44 @@ def test_random_masks_are_classified_soundly(mask, p, s, n_q, n_k, block_m, bloc
             assert not ((cls > 0) & ~any_vis).any(), f"{kernel} {mask} {params}: a visited tile is wholly masked"
 
 
+# Random masks with int tensor reads inside inequalities, abs and min / max: a per-head window
+# win[h] and a per-batch length lens[b]. The reads bound nothing; the other atoms still do.
+_TENSOR_DECLS = {"win": {"tensor": "int32", "dims": 1}, "lens": {"tensor": "int64", "dims": 1}}
+_TENSOR_ATOMS = st.one_of(
+    st.builds("{} {} {}".format, st.sampled_from(["kv_idx", "q_idx - kv_idx", "abs(q_idx - kv_idx)", "max(q_idx, kv_idx)"]),
+              _OPS, st.sampled_from(["win[h]", "lens[b]", "min(win[h], lens[b])", "win[h] + s"])),
+    st.just("kv_idx < lens[b] and q_idx >= kv_idx"),
+)
+_TENSOR_MASKS = st.tuples(_TENSOR_ATOMS, _MASKS, st.sampled_from(["and", "or", "and not", "or not"])).map(
+    lambda t: f"({t[0]}) {t[2]} ({t[1]})")
+
+
+@settings(max_examples=40, deadline=None)
+@given(mask=_TENSOR_MASKS, p=DIVISORS, s=st.integers(-20, 60), n_q=st.integers(1, 200), n_k=st.integers(1, 200),
+       block_m=TILES, block_n=TILES, b=st.integers(0, 1), h=st.integers(0, 1), seed=st.integers(0, 2**16))
+@example(mask="(kv_idx < lens[b] and q_idx >= kv_idx) and (q_idx < s)", p=1, s=10, n_q=100, n_k=100, block_m=16,
+         block_n=16, b=1, h=0, seed=0)
+def test_tensor_reading_masks_are_classified_soundly(mask, p, s, n_q, n_k, block_m, block_n, b, h, seed):
+    """The mirror needs no tensor values (a read bounds nothing); the brute force reads them."""
+    decls = parse_params({"p": "int", "s": "int", **_TENSOR_DECLS})
+    e = parse_expr(mask, kind="mask", params=decls)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"win": torch.randint(-2, 60, (2,), generator=g, dtype=torch.int32),
+               "lens": torch.randint(0, 200, (2,), generator=g)}
+    scalars = {"p": p, "s": s}
+    qi, ki = torch.arange(n_q).view(-1, 1), torch.arange(n_k).view(1, -1)
+    vis = torch.as_tensor(to_torch(e)(b, h, qi, ki, n_q, n_k, **{n: {**scalars, **tensors}[n] for n in e.params | e.tensors}),
+                          dtype=torch.bool).expand(n_q, n_k)
+    rule = rule_for(mask, (("p", "int"), ("s", "int"), *_TENSOR_DECLS.items()))
+    any_vis, all_vis = brute_tiles(vis, block_m, block_n)
+    classes = classify_tiles(rule, n_q, n_k, block_m, block_n, scalars, b=b, h=h)
+    for kernel, grid in (("fwd", classes.fwd), ("dkdv", classes.dkdv)):
+        cls = torch.tensor([[{"empty": 0, "partial": 1, "full": 2}[c] for c in row] for row in grid])
+        where = f"{kernel} {mask} {scalars} {tensors} b={b} h={h}"
+        assert not (any_vis & (cls == 0)).any(), f"{where}: a skipped tile holds a visible pair"
+        assert not ((cls == 2) & ~all_vis).any(), f"{where}: an unmasked tile holds a hidden pair"
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     n=st.integers(1, 200),

@@ -77,7 +77,7 @@ def test_png(capsys, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["chunked_local"], "missing --param c=VALUE (int)"),
     (["chunked_local", "--param", "c=x"], "--param c: 'x' is not an int"),
-    (["chunked_local", "--param", "k=3", "--param", "c=2"], "no scalar parameter 'k' (declared: c)"),
+    (["chunked_local", "--param", "k=3", "--param", "c=2"], "no parameter 'k' (declared: c)"),
     (["chunked_local", "--param", "c"], "expected name=value"),
     (["chunked_local", "--param", "c=2", "--block-m", "24"], "--block-m must be a power of two"),
     (["chunked_local", "--param", "c=2", "--n", "0"], "--n must be in [1, 4096]"),

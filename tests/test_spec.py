@@ -113,6 +113,9 @@ def test_tensor_params_and_score_mod_parse():
         ("params:\n  d: {tensor: int32}\nmask: document(d)\n", "demo.yaml:6: params.d: a tensor is declared as {tensor: DTYPE, dims: N}"),
         ("params:\n  d: {tensor: fp32, dims: 1}\nmask: d[q_idx] > 0\n", "demo.yaml:7: mask: tensor parameter 'd' is fp32; a mask reads int32 / int64 tensors"),
         ("params:\n  d: {tensor: fp32, dims: 2}\nmask: document(d)\n", "demo.yaml:7: mask: document(): argument 'ids' must name a declared 2-dim int tensor"),
+        # a tensor read inside an inequality with no such tensor declared
+        ("mask: kv_idx < lens[b] and q_idx >= kv_idx\n", "demo.yaml:5: mask: unknown name 'lens'"),
+        ("params:\n  win: int\nmask: abs(q_idx - kv_idx) <= win[h]\n", "demo.yaml:7: mask: only declared tensor parameters can be indexed: win[h]"),
         ("params:\n  rb: {tensor: fp32, dims: 1}\nmask: causal\nscore_mod: score + rb[q_idx] + rb[kv_idx]\n", "demo.yaml:8: score_mod: tensor 'rb' is read at 2 different indices"),
         ("params:\n  c: float\nmask: causal\nscore_mod: score > c\n", "demo.yaml:8: score_mod: a score_mod must be a number, got a boolean"),
         ("mask: causal\nscore_mod: [score]\n", "demo.yaml:6: score_mod: expected an expression over score"),
