@@ -1,8 +1,10 @@
 """Every decision about a generated module, made in Python so the templates only print.
 
-The plan turns a validated Spec into: padded head dims, the autotune space, and the Triton source
-fragments the templates splice in (loop bounds of the full and partial tile ranges, the mask
-predicate, load masks). Nothing here imports torch or triton.
+The plan turns a validated Spec into: padded head dims, the autotune space, and the values the
+templates' hooks print (templates/_dense_hooks.jinja): the names of the parameters' kernel
+arguments, the tile-range statements and which tile loops run, the mask predicate, the score_mod,
+the load masks of padded head dims. Values and whole Triton expressions only: the templates own
+the punctuation and the layout of the code. Nothing here imports torch or triton.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import re
 from dataclasses import dataclass
 
 import sympy
@@ -234,6 +237,64 @@ def _and(*parts: str) -> str:
 
 
 @dataclass(frozen=True)
+class TileLoop:
+    """One tile loop of a kernel: the walked tiles start at range(start, end, BLOCK), both names of
+    its range statements; `masked` tiles apply the mask (and the sequence end), the others are
+    seen whole by every row of the kernel's own tile."""
+
+    start: str
+    end: str
+    masked: bool
+
+
+# The boundaries classify.range_statements assigns: walked tiles [lo, full_lo) and [full_hi, hi)
+# are partial (masked), [full_lo, full_hi) full.
+LOOP_BOUNDS = {"fwd": ("lo", "full_lo", "full_hi", "hi"), "dkdv": ("q_lo", "q_full", "q_full_end", "q_hi")}
+_ZERO = re.compile(r"0|\(0\) // BLOCK_[MN] \* BLOCK_[MN]")
+
+
+def tile_loops(rule: MaskRule, kernel: str) -> tuple[TileLoop, ...]:
+    """The loops `kernel` ('fwd' for the forward and dQ, 'dkdv') runs over its tile ranges: the
+    three of range_statements (partial, full, partial) less those the rule makes empty for every
+    tile, and two neighbours with the same `masked` merged across an empty one, so a mask without
+    full tiles runs one masked loop. The walk visits the same tiles in the same order.
+
+    A range is empty when its two boundaries are equal, which the statements give (rule bounds are
+    >= 0, and a visited range has lo <= hi):
+      [lo, full_lo)       full_start is 0: full_lo = min(max(0, lo), hi) = lo;
+      [full_lo, full_hi)  full_end is 0: full_hi = max(0, full_lo) = full_lo;
+      [full_hi, hi)       dK/dV's unrounded full_end is its end: full_hi = max(end, full_lo) = hi.
+    """
+    lo, full_lo, full_hi, hi = bounds = LOOP_BOUNDS[kernel]
+    b = rule.fwd if kernel == "fwd" else rule.dkdv
+    full_start, full_end, end = b.full_start, b.full_end, b.end
+    empty = (
+        full_start == "0",
+        _ZERO.fullmatch(full_end) is not None,
+        kernel == "dkdv" and full_end == end,
+    )
+    # boundaries joined by an empty range are equal: a loop starts at the first of its start's
+    # equals and ends at the last of its end's
+    same = list(range(4))
+    for i, e in enumerate(empty):
+        if e:
+            same[i + 1] = same[i]
+    first = {i: bounds[same[i]] for i in range(4)}
+    last = {i: bounds[max(j for j in range(4) if same[j] == same[i])] for i in range(4)}
+    loops: list[TileLoop] = []
+    prev_end = 0  # the boundary index where the last emitted loop ends
+    for i, masked in enumerate((True, False, True)):
+        if empty[i]:
+            continue
+        if loops and loops[-1].masked == masked and all(empty[j] for j in range(prev_end, i)):
+            loops[-1] = TileLoop(loops[-1].start, last[i + 1], masked)
+        else:
+            loops.append(TileLoop(first[i], last[i + 1], masked))
+        prev_end = i + 1
+    return tuple(loops)
+
+
+@dataclass(frozen=True)
 class Plan:
     name: str
     summary: str
@@ -249,18 +310,25 @@ class Plan:
     mask_doc: str
     mask_path: str
     params: dict[str, object]  # name -> 'int' | 'float' | {'tensor': DTYPE, 'dims': N}
-    param_args: str  # ", arg_w, arg_c": kernel arguments (signatures and calls), "" without params
+    kernel_params: tuple[str, ...]  # the kernel arguments that carry the parameters (kernel_param_names)
     param_nospec: tuple[str, ...]  # the scalar kernel arguments of the parameters (never specialised)
     param_docs: tuple[str, ...]  # one docstring line per parameter of attention()
     score_mod: ScoreModPlan | None
     backward: bool
     spaces: dict[str, tuple[tuple[dict, ...], int]]
     paths: tuple[str, ...]
-    # Triton source fragments
-    fwd_ranges: tuple[tuple[str, str, str], ...]  # (name, expression, comment): see classify.range_statements
+    # -- tile ranges: the statements (name, expression, comment) of classify.range_statements, and
+    # the loops over them (tile_loops) of the forward and dQ kernels (`fwd`) and of dK/dV
+    fwd_ranges: tuple[tuple[str, str, str], ...]
     dkdv_ranges: tuple[tuple[str, str, str], ...]
-    mask_and_fwd: str
-    mask_bwd_t: str
+    fwd_loops: tuple[TileLoop, ...]
+    dkdv_loops: tuple[TileLoop, ...]
+    # -- mask: the predicate over a [BM, BN] tile (o_m[:, None], o_n[None, :]) and over a
+    # transposed [BN, BM] one; "" for no mask
+    mask_fwd: str
+    mask_t: str
+    # -- load and store masks (Triton boolean expressions; "" where a full tile needs none): rows
+    # of a query / KV tile (m_m, m_n) and padded head dims; `_n`: a KV tile's sequence end too
     q_rows_mask: str
     o_rows_mask: str
     do_rows_mask: str
@@ -273,11 +341,12 @@ class Plan:
     v_rows_mask_n: str
     vt_cols_mask: str
     vt_cols_mask_n: str
-    # the position in the parameter tuple of the id tensor T of a `T[b, q_idx] == T[b, kv_idx]`
-    # conjunct (classify.id_equality): the kernels skip tile pairs whose id ranges are disjoint
+    # -- runtime skip: the position in the parameter tuple of the id tensor T of a
+    # `T[b, q_idx] == T[b, kv_idx]` conjunct (classify.id_equality): the kernels skip tile pairs
+    # whose id ranges are disjoint
     id_skip: int | None = None
     id_skip_name: str = ""
-    id_args: str = ""  # ", ID_QMIN, ...": the kernels' id-range arguments, "" without the skip
+    id_args: tuple[str, ...] = ()  # the kernels' id-range arguments, () without the skip
 
 
 # Shared memory a config may plan for: the smaller opt-in maximum of the targets (A100, sm_80),
@@ -349,12 +418,9 @@ def make_plan(spec: Spec) -> Plan:
     dv_row = f"(o_dv[None, :] < {dv})" if pad_dv else ""
     dv_col = f"(o_dv[:, None] < {dv})" if pad_dv else ""
 
-    def opt_mask(m: str) -> str:
-        return f", mask={m}, other=0.0" if m else ""
-
     pred = rule.predicate
     mask_fwd = pred.format(q="o_m[:, None]", kv="o_n[None, :]") if pred else ""
-    mask_t = pred.format(q="o_m[None, :]", kv="o_n[:, None]") if pred else "True"
+    mask_t = pred.format(q="o_m[None, :]", kv="o_n[:, None]") if pred else ""
     summary = (
         f"{spec.grouping} attention, {spec.q_heads} query heads over {spec.kv_heads} KV heads, "
         f"head_dim {spec.head_dim}" + (f" (v {spec.v_head_dim})" if spec.v_head_dim != spec.head_dim else "")
@@ -394,6 +460,7 @@ def make_plan(spec: Spec) -> Plan:
     with stage("mask"):
         id_name = _id_skip(spec)
         ranges = range_statements(rule, "fwd"), range_statements(rule, "dkdv")
+        loops = tile_loops(rule, "fwd"), tile_loops(rule, "dkdv")
     with stage("params"):
         param_docs = _param_docs(spec)
     with stage("tiles"):
@@ -421,7 +488,7 @@ def make_plan(spec: Spec) -> Plan:
         mask_doc=rule.doc,
         mask_path=rule.path or ("hand-written tile bounds" if pred else "no mask"),
         params={n: (k if isinstance(k, str) else dict(k)) for n, k in spec.params},
-        param_args="".join(f", {a}" for a in kernel_param_names(decls)),
+        kernel_params=kernel_param_names(decls),
         param_nospec=tuple(a for a in kernel_param_names(decls) if a not in pointers),
         score_mod=sm,
         param_docs=param_docs,
@@ -430,23 +497,25 @@ def make_plan(spec: Spec) -> Plan:
         paths=paths,
         fwd_ranges=ranges[0],
         dkdv_ranges=ranges[1],
-        mask_and_fwd=f" & {mask_fwd}" if mask_fwd else "",
-        mask_bwd_t=mask_t,
+        fwd_loops=loops[0],
+        dkdv_loops=loops[1],
+        mask_fwd=mask_fwd,
+        mask_t=mask_t,
         q_rows_mask=_and("m_m[:, None]", d_row),
         o_rows_mask=_and("m_m[:, None]", dv_row),
         do_rows_mask=_and("m_m[:, None]", dv_row),
         qt_cols_mask=_and("m_m[None, :]", d_col),
         k_rows_mask=_and("m_n[:, None]", d_row),
         v_rows_mask_m=_and("m_n[:, None]", dv_row),
-        k_cols_mask=opt_mask(d_col),
+        k_cols_mask=d_col,
         k_cols_mask_n=_and("(o_n[None, :] < N_K)", d_col),
-        v_rows_mask=opt_mask(dv_row),
+        v_rows_mask=dv_row,
         v_rows_mask_n=_and("(o_n[:, None] < N_K)", dv_row),
-        vt_cols_mask=opt_mask(dv_col),
+        vt_cols_mask=dv_col,
         vt_cols_mask_n=_and("(o_n[None, :] < N_K)", dv_col),
         id_skip=list(decls).index(id_name) if id_name else None,
         id_skip_name=id_name or "",
-        id_args=", ID_QMIN, ID_QMAX, ID_KMIN, ID_KMAX, N_QC, N_KC" if id_name else "",
+        id_args=("ID_QMIN", "ID_QMAX", "ID_KMIN", "ID_KMAX", "N_QC", "N_KC") if id_name else (),
     )
 
 

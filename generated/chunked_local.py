@@ -161,10 +161,12 @@ _LOG2E = 1.4426950408889634  # host side; kernels spell their constants out (no 
 @triton.jit
 def _fwd_tile(
     b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-    stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, arg_c,
+    stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+    arg_c,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # one KV tile of the forward: scores, mask, online-softmax update of (m, l, acc)
     o_n = start_n + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
@@ -209,7 +211,8 @@ def _fwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    qk_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, arg_c,
+    qk_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET,
+    arg_c,
     H: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -245,24 +248,29 @@ def _fwd_kernel(
     lo = tl.where((lo < hi), lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
     full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.minimum(N_K, tl.maximum(0, tl.where(arg_c > 0, tl.where(last_m // tl.maximum(1, arg_c) <= 0, 0, tl.where(last_m // tl.maximum(1, arg_c) > N_K // tl.maximum(1, arg_c), N_K, last_m // tl.maximum(1, arg_c) * tl.maximum(1, arg_c))), 0))), BLOCK_N) * BLOCK_N, lo), hi)
     full_hi = tl.maximum((tl.minimum(hi, tl.where(arg_c > 0, tl.minimum(N_K, tl.maximum(0, tl.minimum(start_m + 1, tl.where(arg_c > 0, tl.where(start_m // tl.maximum(1, arg_c) <= -1, 0, tl.where(N_K // tl.maximum(1, arg_c) < start_m // tl.maximum(1, arg_c) + 1, N_K, (start_m // tl.maximum(1, arg_c) + 1) * tl.maximum(1, arg_c))), N_K)))), 0))) // BLOCK_N * BLOCK_N, full_lo)
-    for start_n in range(lo, full_lo, BLOCK_N):
+    for start_n in range(lo, full_lo, BLOCK_N):  # partial tiles: mask applied
         b_m, b_l, b_acc = _fwd_tile(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, arg_c,
-            BLOCK_N, BLOCK_D, BLOCK_DV, True, DOT_UPCAST, DOT_PRECISION,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+            arg_c,
+            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+            MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
         )
-    for start_n in range(full_lo, full_hi, BLOCK_N):
+    for start_n in range(full_lo, full_hi, BLOCK_N):  # full tiles: no mask
         b_m, b_l, b_acc = _fwd_tile(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, arg_c,
-            BLOCK_N, BLOCK_D, BLOCK_DV, False, DOT_UPCAST, DOT_PRECISION,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+            arg_c,
+            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+            MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
         )
-    # -- partial tiles (mask and sequence end applied)
-    for start_n in range(full_hi, hi, BLOCK_N):
+    for start_n in range(full_hi, hi, BLOCK_N):  # partial tiles: mask applied
         b_m, b_l, b_acc = _fwd_tile(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, arg_c,
-            BLOCK_N, BLOCK_D, BLOCK_DV, True, DOT_UPCAST, DOT_PRECISION,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+            arg_c,
+            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+            MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
         )
 
     # -- rows with no visible key: o = 0, lse = -inf
@@ -331,10 +339,12 @@ def _bwd_preprocess(
 @triton.jit
 def _bwd_dkdv_tile(
     b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
-    stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, arg_c,
+    stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K,
+    arg_c,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # one query tile of dK/dV, transposed ([BN, BM]): p recomputed from lse, dV += p^T dO, dK += ds^T q
     o_m = start_m + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
@@ -374,7 +384,8 @@ def _bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, arg_c,
+    qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET,
+    arg_c,
     H: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -414,23 +425,29 @@ def _bwd_dkdv_kernel(
         q_lo = tl.where((q_lo < q_hi), q_lo // BLOCK_M * BLOCK_M, q_hi)  # no query sees it: visit nothing
         q_full = tl.minimum(tl.maximum(tl.cdiv(tl.minimum(N_Q, tl.maximum(last_n, tl.where(arg_c > 0, tl.where(last_n // tl.maximum(1, arg_c) <= 0, 0, tl.where(last_n // tl.maximum(1, arg_c) > N_Q // tl.maximum(1, arg_c), N_Q, last_n // tl.maximum(1, arg_c) * tl.maximum(1, arg_c))), 0))), BLOCK_M) * BLOCK_M, q_lo), q_hi)
         q_full_end = tl.maximum((tl.minimum(q_hi, tl.where(arg_c > 0, tl.minimum(N_Q, tl.maximum(0, tl.where(arg_c > 0, tl.where(start_n // tl.maximum(1, arg_c) <= -1, 0, tl.where(N_Q // tl.maximum(1, arg_c) < start_n // tl.maximum(1, arg_c) + 1, N_Q, (start_n // tl.maximum(1, arg_c) + 1) * tl.maximum(1, arg_c))), N_Q))), 0))) // BLOCK_M * BLOCK_M, q_full)
-        for start_m in range(q_lo, q_full, BLOCK_M):
+        for start_m in range(q_lo, q_full, BLOCK_M):  # partial tiles: mask applied
             b_dk, b_dv = _bwd_dkdv_tile(
                 b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
-                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, arg_c,
-                BLOCK_M, BLOCK_D, BLOCK_DV, True, DOT_UPCAST, DOT_PRECISION,
+                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K,
+                arg_c,
+                BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+                MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
             )
-        for start_m in range(q_full, q_full_end, BLOCK_M):
+        for start_m in range(q_full, q_full_end, BLOCK_M):  # full tiles: no mask
             b_dk, b_dv = _bwd_dkdv_tile(
                 b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
-                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, arg_c,
-                BLOCK_M, BLOCK_D, BLOCK_DV, False, DOT_UPCAST, DOT_PRECISION,
+                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K,
+                arg_c,
+                BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+                MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
             )
-        for start_m in range(q_full_end, q_hi, BLOCK_M):
+        for start_m in range(q_full_end, q_hi, BLOCK_M):  # partial tiles: mask applied
             b_dk, b_dv = _bwd_dkdv_tile(
                 b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
-                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, arg_c,
-                BLOCK_M, BLOCK_D, BLOCK_DV, True, DOT_UPCAST, DOT_PRECISION,
+                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K,
+                arg_c,
+                BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+                MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
             )
 
     p_dk = DK + i_b.to(tl.int64) * stride_dkb + i_hk.to(tl.int64) * stride_dkh
@@ -442,10 +459,12 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _bwd_dq_tile(
     b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-    stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, arg_c,
+    stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+    arg_c,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # one KV tile of dQ: p recomputed from lse, dQ += ds k
     o_n = start_n + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
@@ -481,7 +500,8 @@ def _bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, arg_c,
+    qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET,
+    arg_c,
     H: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -511,31 +531,36 @@ def _bwd_dq_kernel(
     p_v0 = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # -- KV tiles [lo, full_lo) and [full_hi, hi) are partly visible (mask applied), [full_lo,
-    # full_hi) visible to every row of this query tile (no mask evaluated); the rest are skipped
+    # -- the forward's KV tiles: [lo, full_lo) and [full_hi, hi) with the mask, [full_lo, full_hi) without
     last_m = tl.minimum(start_m + BLOCK_M, N_Q) - 1
     hi = tl.minimum(N_K, tl.maximum(0, tl.minimum(last_m + 1, tl.where(arg_c > 0, tl.where(last_m // tl.maximum(1, arg_c) <= -1, 0, tl.where(N_K // tl.maximum(1, arg_c) < last_m // tl.maximum(1, arg_c) + 1, N_K, (last_m // tl.maximum(1, arg_c) + 1) * tl.maximum(1, arg_c))), N_K))))
     lo = tl.minimum(N_K, tl.maximum(0, tl.where(arg_c > 0, tl.where(start_m // tl.maximum(1, arg_c) <= 0, 0, tl.where(start_m // tl.maximum(1, arg_c) > N_K // tl.maximum(1, arg_c), N_K, start_m // tl.maximum(1, arg_c) * tl.maximum(1, arg_c))), 0)))
     lo = tl.where((lo < hi), lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
     full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.minimum(N_K, tl.maximum(0, tl.where(arg_c > 0, tl.where(last_m // tl.maximum(1, arg_c) <= 0, 0, tl.where(last_m // tl.maximum(1, arg_c) > N_K // tl.maximum(1, arg_c), N_K, last_m // tl.maximum(1, arg_c) * tl.maximum(1, arg_c))), 0))), BLOCK_N) * BLOCK_N, lo), hi)
     full_hi = tl.maximum((tl.minimum(hi, tl.where(arg_c > 0, tl.minimum(N_K, tl.maximum(0, tl.minimum(start_m + 1, tl.where(arg_c > 0, tl.where(start_m // tl.maximum(1, arg_c) <= -1, 0, tl.where(N_K // tl.maximum(1, arg_c) < start_m // tl.maximum(1, arg_c) + 1, N_K, (start_m // tl.maximum(1, arg_c) + 1) * tl.maximum(1, arg_c))), N_K)))), 0))) // BLOCK_N * BLOCK_N, full_lo)
-    for start_n in range(lo, full_lo, BLOCK_N):
+    for start_n in range(lo, full_lo, BLOCK_N):  # partial tiles: mask applied
         b_dq = _bwd_dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, arg_c,
-            BLOCK_N, BLOCK_D, BLOCK_DV, True, DOT_UPCAST, DOT_PRECISION,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+            arg_c,
+            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+            MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
         )
-    for start_n in range(full_lo, full_hi, BLOCK_N):
+    for start_n in range(full_lo, full_hi, BLOCK_N):  # full tiles: no mask
         b_dq = _bwd_dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, arg_c,
-            BLOCK_N, BLOCK_D, BLOCK_DV, False, DOT_UPCAST, DOT_PRECISION,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+            arg_c,
+            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+            MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
         )
-    for start_n in range(full_hi, hi, BLOCK_N):
+    for start_n in range(full_hi, hi, BLOCK_N):  # partial tiles: mask applied
         b_dq = _bwd_dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, arg_c,
-            BLOCK_N, BLOCK_D, BLOCK_DV, True, DOT_UPCAST, DOT_PRECISION,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+            arg_c,
+            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+            MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
         )
     p_dq = DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
     tl.store(p_dq + o_m[:, None] * stride_dqm + o_d[None, :] * stride_dqd, (b_dq * sm_scale).to(DQ.dtype.element_ty), mask=m_m[:, None])

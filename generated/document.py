@@ -177,10 +177,12 @@ def _id_range(P_MIN, P_MAX, off, CHUNKS: tl.constexpr):
 @triton.jit
 def _fwd_tile(
     b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-    stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, arg_doc_ptr, arg_doc_stride_0, arg_doc_stride_1, arg_doc_size_0, arg_doc_size_1,
+    stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+    arg_doc_ptr, arg_doc_stride_0, arg_doc_stride_1, arg_doc_size_0, arg_doc_size_1,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # one KV tile of the forward: scores, mask, online-softmax update of (m, l, acc)
     o_n = start_n + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
@@ -225,7 +227,9 @@ def _fwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    qk_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, arg_doc_ptr, arg_doc_stride_0, arg_doc_stride_1, arg_doc_size_0, arg_doc_size_1, ID_QMIN, ID_QMAX, ID_KMIN, ID_KMAX, N_QC, N_KC,
+    qk_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET,
+    arg_doc_ptr, arg_doc_stride_0, arg_doc_stride_1, arg_doc_size_0, arg_doc_size_1,
+    ID_QMIN, ID_QMAX, ID_KMIN, ID_KMAX, N_QC, N_KC,
     H: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -264,30 +268,15 @@ def _fwd_kernel(
     # -- this query tile's [min, max] of doc: a KV tile whose range is disjoint from it holds
     # no pair with equal ids, so no visible pair (the mask implies the equality), and is skipped
     q_min, q_max = _id_range(ID_QMIN, ID_QMAX, i_b.to(tl.int64) * N_QC + start_m // 16, BLOCK_M // 16)
-    for start_n in range(lo, full_lo, BLOCK_N):
+    for start_n in range(lo, hi, BLOCK_N):  # partial tiles: mask applied
         k_min, k_max = _id_range(ID_KMIN, ID_KMAX, i_b.to(tl.int64) * N_KC + start_n // 16, BLOCK_N // 16)
         if (k_min <= q_max) & (k_max >= q_min):
             b_m, b_l, b_acc = _fwd_tile(
                 b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-                stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, arg_doc_ptr, arg_doc_stride_0, arg_doc_stride_1, arg_doc_size_0, arg_doc_size_1,
-                BLOCK_N, BLOCK_D, BLOCK_DV, True, DOT_UPCAST, DOT_PRECISION,
-            )
-    for start_n in range(full_lo, full_hi, BLOCK_N):
-        k_min, k_max = _id_range(ID_KMIN, ID_KMAX, i_b.to(tl.int64) * N_KC + start_n // 16, BLOCK_N // 16)
-        if (k_min <= q_max) & (k_max >= q_min):
-            b_m, b_l, b_acc = _fwd_tile(
-                b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-                stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, arg_doc_ptr, arg_doc_stride_0, arg_doc_stride_1, arg_doc_size_0, arg_doc_size_1,
-                BLOCK_N, BLOCK_D, BLOCK_DV, False, DOT_UPCAST, DOT_PRECISION,
-            )
-    # -- partial tiles (mask and sequence end applied)
-    for start_n in range(full_hi, hi, BLOCK_N):
-        k_min, k_max = _id_range(ID_KMIN, ID_KMAX, i_b.to(tl.int64) * N_KC + start_n // 16, BLOCK_N // 16)
-        if (k_min <= q_max) & (k_max >= q_min):
-            b_m, b_l, b_acc = _fwd_tile(
-                b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-                stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, arg_doc_ptr, arg_doc_stride_0, arg_doc_stride_1, arg_doc_size_0, arg_doc_size_1,
-                BLOCK_N, BLOCK_D, BLOCK_DV, True, DOT_UPCAST, DOT_PRECISION,
+                stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+                arg_doc_ptr, arg_doc_stride_0, arg_doc_stride_1, arg_doc_size_0, arg_doc_size_1,
+                BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+                MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
             )
 
     # -- rows with no visible key: o = 0, lse = -inf
@@ -357,10 +346,12 @@ def _bwd_preprocess(
 @triton.jit
 def _bwd_dkdv_tile(
     b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
-    stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, arg_doc_ptr, arg_doc_stride_0, arg_doc_stride_1, arg_doc_size_0, arg_doc_size_1,
+    stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K,
+    arg_doc_ptr, arg_doc_stride_0, arg_doc_stride_1, arg_doc_size_0, arg_doc_size_1,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # one query tile of dK/dV, transposed ([BN, BM]): p recomputed from lse, dV += p^T dO, dK += ds^T q
     o_m = start_m + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
@@ -400,7 +391,9 @@ def _bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, arg_doc_ptr, arg_doc_stride_0, arg_doc_stride_1, arg_doc_size_0, arg_doc_size_1, ID_QMIN, ID_QMAX, ID_KMIN, ID_KMAX, N_QC, N_KC,
+    qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET,
+    arg_doc_ptr, arg_doc_stride_0, arg_doc_stride_1, arg_doc_size_0, arg_doc_size_1,
+    ID_QMIN, ID_QMAX, ID_KMIN, ID_KMAX, N_QC, N_KC,
     H: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -443,29 +436,15 @@ def _bwd_dkdv_kernel(
         q_lo = tl.where((q_lo < q_hi), q_lo // BLOCK_M * BLOCK_M, q_hi)  # no query sees it: visit nothing
         q_full = tl.minimum(tl.maximum(tl.cdiv(tl.minimum(last_n, N_Q), BLOCK_M) * BLOCK_M, q_lo), q_hi)
         q_full_end = tl.maximum((0) // BLOCK_M * BLOCK_M, q_full)
-        for start_m in range(q_lo, q_full, BLOCK_M):
+        for start_m in range(q_lo, q_hi, BLOCK_M):  # partial tiles: mask applied
             q_min, q_max = _id_range(ID_QMIN, ID_QMAX, i_b.to(tl.int64) * N_QC + start_m // 16, BLOCK_M // 16)
             if (q_min <= k_max) & (q_max >= k_min):
                 b_dk, b_dv = _bwd_dkdv_tile(
                     b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
-                    stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, arg_doc_ptr, arg_doc_stride_0, arg_doc_stride_1, arg_doc_size_0, arg_doc_size_1,
-                    BLOCK_M, BLOCK_D, BLOCK_DV, True, DOT_UPCAST, DOT_PRECISION,
-                )
-        for start_m in range(q_full, q_full_end, BLOCK_M):
-            q_min, q_max = _id_range(ID_QMIN, ID_QMAX, i_b.to(tl.int64) * N_QC + start_m // 16, BLOCK_M // 16)
-            if (q_min <= k_max) & (q_max >= k_min):
-                b_dk, b_dv = _bwd_dkdv_tile(
-                    b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
-                    stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, arg_doc_ptr, arg_doc_stride_0, arg_doc_stride_1, arg_doc_size_0, arg_doc_size_1,
-                    BLOCK_M, BLOCK_D, BLOCK_DV, False, DOT_UPCAST, DOT_PRECISION,
-                )
-        for start_m in range(q_full_end, q_hi, BLOCK_M):
-            q_min, q_max = _id_range(ID_QMIN, ID_QMAX, i_b.to(tl.int64) * N_QC + start_m // 16, BLOCK_M // 16)
-            if (q_min <= k_max) & (q_max >= k_min):
-                b_dk, b_dv = _bwd_dkdv_tile(
-                    b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
-                    stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, arg_doc_ptr, arg_doc_stride_0, arg_doc_stride_1, arg_doc_size_0, arg_doc_size_1,
-                    BLOCK_M, BLOCK_D, BLOCK_DV, True, DOT_UPCAST, DOT_PRECISION,
+                    stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K,
+                    arg_doc_ptr, arg_doc_stride_0, arg_doc_stride_1, arg_doc_size_0, arg_doc_size_1,
+                    BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+                    MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
                 )
 
     p_dk = DK + i_b.to(tl.int64) * stride_dkb + i_hk.to(tl.int64) * stride_dkh
@@ -477,10 +456,12 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _bwd_dq_tile(
     b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-    stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, arg_doc_ptr, arg_doc_stride_0, arg_doc_stride_1, arg_doc_size_0, arg_doc_size_1,
+    stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+    arg_doc_ptr, arg_doc_stride_0, arg_doc_stride_1, arg_doc_size_0, arg_doc_size_1,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # one KV tile of dQ: p recomputed from lse, dQ += ds k
     o_n = start_n + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
@@ -516,7 +497,9 @@ def _bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, arg_doc_ptr, arg_doc_stride_0, arg_doc_stride_1, arg_doc_size_0, arg_doc_size_1, ID_QMIN, ID_QMAX, ID_KMIN, ID_KMAX, N_QC, N_KC,
+    qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET,
+    arg_doc_ptr, arg_doc_stride_0, arg_doc_stride_1, arg_doc_size_0, arg_doc_size_1,
+    ID_QMIN, ID_QMAX, ID_KMIN, ID_KMAX, N_QC, N_KC,
     H: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -546,40 +529,23 @@ def _bwd_dq_kernel(
     p_v0 = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # -- KV tiles [lo, full_lo) and [full_hi, hi) are partly visible (mask applied), [full_lo,
-    # full_hi) visible to every row of this query tile (no mask evaluated); the rest are skipped
+    # -- the forward's KV tiles: [lo, full_lo) and [full_hi, hi) with the mask, [full_lo, full_hi) without
     last_m = tl.minimum(start_m + BLOCK_M, N_Q) - 1
     hi = tl.minimum(N_K, last_m + 1)
     lo = 0
     lo = tl.where((lo < hi), lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
     full_lo = tl.minimum(tl.maximum(tl.cdiv(0, BLOCK_N) * BLOCK_N, lo), hi)
     full_hi = tl.maximum((0) // BLOCK_N * BLOCK_N, full_lo)
-    # -- this query tile's [min, max] of doc: a KV tile whose range is disjoint from it holds
-    # no pair with equal ids, so no visible pair (the mask implies the equality), and is skipped
     q_min, q_max = _id_range(ID_QMIN, ID_QMAX, i_b.to(tl.int64) * N_QC + start_m // 16, BLOCK_M // 16)
-    for start_n in range(lo, full_lo, BLOCK_N):
+    for start_n in range(lo, hi, BLOCK_N):  # partial tiles: mask applied
         k_min, k_max = _id_range(ID_KMIN, ID_KMAX, i_b.to(tl.int64) * N_KC + start_n // 16, BLOCK_N // 16)
         if (k_min <= q_max) & (k_max >= q_min):
             b_dq = _bwd_dq_tile(
                 b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-                stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, arg_doc_ptr, arg_doc_stride_0, arg_doc_stride_1, arg_doc_size_0, arg_doc_size_1,
-                BLOCK_N, BLOCK_D, BLOCK_DV, True, DOT_UPCAST, DOT_PRECISION,
-            )
-    for start_n in range(full_lo, full_hi, BLOCK_N):
-        k_min, k_max = _id_range(ID_KMIN, ID_KMAX, i_b.to(tl.int64) * N_KC + start_n // 16, BLOCK_N // 16)
-        if (k_min <= q_max) & (k_max >= q_min):
-            b_dq = _bwd_dq_tile(
-                b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-                stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, arg_doc_ptr, arg_doc_stride_0, arg_doc_stride_1, arg_doc_size_0, arg_doc_size_1,
-                BLOCK_N, BLOCK_D, BLOCK_DV, False, DOT_UPCAST, DOT_PRECISION,
-            )
-    for start_n in range(full_hi, hi, BLOCK_N):
-        k_min, k_max = _id_range(ID_KMIN, ID_KMAX, i_b.to(tl.int64) * N_KC + start_n // 16, BLOCK_N // 16)
-        if (k_min <= q_max) & (k_max >= q_min):
-            b_dq = _bwd_dq_tile(
-                b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-                stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, arg_doc_ptr, arg_doc_stride_0, arg_doc_stride_1, arg_doc_size_0, arg_doc_size_1,
-                BLOCK_N, BLOCK_D, BLOCK_DV, True, DOT_UPCAST, DOT_PRECISION,
+                stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+                arg_doc_ptr, arg_doc_stride_0, arg_doc_stride_1, arg_doc_size_0, arg_doc_size_1,
+                BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+                MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
             )
     p_dq = DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
     tl.store(p_dq + o_m[:, None] * stride_dqm + o_d[None, :] * stride_dqd, (b_dq * sm_scale).to(DQ.dtype.element_ty), mask=m_m[:, None])

@@ -124,6 +124,7 @@ def _fwd_tile(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # one KV tile of the forward: scores, mask, online-softmax update of (m, l, acc)
     o_n = start_n + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
@@ -204,24 +205,19 @@ def _fwd_kernel(
     lo = tl.where(lo < hi, lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
     full_lo = tl.minimum(tl.maximum(tl.cdiv(0, BLOCK_N) * BLOCK_N, lo), hi)
     full_hi = tl.maximum((tl.minimum(start_m + 1, N_K)) // BLOCK_N * BLOCK_N, full_lo)
-    for start_n in range(lo, full_lo, BLOCK_N):
+    for start_n in range(lo, full_hi, BLOCK_N):  # full tiles: no mask
         b_m, b_l, b_acc = _fwd_tile(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
             stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
-            BLOCK_N, BLOCK_D, BLOCK_DV, True, DOT_UPCAST, DOT_PRECISION,
+            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+            MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
         )
-    for start_n in range(full_lo, full_hi, BLOCK_N):
+    for start_n in range(full_hi, hi, BLOCK_N):  # partial tiles: mask applied
         b_m, b_l, b_acc = _fwd_tile(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
             stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
-            BLOCK_N, BLOCK_D, BLOCK_DV, False, DOT_UPCAST, DOT_PRECISION,
-        )
-    # -- partial tiles (mask and sequence end applied)
-    for start_n in range(full_hi, hi, BLOCK_N):
-        b_m, b_l, b_acc = _fwd_tile(
-            b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
-            BLOCK_N, BLOCK_D, BLOCK_DV, True, DOT_UPCAST, DOT_PRECISION,
+            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+            MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
         )
 
     # -- rows with no visible key: o = 0, lse = -inf
@@ -294,6 +290,7 @@ def _bwd_dkdv_tile(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # one query tile of dK/dV, transposed ([BN, BM]): p recomputed from lse, dV += p^T dO, dK += ds^T q
     o_m = start_m + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
@@ -373,23 +370,19 @@ def _bwd_dkdv_kernel(
         q_lo = tl.where(start_n < q_hi, q_lo // BLOCK_M * BLOCK_M, q_hi)  # no query sees it: visit nothing
         q_full = tl.minimum(tl.maximum(tl.cdiv(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, BLOCK_M) * BLOCK_M, q_lo), q_hi)
         q_full_end = tl.maximum(N_Q, q_full)
-        for start_m in range(q_lo, q_full, BLOCK_M):
+        for start_m in range(q_lo, q_full, BLOCK_M):  # partial tiles: mask applied
             b_dk, b_dv = _bwd_dkdv_tile(
                 b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
                 stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K,
-                BLOCK_M, BLOCK_D, BLOCK_DV, True, DOT_UPCAST, DOT_PRECISION,
+                BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+                MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
             )
-        for start_m in range(q_full, q_full_end, BLOCK_M):
+        for start_m in range(q_full, q_hi, BLOCK_M):  # full tiles: no mask
             b_dk, b_dv = _bwd_dkdv_tile(
                 b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
                 stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K,
-                BLOCK_M, BLOCK_D, BLOCK_DV, False, DOT_UPCAST, DOT_PRECISION,
-            )
-        for start_m in range(q_full_end, q_hi, BLOCK_M):
-            b_dk, b_dv = _bwd_dkdv_tile(
-                b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
-                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K,
-                BLOCK_M, BLOCK_D, BLOCK_DV, True, DOT_UPCAST, DOT_PRECISION,
+                BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+                MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
             )
 
     p_dk = DK + i_b.to(tl.int64) * stride_dkb + i_hk.to(tl.int64) * stride_dkh
@@ -405,6 +398,7 @@ def _bwd_dq_tile(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # one KV tile of dQ: p recomputed from lse, dQ += ds k
     o_n = start_n + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
@@ -470,31 +464,26 @@ def _bwd_dq_kernel(
     p_v0 = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # -- KV tiles [lo, full_lo) and [full_hi, hi) are partly visible (mask applied), [full_lo,
-    # full_hi) visible to every row of this query tile (no mask evaluated); the rest are skipped
+    # -- the forward's KV tiles: [lo, full_lo) and [full_hi, hi) with the mask, [full_lo, full_hi) without
     last_m = tl.minimum(start_m + BLOCK_M, N_Q) - 1
     hi = tl.minimum(tl.minimum(start_m + BLOCK_M, N_Q), N_K)
     lo = 0
     lo = tl.where(lo < hi, lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
     full_lo = tl.minimum(tl.maximum(tl.cdiv(0, BLOCK_N) * BLOCK_N, lo), hi)
     full_hi = tl.maximum((tl.minimum(start_m + 1, N_K)) // BLOCK_N * BLOCK_N, full_lo)
-    for start_n in range(lo, full_lo, BLOCK_N):
+    for start_n in range(lo, full_hi, BLOCK_N):  # full tiles: no mask
         b_dq = _bwd_dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
             stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
-            BLOCK_N, BLOCK_D, BLOCK_DV, True, DOT_UPCAST, DOT_PRECISION,
+            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+            MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
         )
-    for start_n in range(full_lo, full_hi, BLOCK_N):
+    for start_n in range(full_hi, hi, BLOCK_N):  # partial tiles: mask applied
         b_dq = _bwd_dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
             stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
-            BLOCK_N, BLOCK_D, BLOCK_DV, False, DOT_UPCAST, DOT_PRECISION,
-        )
-    for start_n in range(full_hi, hi, BLOCK_N):
-        b_dq = _bwd_dq_tile(
-            b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
-            BLOCK_N, BLOCK_D, BLOCK_DV, True, DOT_UPCAST, DOT_PRECISION,
+            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+            MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
         )
     p_dq = DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
     tl.store(p_dq + o_m[:, None] * stride_dqm + o_d[None, :] * stride_dqd, (b_dq * sm_scale).to(DQ.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < 80))
