@@ -164,20 +164,42 @@ def test_comparison_catches_a_wrong_kernel():
     assert compare("o", o_base, o_ref, o_base, torch.float16).ok
 
 
-@pytest.mark.parametrize("name, params", [(n, p) for n, p in EMPTY_ROW_PARAMS.items() if n not in ("prefix_lm", "document")])
+@pytest.mark.parametrize(
+    "name, params", [(n, p) for n, p in EMPTY_ROW_PARAMS.items() if n not in ("prefix_lm", "document", "chunked_local")]
+)
 def test_parameters_that_hide_every_key_give_zeros(name, params):
     """A mask that no pair passes (window 0, no global tokens): o = 0, lse = -inf, zero grads."""
     mod = generated(name)
     q, k, v = (t.requires_grad_() for t in random_inputs(mod, batch=1, n_q=20, n_k=20, dtype=torch.float16))
-    if name == "chunked_local":
-        k, v = k[:, :, :0].detach().requires_grad_(), v[:, :, :0].detach().requires_grad_()
     with runtime.poison_outputs():
         o, lse = mod.attention(q, k, v, return_lse=True, **params)
-        if name != "chunked_local":
-            assert torch.equal(o, torch.zeros_like(o))
-            assert torch.equal(lse, torch.full_like(lse, -math.inf))
-            o.float().sum().backward()
-            assert torch.equal(q.grad, torch.zeros_like(q)) and not torch.isnan(k.grad).any()
+        assert torch.equal(o, torch.zeros_like(o))
+        assert torch.equal(lse, torch.full_like(lse, -math.inf))
+        o.float().sum().backward()
+        assert torch.equal(q.grad, torch.zeros_like(q)) and not torch.isnan(k.grad).any()
+
+
+def test_chunks_of_one_leave_each_query_its_own_key_only():
+    """chunked(c) is causal, so no c >= 1 hides every key (a query always sees its own position).
+    With c = 1 query i sees key i alone: o[i] = v[i] exactly (one weight of 1), lse[i] = scale *
+    q[i].k[i], and with Nq > Nk the rows past the last key see nothing (o = 0, lse = -inf, dq = 0)."""
+    mod = generated("chunked_local")
+    n_q, n_k, group = 20, 12, mod.Q_HEADS // mod.KV_HEADS
+    q, k, v = (t.requires_grad_() for t in random_inputs(mod, batch=1, n_q=n_q, n_k=n_k, dtype=torch.float16))
+    with runtime.poison_outputs():
+        o, lse = mod.attention(q, k, v, return_lse=True, **EMPTY_ROW_PARAMS["chunked_local"])
+        kv_of = torch.arange(mod.Q_HEADS, device=q.device) // group
+        assert torch.equal(o[:, :, :n_k], v[:, kv_of].detach())
+        assert torch.equal(o[:, :, n_k:], torch.zeros_like(o[:, :, n_k:]))
+        own = (q[:, :, :n_k].float() * k[:, kv_of].float()).sum(-1) / math.sqrt(mod.HEAD_DIM)
+        torch.testing.assert_close(lse[:, :, :n_k].float(), own, rtol=1e-3, atol=1e-3)
+        assert torch.equal(lse[:, :, n_k:], torch.full_like(lse[:, :, n_k:], -math.inf))
+        o.float().sum().backward()
+    assert torch.equal(q.grad[:, :, n_k:], torch.zeros_like(q.grad[:, :, n_k:]))
+    # o[i] = v[i] whatever q and k are: dv[j] counts the query heads reading it, dq and dk vanish
+    assert torch.equal(v.grad, torch.full_like(v.grad, group))
+    for g in (q.grad, k.grad):
+        assert torch.isfinite(g).all() and g.abs().max() < 1e-2
 
 
 @pytest.mark.parametrize(
