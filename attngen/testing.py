@@ -32,8 +32,16 @@ class Comparison:
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def ratio(self) -> float:
+        """max_err as a fraction of the tolerance the rule allowed: at most 1 when it passes."""
+        if self.tolerance > 0:
+            return self.max_err / self.tolerance
+        return 0.0 if self.max_err == 0 else float("inf")
+
     def __str__(self) -> str:
-        head = f"{self.name}: max error {self.max_err:.3g} (PyTorch at dtype: {self.baseline_err:.3g}, tolerance {self.tolerance:.3g})"
+        head = (f"{self.name}: max error {self.max_err:.3g} = {self.ratio:.3g} x tolerance {self.tolerance:.3g} "
+                f"(PyTorch at dtype: {self.baseline_err:.3g})")
         return "\n  ".join([head, *self.problems])
 
 

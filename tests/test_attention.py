@@ -160,8 +160,11 @@ def test_comparison_catches_a_wrong_kernel():
     o_wrong, _ = attention_reference(q, k, v, mask="none", compute_dtype=None)
     o_ref, _ = attention_reference(q, k, v, mask="causal")
     o_base, _ = attention_reference(q, k, v, mask="causal", compute_dtype=None)
-    assert not compare("o", o_wrong, o_ref, o_base, torch.float16).ok
-    assert compare("o", o_base, o_ref, o_base, torch.float16).ok
+    wrong, right = compare("o", o_wrong, o_ref, o_base, torch.float16), compare("o", o_base, o_ref, o_base, torch.float16)
+    assert not wrong.ok and wrong.ratio > 1
+    assert right.ok and right.ratio <= 1
+    # the ratio `attngen verify` prints is the error over the rule's bound
+    assert wrong.ratio == wrong.max_err / wrong.tolerance and wrong.tolerance > 0
 
 
 @pytest.mark.parametrize(
