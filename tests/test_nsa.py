@@ -18,7 +18,7 @@ from attngen.spec import SpecError, load_spec
 from attngen.testing import check_module, check_nsa_module, nsa_composed, random_inputs, random_nsa_inputs, reference_mask
 from attngen.verify import import_generated
 
-from helpers import assert_all_ok, generated
+from helpers import assert_all_ok, build_and_import, generated, write_spec
 
 DTYPES = runtime.TORCH_DTYPES
 
@@ -234,11 +234,8 @@ tiles: {{block_m: 16, block_n: 16, num_warps: 4, num_stages: 1}}
 @pytest.mark.parametrize("group", [1, 2, 3, 4, 8, 16, 32])
 def test_every_group_size_matches_reference(tmp_path, group):
     """G = Hq / Hkv from 1 to 32, powers of two or not: forward and backward once."""
-    spec = tmp_path / f"nsa_g{group}.yaml"
-    spec.write_text(G_SPEC.format(name=f"nsa_g{group}", q=group))
-    built = build([spec], tmp_path / "out")
-    assert sorted(p.name for p, _ in built) == [f"nsa_g{group}.py", f"nsa_g{group}_cmp.py", f"nsa_g{group}_win.py"]
-    mod = import_generated(tmp_path / "out" / f"nsa_g{group}.py")
+    mod = build_and_import(tmp_path, nsa_spec(f"nsa_g{group}", q=group))
+    assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == [f"nsa_g{group}.py", f"nsa_g{group}_cmp.py", f"nsa_g{group}_win.py"]
     assert mod.GROUP == group
     # 37: past the window, two selection blocks and a partial one; the interpreter runs heads one by one
     run_check(mod, 1, 37 if group < 16 else 21, "fp16", None, False, group % 2 == 0, group)
@@ -247,13 +244,14 @@ def test_every_group_size_matches_reference(tmp_path, group):
 # ----------------------------------------------------------------------------- the build
 
 
-def write_nsa_spec(dirpath, name="user_nsa", window=16, q=4):
+def nsa_spec(name="user_nsa", window=16, q=4):
+    """G_SPEC's text for `name` with q query heads, without the window branch when window=0."""
     text = G_SPEC.format(name=name, q=q)
-    if not window:
-        text = text.replace("  window: 16\n", "")
-    path = dirpath / f"{name}.yaml"
-    path.write_text(text)
-    return path
+    return text if window else text.replace("  window: 16\n", "")
+
+
+def write_nsa_spec(dirpath, name="user_nsa", window=16, q=4):
+    return write_spec(dirpath, nsa_spec(name, window, q))
 
 
 def test_nsa_spec_builds_three_files_and_headers_name_the_spec(tmp_path):

@@ -10,7 +10,7 @@ import torch
 from attngen import runtime
 from attngen.testing import check_module, default_params, random_inputs
 
-from helpers import ROOT, assert_all_ok, generated
+from helpers import INTERP_TILES, ROOT, assert_all_ok, build_and_import, dense_spec, generated
 
 
 def _inputs(name, n=12, batch=1):
@@ -137,19 +137,13 @@ def test_index_sum_matches_a_float64_sum_and_repeats_bitwise():
 
 def test_forward_only_score_mod_needs_no_derivative(tmp_path):
     """backward: false: a float tensor may be read at several indices (no gradient to define)."""
-    from attngen.build import build
     from attngen.reference import attention_reference
     from attngen.testing import reference_score_mod
-    from attngen.verify import import_generated
 
-    spec = tmp_path / "fwd_bias.yaml"
-    spec.write_text(
-        "name: fwd_bias\nheads: {q: 2, kv: 1}\nhead_dim: 16\ndtypes: [fp32]\nbackward: false\n"
-        "params: {t: {tensor: fp32, dims: 1}}\nmask: causal\nscore_mod: score + t[q_idx] - t[kv_idx]\n"
-        "tiles: {block_m: 16, block_n: 16, num_warps: 4, num_stages: 2}\n"
-    )
-    ((path, _),) = build([spec], tmp_path / "gen")
-    mod = import_generated(path)
+    mod = build_and_import(tmp_path, dense_spec(
+        "fwd_bias", q=2, kv=1, d=16, dtypes="[fp32]", tiles={**INTERP_TILES, "num_stages": 2},
+        extra="backward: false\nparams: {t: {tensor: fp32, dims: 1}}\nscore_mod: score + t[q_idx] - t[kv_idx]\n",
+    ))
     q, k, v = random_inputs(mod, batch=1, n_q=20, n_k=20, dtype=torch.float32, seed=1)
     t = torch.randn(20, generator=torch.Generator().manual_seed(2))
     o_ref, _ = attention_reference(q, k, v, mask="causal", score_mod=reference_score_mod(mod, {"t": t.double()}))
@@ -161,19 +155,11 @@ def test_forward_only_score_mod_needs_no_derivative(tmp_path):
 def test_score_mod_over_lengths_batch_int_tensor_and_bf16_bias(tmp_path):
     """A score_mod reading b, q_len, an int64 tensor and a learnable bf16 tensor of 3 dims, on an
     fp32 module with a non-affine mask, forward and backward against the float64 reference."""
-    from attngen.build import build
-    from attngen.verify import import_generated
-
-    spec = tmp_path / "mixed.yaml"
-    spec.write_text(
-        "name: mixed\nheads: {q: 2, kv: 1}\nhead_dim: 16\ndtypes: [fp32]\n"
-        "params:\n  t: {tensor: bf16, dims: 3}\n  sel: {tensor: int64, dims: 1}\n  k0: int\n"
-        "mask: causal or kv_idx < k0\n"
-        "score_mod: where(sel[h] > 0, score * 0.5, tanh(score)) + t[b, h, q_len - 1 - q_idx]\n"
-        "tiles: {block_m: 16, block_n: 16, num_warps: 4, num_stages: 2}\n"
-    )
-    ((path, _),) = build([spec], tmp_path / "gen")
-    mod = import_generated(path)
+    mod = build_and_import(tmp_path, dense_spec(
+        "mixed", q=2, kv=1, d=16, dtypes="[fp32]", mask="causal or kv_idx < k0", tiles={**INTERP_TILES, "num_stages": 2},
+        extra="params:\n  t: {tensor: bf16, dims: 3}\n  sel: {tensor: int64, dims: 1}\n  k0: int\n"
+        "score_mod: where(sel[h] > 0, score * 0.5, tanh(score)) + t[b, h, q_len - 1 - q_idx]\n",
+    ))
     q, k, v = random_inputs(mod, batch=2, n_q=21, n_k=19, dtype=torch.float32, seed=3, bnhd=True)
     g = torch.Generator().manual_seed(5)
     params = {"t": torch.randn(2, 2, 18, generator=g).to(torch.bfloat16), "sel": torch.tensor([1, 0]), "k0": 4}
