@@ -32,7 +32,8 @@ def main(specs: list[str], *, spec_dir: str = "specs", out: str = "generated", s
     from . import runtime
     from .build import build, load_all, spec_files
     from .spec import SpecError
-    from .testing import K, check_module, check_nsa_module, default_params, random_inputs, random_nsa_inputs
+    from .param_values import check_values
+    from .testing import K, check_module, check_nsa_module, random_inputs, random_nsa_inputs
 
     paths = specs or spec_files(spec_dir)
     try:
@@ -74,9 +75,9 @@ def main(specs: list[str], *, spec_dir: str = "specs", out: str = "generated", s
                 q, k, v = random_inputs(mod, batch=b, n_q=n_q, n_k=n_k, dtype=dtype, seed=seed + i, bnhd=i == 1)
                 has_bwd = hasattr(mod, "_backward")
                 t0 = time.perf_counter()
-                # parameters: a length that cuts the sequence, 1.0 for floats, tensors shaped from
-                # the inputs (testing.default_params); the tests draw many more
-                params = default_params(mod, batch=b, n_q=n_q, n_k=n_k, seed=seed + i)
+                # parameters: the shipped specs' chosen values, else values from the declarations
+                # (attngen.param_values.check_values); the tests draw many more
+                params = check_values(mod, batch=b, n_q=n_q, n_k=n_k, seed=seed + i)
                 results = check_module(mod, q, k, v, backward=has_bwd, seed=seed + i, params=params)
                 record(mod, dname, f"{b}x{n_q}x{n_k}", results, time.perf_counter() - t0)
     header = ("spec", "dtype", "path", "BxNqxNk", "fwd err/tol", "fwd tol", "bwd err/tol", "bwd tol", "time", "result")
