@@ -65,6 +65,7 @@ def _interp_tiles(mod):
     return first["block_m"], first["block_n"]
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_matches_reference(spec):
     mod = generated(spec.name)
@@ -116,6 +117,7 @@ def test_no_keys_gives_zeros_not_nan(spec):
     assert torch.equal(q.grad, torch.zeros_like(q))
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_gqa_head_mapping(spec):
     """Query head h must read KV head h // group: giving each KV head a distinct constant value
@@ -149,6 +151,7 @@ def test_comparison_catches_a_wrong_kernel():
 HIDE_ALL = [(n, e.no_key) for n, e in pv.REGISTRY.items() if e.no_key and n not in ("document", "chunked_local")]
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("name, params", HIDE_ALL)
 def test_parameters_that_hide_every_key_give_zeros(name, params):
     """A mask that no pair passes (window 0, no global tokens): o = 0, lse = -inf, zero grads."""
@@ -162,6 +165,7 @@ def test_parameters_that_hide_every_key_give_zeros(name, params):
         assert torch.equal(q.grad, torch.zeros_like(q)) and not torch.isnan(k.grad).any()
 
 
+@pytest.mark.kernel
 def test_chunks_of_one_leave_each_query_its_own_key_only():
     """chunked(c) is causal, so no c >= 1 hides every key (a query always sees its own position).
     With c = 1 query i sees key i alone: o[i] = v[i] exactly (one weight of 1), lse[i] = scale *

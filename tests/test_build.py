@@ -90,6 +90,7 @@ def test_module_entry_point_builds(tmp_path):
     assert (tmp_path / "gen" / "user_attn.py").exists()
 
 
+@pytest.mark.kernel
 @settings(max_examples=6)
 @given(
     kv=st.sampled_from([1, 2, 3]),
@@ -124,6 +125,7 @@ def test_cli_build_with_no_specs_is_an_error(tmp_path):
     assert cli(["build", "--spec-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize(
     "mask, params, values",
     [

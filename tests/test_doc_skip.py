@@ -172,6 +172,7 @@ def _tile_rows(per_tile, block, n):
     return per_tile.repeat_interleave(block, dim=1)[:, :n]
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("which", ["document", "wide"])
 def test_kernels_skip_exactly_the_mirrored_tiles(which, wide):
     """NaN in V at one document's keys reaches o and dq only through a visited KV tile that holds
@@ -217,6 +218,7 @@ def test_kernels_skip_exactly_the_mirrored_tiles(which, wide):
 # --------------------------------------------------------------------------- against the reference
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("case", ["many short sorted", "random unsorted", "-1 and int32 extremes", "tensor shorter than the sequence, one row"])
 def test_document_matches_reference(case):
     ids, batch, n_q, n_k = _id_cases()[case]
@@ -225,6 +227,7 @@ def test_document_matches_reference(case):
     assert_all_ok(check_module(mod, q, k, v, params={"doc": ids}), case)
 
 
+@pytest.mark.kernel
 def test_wide_tiles_match_reference(wide):
     ids, batch, n_q, n_k = _id_cases()["int64 beyond 32 bits"]
     q, k, v = random_inputs(wide, batch=batch, n_q=n_q, n_k=n_k - 20, dtype=torch.float32, seed=9)

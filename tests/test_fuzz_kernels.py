@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import re
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,6 +21,8 @@ from attngen.testing import check_module, random_inputs
 from attngen.verify import import_generated
 
 from helpers import assert_all_ok
+
+pytestmark = pytest.mark.kernel
 
 SPEC = """\
 name: {name}

@@ -62,6 +62,7 @@ TINY_PINNED = {
 }
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("dtype", TINY.DTYPES)
 def test_nsa_tiny_matches_reference(dtype):
     check_property(TINY, dtype, 100, 1, TINY_PINNED[dtype])
@@ -70,6 +71,7 @@ def test_nsa_tiny_matches_reference(dtype):
 MOBA = generated("moba")
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("dtype", MOBA.DTYPES)
 def test_moba_matches_reference(dtype):
     """Selection per query block, scored by q.k_cmp, no window branch."""
@@ -90,6 +92,7 @@ def test_composed_reference_is_the_oracle():
         torch.testing.assert_close(lse[name], aux[name], rtol=0, atol=1e-12)
 
 
+@pytest.mark.kernel
 def test_check_catches_a_wrong_module():
     """The comparison is not vacuous: a module that drops the window branch fails it."""
     def without_window(q, k, v, gates, **kw):
@@ -122,6 +125,7 @@ def ranked_scores(mod, s):
     return torch.where(j > own, -math.inf, s)
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("name", ["nsa_tiny", "moba"])
 def test_indices_equal_the_reference_selection(name):
     """On rows whose top_n-th and next score are well apart, the module picks the oracle's blocks;
@@ -153,6 +157,7 @@ def test_indices_equal_the_reference_selection(name):
     assert torch.equal(idx[clear], ref[clear])
 
 
+@pytest.mark.kernel
 def test_rows_without_a_complete_block_give_zero_not_nan():
     """N < block: no compressed key at all; o_cmp = 0, lse_cmp = -inf, gradients finite."""
     mod = TINY
@@ -168,6 +173,7 @@ def test_rows_without_a_complete_block_give_zero_not_nan():
     assert torch.equal(gates.grad[..., 0], torch.zeros_like(gates.grad[..., 0]))
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("branch", ["cmp", "win"])
 def test_branch_modules_match_the_dense_reference(branch):
     """The derived modules are ordinary dense modules: their masks against the dense reference."""
@@ -231,6 +237,7 @@ tiles: {{block_m: 16, block_n: 16, num_warps: 4, num_stages: 1}}
 """
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("group", [1, 2, 3, 4, 8, 16, 32])
 def test_every_group_size_matches_reference(tmp_path, group):
     """G = Hq / Hkv from 1 to 32, powers of two or not: forward and backward once."""
@@ -317,6 +324,7 @@ def test_shipped_nsa_specs():
     assert [n for n, _ in render_all(paper)] == ["nsa_paper.py", "nsa_paper_cmp.py", "nsa_paper_win.py"]
 
 
+@pytest.mark.kernel
 def test_verify_checks_nsa_specs(tmp_path, capsys):
     """`attngen verify` has one NSA row per dtype, forward and backward against the oracle."""
     assert cli(["verify", "specs/nsa_tiny.yaml", "--out", str(tmp_path)]) == 0

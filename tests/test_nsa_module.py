@@ -343,6 +343,7 @@ def test_layer_errors_name_the_argument(make, word):
 GENERATED_TINY = Path(__file__).resolve().parents[1] / "generated" / "nsa_tiny.py"
 
 
+@pytest.mark.kernel
 @pytest.mark.skipif(not GENERATED_TINY.exists(), reason="generated/nsa_tiny.py is not built in this checkout")
 @pytest.mark.parametrize("method", ["mean", "mlp"])
 def test_layer_on_the_generated_module(method):

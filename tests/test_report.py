@@ -58,6 +58,7 @@ def causal_spec(name: str, *, head_dim: int, tiles: dict, backward: bool) -> str
     return dense_spec(name, d=head_dim, tiles=tiles, extra=f"backward: {'true' if backward else 'false'}\n")
 
 
+@pytest.mark.aot
 def test_shipped_specs_compile_for_sm90(shipped):
     _, cli_rows, fp32_rows = shipped
     rows = cli_rows + fp32_rows
@@ -91,6 +92,7 @@ def test_shipped_specs_compile_for_sm90(shipped):
     assert not failed, [f"{r['spec']} {r['kernel']}: {r['error'].splitlines()[0]}" for r in failed]
 
 
+@pytest.mark.aot
 def test_shipped_exit_code_matches_rows(shipped):
     rc, rows, _ = shipped
     groups: dict[tuple, bool] = {}
@@ -100,6 +102,7 @@ def test_shipped_exit_code_matches_rows(shipped):
     assert rc == (0 if all(groups.values()) else 1)
 
 
+@pytest.mark.aot
 def test_fp16_forward_with_64_row_tiles_uses_wgmma_at_sm90(tmp_path, triton_cache):
     [(module, _)] = build_spec(tmp_path, causal_spec(
         "tc64", head_dim=64, backward=False, tiles={"block_m": [64], "block_n": [64], "num_warps": [4], "num_stages": [2]},
@@ -114,6 +117,7 @@ def test_fp16_forward_with_64_row_tiles_uses_wgmma_at_sm90(tmp_path, triton_cach
     assert row.regs > 0 and row.smem > 0 and row.usable
 
 
+@pytest.mark.aot
 def test_oversized_config_is_flagged_and_fails_the_command(tmp_path, triton_cache, capsys):
     # head_dim 256 with 64 x 128 tiles and 4 stages: over half a megabyte of shared memory. (Tiles of
     # 256 x 256 would show it too, but keep LLVM busy for over 15 minutes.)
@@ -133,6 +137,7 @@ def test_oversized_config_is_flagged_and_fails_the_command(tmp_path, triton_cach
     assert "huge _fwd_kernel fp16 sm_90: no usable config" in err
 
 
+@pytest.mark.aot
 def test_usable_configs_keeps_only_the_config_that_does_not_spill(tmp_path, triton_cache):
     # dK/dV with 32 x 128 tiles on 4 warps holds a [128, 128] dK and dV accumulator plus K and V
     # per program: thousands of bytes of spills; 32 x 32 tiles fit in registers.
@@ -154,6 +159,7 @@ def test_parse_arch():
         report.parse_arch("sm_75")
 
 
+@pytest.mark.aot
 def test_a_call_past_the_time_limit_becomes_an_error_row():
     # a tenth of a second is less than a worker needs to import torch and Triton: the description
     # times out, its worker is killed, and the report still returns

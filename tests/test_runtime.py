@@ -13,6 +13,7 @@ from attngen.testing import random_inputs
 from helpers import ROOT, build_and_import, dense_spec, generated
 
 
+@pytest.mark.kernel  # in a child process
 def test_import_on_cpu_needs_no_environment_variable():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
@@ -54,6 +55,7 @@ def test_bad_inputs_raise_valueerror_naming_the_tensor(change, message):
     assert str(info.value).startswith("mqa: ")
 
 
+@pytest.mark.kernel
 def test_bnhd_views_work_and_keep_their_layout():
     mod = generated("mqa")
     q, k, v = _inputs(mod, bnhd=True)
@@ -64,6 +66,7 @@ def test_bnhd_views_work_and_keep_their_layout():
     assert torch.equal(o, o_contig)
 
 
+@pytest.mark.kernel
 def test_backward_false_module(tmp_path):
     mod = build_and_import(tmp_path, dense_spec("fwd_only", extra="backward: false\n"))
     assert not hasattr(mod, "_backward")

@@ -42,6 +42,7 @@ def test_bad_parameters_raise_valueerror_naming_them(name, params, message):
     assert message in str(info.value)
 
 
+@pytest.mark.kernel
 def test_bias_gradient_is_deterministic_and_only_bias_may_require_grad():
     """Two backward passes give bitwise-equal d(rb), also when only rb requires a gradient."""
     mod, q, k, v = _inputs("relpos_bias", n=40, batch=2)
@@ -57,6 +58,7 @@ def test_bias_gradient_is_deterministic_and_only_bias_may_require_grad():
     assert bool((grads[0][:, 31] != 0).all())
 
 
+@pytest.mark.kernel
 def test_bias_gradient_over_several_row_chunks(monkeypatch):
     """With chunks of a few query rows the gradient pass still matches the float64 reference."""
     monkeypatch.setattr(runtime, "PARAM_GRAD_ELEMS", 2 * 4 * 37)  # 2 rows of B * H * Nk per chunk
@@ -78,6 +80,7 @@ def test_learnable_slopes_and_bias_get_no_nan_on_empty_inputs():
     assert torch.equal(slopes.grad, torch.zeros(4))
 
 
+@pytest.mark.kernel
 def test_score_mod_changes_the_result():
     """The comparison is not vacuous for score_mod specs: the plain causal result fails against
     the ALiBi reference with large slopes."""
@@ -112,6 +115,7 @@ def test_default_params_build_tensors_from_the_shapes():
     assert default_params(generated("softcap"), batch=2, n_q=7, n_k=9) == {"c": 1.0}
 
 
+@pytest.mark.kernel
 def test_verify_runs_specs_with_tensor_parameters(tmp_path, capsys, monkeypatch):
     from attngen import verify
     from attngen.verify import main
@@ -135,6 +139,7 @@ def test_index_sum_matches_a_float64_sum_and_repeats_bitwise():
     assert runs[0][8] == 0
 
 
+@pytest.mark.kernel
 def test_forward_only_score_mod_needs_no_derivative(tmp_path):
     """backward: false: a float tensor may be read at several indices (no gradient to define)."""
     from attngen.reference import attention_reference
@@ -152,6 +157,7 @@ def test_forward_only_score_mod_needs_no_derivative(tmp_path):
     torch.testing.assert_close(o.double(), o_ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.kernel
 def test_score_mod_over_lengths_batch_int_tensor_and_bf16_bias(tmp_path):
     """A score_mod reading b, q_len, an int64 tensor and a learnable bf16 tensor of 3 dims, on an
     fp32 module with a non-affine mask, forward and backward against the float64 reference."""
