@@ -106,11 +106,14 @@ class MeanCompress(_Compress):
 class WeightedCompress(_Compress):
     """Softmax-weighted sum of each block's tokens.
 
-    A two-layer perceptron (Linear(dim, hidden) -> GELU -> Linear(hidden, 1)) gives every token a
-    score; a softmax over the block's `block` scores gives the weights; the compressed vector is
-    the weighted sum of the block's token vectors. The token scores are computed once per token
-    and shared by the (overlapping) blocks that contain the token. hidden defaults to dim.
+    A two-layer perceptron (Linear(dim, hidden) -> GELU -> Linear(hidden, 1, no bias)) gives every
+    token a score; a softmax over the block's `block` scores gives the weights; the compressed
+    vector is the weighted sum of the block's token vectors. The token scores are computed once per
+    token and shared by the (overlapping) blocks that contain the token. hidden defaults to dim.
     ``heads=H`` gives each of H heads its own perceptron; ``heads=None`` shares one.
+
+    The output layer has no bias: a constant added to every score of a block cancels in the
+    softmax, so such a bias would never change the output and its gradient would be exactly zero.
     """
 
     def __init__(self, block: int, stride: int, dim: int, heads: int | None = None, hidden: int | None = None,
@@ -122,20 +125,22 @@ class WeightedCompress(_Compress):
         self.w1 = nn.Parameter(torch.empty(hp, dim, self.hidden, **kw))  # [Hp, D, hidden]
         self.b1 = nn.Parameter(torch.empty(hp, 1, self.hidden, **kw))
         self.w2 = nn.Parameter(torch.empty(hp, self.hidden, 1, **kw))  # [Hp, hidden, 1]
-        self.b2 = nn.Parameter(torch.empty(hp, 1, 1, **kw))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         for p in (self.w1, self.b1):
             _uniform_(p, self.dim)
-        for p in (self.w2, self.b2):
-            _uniform_(p, self.hidden)
+        _uniform_(self.w2, self.hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         # per-token scores: [B, H, N, D] @ [Hp, D, hidden] -> [B, H, N, hidden] -> [B, H, N, 1]
-        s = torch.matmul(F.gelu(torch.matmul(x, self.w1) + self.b1), self.w2) + self.b2
-        w = torch.softmax(_block_windows(s, self.block, self.stride), dim=3)  # [B, H, C, block, 1]
+        return self.pool(x, torch.matmul(F.gelu(torch.matmul(x, self.w1) + self.b1), self.w2))
+
+    def pool(self, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Each block's tokens of x [B, H, N, D] summed with weights softmax(scores over the block),
+        scores [B, H, N, 1] one per token: [B, H, C, D]."""
+        w = torch.softmax(_block_windows(scores, self.block, self.stride), dim=3)  # [B, H, C, block, 1]
         return (w * _block_windows(x, self.block, self.stride)).sum(dim=3)  # [B, H, C, D]
 
 

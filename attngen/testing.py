@@ -32,8 +32,16 @@ class Comparison:
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def ratio(self) -> float:
+        """max_err as a fraction of the tolerance the rule allowed: at most 1 when it passes."""
+        if self.tolerance > 0:
+            return self.max_err / self.tolerance
+        return 0.0 if self.max_err == 0 else float("inf")
+
     def __str__(self) -> str:
-        head = f"{self.name}: max error {self.max_err:.3g} (PyTorch at dtype: {self.baseline_err:.3g}, tolerance {self.tolerance:.3g})"
+        head = (f"{self.name}: max error {self.max_err:.3g} = {self.ratio:.3g} x tolerance {self.tolerance:.3g} "
+                f"(PyTorch at dtype: {self.baseline_err:.3g})")
         return "\n  ".join([head, *self.problems])
 
 
@@ -139,35 +147,12 @@ def learnable_params(mod) -> list[str]:
 
 
 def default_params(mod, *, batch: int, n_q: int, n_k: int, seed: int = 0, device=None) -> dict:
-    """Representative parameter values for a generated module on inputs of this size: an int is a
-    positive length tied to the sequence (a window or prefix that cuts it), a float 1.0; an int
-    tensor of 1 or 2 dims holds document ids of about a third of the sequence each ([N] or
-    [B, N]); a float tensor is small random values, one per query head along dim 0 ([Hq],
-    [Hq, N], [Hq, N, N] or [B, Hq, N, N]; for dims 1 positive, ALiBi-like slopes).
-    Reads outside a tensor give 0, so the shapes need not fit every expression exactly. Tensors
-    are on `device`, by default where the module runs."""
-    from .runtime import DEVICE, PARAM_DTYPES
+    """Values for a generated module's parameters made from its declarations alone
+    (attngen.param_values.generic; shipped specs have chosen values there too, see check_values).
+    Tensors are on `device`, by default where the module runs."""
+    from .param_values import Shape, generic
 
-    g = torch.Generator().manual_seed(seed)
-    n = max(n_q, n_k, 1)
-    out = {}
-    for name, kind in getattr(mod, "PARAMS", {}).items():
-        if kind == "int":
-            out[name] = max(1, n_k // 3)
-        elif kind == "float":
-            out[name] = 1.0
-        else:
-            dtype, dims = PARAM_DTYPES[kind["tensor"]], kind["dims"]
-            if not dtype.is_floating_point:
-                ids = torch.arange(n) // max(1, n // 3)
-                t = ids.expand(batch, n) if dims == 2 else ids.view((1,) * (dims - 1) + (n,))
-            elif dims == 1:
-                t = 2.0 ** (-8.0 * torch.arange(1, mod.Q_HEADS + 1) / mod.Q_HEADS)
-            else:
-                shape = ((mod.Q_HEADS, n), (mod.Q_HEADS, n, n), (batch, mod.Q_HEADS, n, n))[dims - 2]
-                t = 0.5 * torch.randn(shape, generator=g)
-            out[name] = t.contiguous().to(device or DEVICE, dtype)
-    return out
+    return generic(dict(getattr(mod, "PARAMS", {}) or {}), Shape(mod.Q_HEADS, batch, n_q, n_k), seed=seed, device=device)
 
 
 def check_module(

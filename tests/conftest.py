@@ -20,3 +20,26 @@ settings.load_profile(os.environ.get("ATTNGEN_HYPOTHESIS", "ci"))
 def _repo_root(monkeypatch):
     """Run every test from the repository root, where specs/ and generated/ live."""
     monkeypatch.chdir(ROOT)
+
+
+@pytest.fixture(autouse=True)
+def _fast_lane_runs_no_kernel(request, monkeypatch):
+    """A test marked neither `kernel` nor `aot` (the fast lane, `make test-fast`) must not launch a
+    Triton kernel: under the interpreter a launch fails the test, naming the kernel and the marker
+    it needs. (On a GPU the launches are not watched.)"""
+    if request.node.get_closest_marker("kernel") or request.node.get_closest_marker("aot"):
+        return
+    from attngen import runtime
+
+    if not runtime.INTERPRET:
+        return
+    from triton.runtime.interpreter import GridExecutor
+
+    def refuse(executor, *args, **kwargs):
+        pytest.fail(
+            f"{request.node.nodeid} launches the Triton kernel {executor.fn.__name__} but is not marked "
+            "`kernel` (pytest.mark.kernel): kernel runs stay out of the fast lane",
+            pytrace=False,
+        )
+
+    monkeypatch.setattr(GridExecutor, "__call__", refuse)

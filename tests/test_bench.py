@@ -33,6 +33,7 @@ def _bench_module():
     return mod
 
 
+@pytest.mark.slow
 def test_quick_run_on_cpu(tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # the CPU report even on a GPU machine
     proc = subprocess.run(
@@ -154,6 +155,7 @@ def test_mask_counts_match_brute_force(n, block_m, block_n):
 
 
 
+@pytest.mark.slow
 def test_cli_rows_for_expression_specs(tmp_path):
     """The CLI on the CPU writes tile rows for expression-mask and score_mod specs with their parameter
     values, the counts agreeing with brute force over independent predicates; its timing rows (the
@@ -199,6 +201,7 @@ def test_cli_rows_for_expression_specs(tmp_path):
     assert {r["pass"] for r in timing if r["status"] == "ok"} == {"fwd", "bwd", "fwd_bwd"}
 
 
+@pytest.mark.slow
 def test_flex_runner_follows_the_expressions():
     """FlexAttention with the mask_mod and score_mod the harness builds from a spec's expressions
     (tensor parameters read in both) matches the float64 reference (forward, on the CPU)."""

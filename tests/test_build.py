@@ -13,24 +13,8 @@ from attngen.build import build, check, render, spec_files
 from attngen.cli import main as cli
 from attngen.spec import load_spec
 from attngen.testing import check_module, random_inputs
-from attngen.verify import import_generated
 
-from helpers import ROOT, SPEC_PATHS, assert_all_ok
-
-SPEC = """\
-name: {name}
-heads: {{q: {q}, kv: {kv}}}
-head_dim: {d}
-dtypes: [{dtype}]
-mask: {mask}
-tiles: {{block_m: 16, block_n: 16, num_warps: 4, num_stages: 1}}
-"""
-
-
-def write_spec(dirpath, name="user_attn", q=4, kv=2, d=32, dtype="fp16", mask="causal", extra=""):
-    path = dirpath / f"{name}.yaml"
-    path.write_text(SPEC.format(name=name, q=q, kv=kv, d=d, dtype=dtype, mask=mask) + extra)
-    return path
+from helpers import ROOT, SPEC_PATHS, assert_all_ok, build_and_import, dense_spec, write_spec
 
 
 def test_generated_is_fresh():
@@ -44,7 +28,7 @@ def test_check_cli_passes_on_the_checkout():
 
 
 def test_build_is_deterministic_and_writes_only_when_changed(tmp_path):
-    spec = write_spec(tmp_path)
+    spec = write_spec(tmp_path, dense_spec())
     out = tmp_path / "out"
     [(path, changed)] = build([spec], out)
     assert changed and path == out / "user_attn.py"
@@ -57,7 +41,7 @@ def test_build_is_deterministic_and_writes_only_when_changed(tmp_path):
 
 
 def test_header_names_spec_hash_version_and_command(tmp_path):
-    spec = write_spec(tmp_path)
+    spec = write_spec(tmp_path, dense_spec())
     text = render(load_spec(spec))
     s = load_spec(spec)
     assert f"attngen {__version__}" in text.splitlines()[0]
@@ -66,8 +50,8 @@ def test_header_names_spec_hash_version_and_command(tmp_path):
 
 
 def test_bad_spec_writes_nothing_and_exits_nonzero(tmp_path, capsys):
-    good = write_spec(tmp_path, name="good_one")
-    bad = write_spec(tmp_path, name="bad_one", kv=3)
+    good = write_spec(tmp_path, dense_spec("good_one"))
+    bad = write_spec(tmp_path, dense_spec("bad_one", kv=3))
     out = tmp_path / "out"
     assert cli(["build", str(good), str(bad), "--out", str(out)]) == 1
     err = capsys.readouterr().err
@@ -76,7 +60,7 @@ def test_bad_spec_writes_nothing_and_exits_nonzero(tmp_path, capsys):
 
 
 def test_duplicate_names_are_rejected(tmp_path):
-    a = write_spec(tmp_path, name="same")
+    a = write_spec(tmp_path, dense_spec("same"))
     b = tmp_path / "other.yaml"
     b.write_text(a.read_text())
     assert cli(["build", str(a), str(b), "--out", str(tmp_path / "out")]) == 1
@@ -85,8 +69,8 @@ def test_duplicate_names_are_rejected(tmp_path):
 def test_check_reports_stale_missing_and_orphan(tmp_path):
     specs, out = tmp_path / "specs", tmp_path / "out"
     specs.mkdir()
-    write_spec(specs, name="one")
-    write_spec(specs, name="two")
+    write_spec(specs, dense_spec("one"))
+    write_spec(specs, dense_spec("two"))
     build(spec_files(specs), out)
     assert check(specs, out) == []
     (out / "one.py").write_text((out / "one.py").read_text() + "# edited\n")
@@ -98,7 +82,7 @@ def test_check_reports_stale_missing_and_orphan(tmp_path):
 
 
 def test_module_entry_point_builds(tmp_path):
-    spec = write_spec(tmp_path)
+    spec = write_spec(tmp_path, dense_spec())
     env = dict(os.environ)
     run = lambda *a: subprocess.run([sys.executable, "-m", "attngen.cli", *a], capture_output=True, text=True, cwd=tmp_path, env=env)  # noqa: E731
     r = run("build", str(spec), "--out", "gen")
@@ -106,6 +90,7 @@ def test_module_entry_point_builds(tmp_path):
     assert (tmp_path / "gen" / "user_attn.py").exists()
 
 
+@pytest.mark.kernel
 @settings(max_examples=6)
 @given(
     kv=st.sampled_from([1, 2, 3]),
@@ -118,9 +103,7 @@ def test_module_entry_point_builds(tmp_path):
 def test_a_new_spec_builds_imports_and_matches_reference(tmp_path_factory, kv, group, d, mask, n_q, n_k):
     """The user's path: write a YAML with some head grouping and head_dim, build, import, check."""
     tmp = tmp_path_factory.mktemp("user")
-    spec = write_spec(tmp, q=kv * group, kv=kv, d=d, mask=mask, extra=f"v_head_dim: {d + 8}\n")
-    [(path, _)] = build([spec], tmp / "out")
-    mod = import_generated(path)
+    mod = build_and_import(tmp, dense_spec(q=kv * group, kv=kv, d=d, mask=mask, extra=f"v_head_dim: {d + 8}\n"))
     import torch
 
     q, k, v = random_inputs(mod, batch=1, n_q=n_q, n_k=n_k, dtype=torch.float16, seed=n_q)
@@ -142,6 +125,7 @@ def test_cli_build_with_no_specs_is_an_error(tmp_path):
     assert cli(["build", "--spec-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize(
     "mask, params, values",
     [
@@ -156,9 +140,7 @@ def test_expression_mask_spec_builds_and_matches_reference(tmp_path, mask, param
     predicates (forward, dQ and dK/dV) under the names the plan gives them."""
     import torch
 
-    spec = write_spec(tmp_path, name="expr_attn", mask=f'"{mask}"', extra=f"params: {params}\n")
-    [(path, _)] = build([spec], tmp_path / "out")
-    mod = import_generated(path)
+    mod = build_and_import(tmp_path, dense_spec("expr_attn", mask=f'"{mask}"', extra=f"params: {params}\n"))
     doc = mod.__doc__
     assert ("one conjunction" in doc) == ("w" in values) and ("disjunction of 2" in doc) != ("w" in values)
     for n_q, n_k, seed in ((40, 37, 0), (19, 45, 1)):

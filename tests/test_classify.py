@@ -222,6 +222,7 @@ def extra_module(tmp_path_factory):
     return import_generated(path)
 
 
+@pytest.mark.kernel
 @settings(max_examples=5, deadline=None)
 @given(n_q=st.integers(1, 90), n_k=st.integers(1, 40), g=st.integers(-2, 20), seed=st.integers(0, 99))
 @example(n_q=70, n_k=33, g=0, seed=0)

@@ -7,16 +7,14 @@ import pytest
 import torch
 
 from attngen import runtime
-from attngen.build import build
 from attngen.classify import classify_tiles, id_equality
 from attngen.expr import parse_expr, parse_params
 from attngen.plan import make_plan
 from mirror import rule_for
 from attngen.spec import load_spec
 from attngen.testing import check_module, random_inputs
-from attngen.verify import import_generated
 
-from helpers import SPEC_PATHS, assert_all_ok, generated
+from helpers import SPEC_PATHS, assert_all_ok, build_and_import, dense_spec, generated
 
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1
 
@@ -150,15 +148,11 @@ def test_many_short_documents_skip_most_causal_tiles():
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
     """A module with 32 x 64 tiles (several 16-position entries per tile), int64 ids, the sides swapped."""
-    out = tmp_path_factory.mktemp("doc_wide")
-    spec = out / "doc_wide.yaml"
-    spec.write_text(
-        "name: doc_wide\nheads: {q: 2, kv: 1}\nhead_dim: 16\ndtypes: [fp32]\n"
-        "params: {doc: {tensor: int64, dims: 2}}\nmask: doc[b, kv_idx] == doc[b, q_idx] and q_idx >= kv_idx\n"
-        "tiles: {block_m: 32, block_n: 64, num_warps: 4, num_stages: 2}\n"
-    )
-    ((path, _),) = build([spec], out / "gen")
-    return import_generated(path)
+    return build_and_import(tmp_path_factory.mktemp("doc_wide"), dense_spec(
+        "doc_wide", q=2, kv=1, d=16, dtypes="[fp32]", mask="doc[b, kv_idx] == doc[b, q_idx] and q_idx >= kv_idx",
+        tiles={"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 2},
+        extra="params: {doc: {tensor: int64, dims: 2}}\n",
+    ))
 
 
 def _visits(mod, ids, batch, n_q, n_k):
@@ -179,6 +173,7 @@ def _tile_rows(per_tile, block, n):
     return per_tile.repeat_interleave(block, dim=1)[:, :n]
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("which", ["document", "wide"])
 def test_kernels_skip_exactly_the_mirrored_tiles(which, wide):
     """NaN in V at one document's keys reaches o and dq only through a visited KV tile that holds
@@ -224,6 +219,7 @@ def test_kernels_skip_exactly_the_mirrored_tiles(which, wide):
 # --------------------------------------------------------------------------- against the reference
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("case", ["many short sorted", "random unsorted", "-1 and int32 extremes", "tensor shorter than the sequence, one row"])
 def test_document_matches_reference(case):
     ids, batch, n_q, n_k = _id_cases()[case]
@@ -232,6 +228,7 @@ def test_document_matches_reference(case):
     assert_all_ok(check_module(mod, q, k, v, params={"doc": ids}), case)
 
 
+@pytest.mark.kernel
 def test_wide_tiles_match_reference(wide):
     ids, batch, n_q, n_k = _id_cases()["int64 beyond 32 bits"]
     q, k, v = random_inputs(wide, batch=batch, n_q=n_q, n_k=n_k - 20, dtype=torch.float32, seed=9)

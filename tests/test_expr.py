@@ -190,6 +190,7 @@ SCORE_MODS = [
 ]
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("text, fn", MASKS, ids=[m[0] for m in MASKS])
 def test_mask_helpers_match_brute_force(text, fn):
     e = parse(text)
@@ -198,6 +199,7 @@ def test_mask_helpers_match_brute_force(text, fn):
     assert torch.equal(triton_eval([e], PARAMS, VALUES)[0].double(), want)
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("text, fn", SCORE_MODS, ids=[m[0] for m in SCORE_MODS])
 def test_score_mod_helpers_match_brute_force(text, fn):
     e = parse(text, "score_mod")
@@ -243,6 +245,7 @@ FLOOR_CASES = [
 ]
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("w", [3, -3])
 @pytest.mark.parametrize("text, fn", FLOOR_CASES, ids=[c[0] for c in FLOOR_CASES])
 def test_floor_division_and_remainder_follow_python(text, fn, w):
@@ -412,6 +415,7 @@ def _finite_difference(e, values, name=None, eps=1e-6):
             - fn(*g, Q_LEN, KV_LEN, score=s, **{**values, name: values[name] - eps})) / (2 * eps)
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize(
     "text",
     ["softcap(cap)", "alibi(slopes)", "where(causal, score * score, exp(score / 30))", "max(score, cap) + min(score, -cap)",
@@ -594,6 +598,7 @@ def _check_agreement(text, kind, q0):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, equal_nan=True, msg=lambda m: f"{text}\n{m}")
 
 
+@pytest.mark.kernel
 @settings(max_examples=30)
 @given(text=bools(3), q0=st.sampled_from([0, 5]))
 @example(text="(kv_idx - q_idx) // -2 == (q_idx - kv_idx) % w", q0=0)
@@ -601,6 +606,7 @@ def test_fuzz_masks_agree_between_triton_and_torch(text, q0):
     _check_agreement(text, "mask", q0)
 
 
+@pytest.mark.kernel
 @settings(max_examples=30)
 @given(text=st.one_of(floats(3), ints(2)), q0=st.sampled_from([0, 5]))
 @example(text="(score // -2.5) * 0.5 + exp(score / 50) - min(score, c) % 0.75", q0=0)
@@ -706,6 +712,7 @@ except Exception as e:  # no CUDA toolchain in this Triton build
 """
 
 
+@pytest.mark.aot
 def test_helpers_compile_for_sm90():
     """The interpreter accepts more than the compiler (e.g. `.to` on a constexpr): compile the
     printout ahead of time for sm_90, with a stride, a size and a scalar specialised to 1 as Triton

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import re
 
+import pytest
 import torch
 import yaml
 from hypothesis import HealthCheck, assume, given, settings
@@ -24,6 +25,8 @@ from attngen.testing import check_module, random_inputs
 from attngen.verify import import_generated
 
 from helpers import assert_all_ok
+
+pytestmark = pytest.mark.kernel
 
 SPEC = """\
 name: {name}

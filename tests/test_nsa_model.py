@@ -123,6 +123,7 @@ def test_costs_add_up_and_scale_with_batch():
         model.branch_costs(0)
 
 
+@pytest.mark.slow
 def test_script_on_cpu(tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     out = tmp_path / "model.csv"
@@ -153,6 +154,7 @@ nsa_attention = reference_attention(SimpleNamespace(**{c: globals()[c] for c in 
 '''
 
 
+@pytest.mark.slow
 def test_timing_harness_on_cpu(tmp_path):
     """The --gpu code path, on CPU tensors with an NSA module backed by the oracle (times meaningless)."""
     fake = tmp_path / "fake_nsa.py"

@@ -41,7 +41,7 @@ def per_block(mod, x, formula):
 
 
 def weighted_formula(p, tok):
-    score = gelu(tok @ p["w1"] + p["b1"][0]) @ p["w2"][:, 0] + p["b2"][0, 0]  # [B, block]
+    score = gelu(tok @ p["w1"] + p["b1"][0]) @ p["w2"][:, 0]  # [B, block]
     w = torch.exp(score - score.max(dim=1, keepdim=True).values)
     w = w / w.sum(dim=1, keepdim=True)
     return (w.unsqueeze(-1) * tok).sum(dim=1)
@@ -86,6 +86,37 @@ def test_compress_matches_per_block_formula(method, stride, mult, n, heads, d, s
     assert got.shape == (2, heads, c, d)
     assert got.dtype == F64
     torch.testing.assert_close(got, per_block(mod, x, FORMULAS[method]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+def test_weighted_pooling_ignores_a_constant_added_to_every_score(dtype):
+    """Why WeightedCompress's scoring layer has no output bias: adding the same constant to every
+    token's weight logit (per head, as such a bias would) leaves the compressed output unchanged,
+    up to rounding of the shifted logits in `dtype`."""
+    torch.manual_seed(11)
+    mod = nsa.WeightedCompress(6, 3, 8, heads=2, dtype=dtype)
+    x = torch.randn(2, 2, 20, 8, dtype=dtype)
+    scores = torch.randn(2, 2, 20, 1).to(dtype)
+    base = mod.pool(x, scores).double()
+    eps, xmax = torch.finfo(dtype).eps, float(x.abs().max())
+    for shift in (torch.tensor([-4.0, 2.5]).view(1, 2, 1, 1), torch.tensor(6.0)):
+        shifted_scores = scores + shift.to(dtype)
+        # a shifted logit s rounds by up to eps * |s| / 2, which scales its weight by about as much;
+        # the weighted sum itself rounds by about eps * max|x| per step of the block's sum
+        bound = eps * xmax * (2 + float(shifted_scores.abs().max()))
+        assert (mod.pool(x, shifted_scores).double() - base).abs().max() <= bound
+    # the bound is tight enough to see a change that is not the same for every token
+    other = scores + 3 * torch.randn(scores.shape).to(dtype)
+    assert (mod.pool(x, other).double() - base).abs().max() > 3 * bound
+
+
+def test_weighted_forward_is_pooling_of_its_perceptron_scores():
+    torch.manual_seed(12)
+    mod = nsa.WeightedCompress(4, 2, 5, heads=3, hidden=6, dtype=F64)
+    x = torch.randn(2, 3, 11, 5, dtype=F64)
+    scores = gelu(x @ mod.w1 + mod.b1) @ mod.w2
+    torch.testing.assert_close(mod(x), mod.pool(x, scores), rtol=1e-12, atol=1e-12)
+    assert sorted(n for n, _ in mod.named_parameters()) == ["b1", "w1", "w2"]
 
 
 def test_mean_equals_reference_compress_mean():
@@ -312,6 +343,7 @@ def test_layer_errors_name_the_argument(make, word):
 GENERATED_TINY = Path(__file__).resolve().parents[1] / "generated" / "nsa_tiny.py"
 
 
+@pytest.mark.kernel
 @pytest.mark.skipif(not GENERATED_TINY.exists(), reason="generated/nsa_tiny.py is not built in this checkout")
 @pytest.mark.parametrize("method", ["mean", "mlp"])
 def test_layer_on_the_generated_module(method):

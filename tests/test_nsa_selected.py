@@ -153,6 +153,7 @@ def pinned(group, n, **kw):
     return base | kw
 
 
+@pytest.mark.kernel
 @settings(max_examples=8)
 @given(case=cases(kinds=("selection",)))
 @example(case=pinned(1, 1))
@@ -165,6 +166,7 @@ def test_matches_reference_on_selected_blocks(case):
     run_case(case)
 
 
+@pytest.mark.kernel
 @settings(max_examples=6)
 @given(case=cases(kinds=("random", "holes")))
 # rows that see no key: o = 0, lse = -inf, zero gradients, no NaN
@@ -182,6 +184,7 @@ def test_matches_reference_on_given_blocks(case):
     run_case(case)
 
 
+@pytest.mark.kernel
 def test_every_row_empty_gives_zeros():
     q, k, v, idx = make_case(**pinned(3, 20))
     idx = torch.full_like(idx, -1)
@@ -195,6 +198,7 @@ def test_every_row_empty_gives_zeros():
         assert torch.equal(g, torch.zeros_like(g))
 
 
+@pytest.mark.kernel
 def test_backward_is_deterministic():
     """dK/dV come from per-block programs with a fixed order (no atomics): two runs agree bitwise."""
     q, k, v, idx = make_case(**pinned(3, 75, select_block=16, top_n=5, kind="random", dtype="bf16"))
@@ -207,6 +211,7 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
+@pytest.mark.kernel
 def test_wrong_kernel_is_caught():
     """The check is not vacuous: the right output under other indices fails it."""
     case = pinned(2, 50, top_n=2, kind="random")
@@ -219,6 +224,7 @@ def test_wrong_kernel_is_caught():
     assert not compare("o", o, o_ref, o_base, q.dtype).ok
 
 
+@pytest.mark.kernel
 def test_strided_inputs():
     """q, k, v as [B, N, H, D] storage seen through transpose(1, 2)."""
     case = pinned(4, 40, batch=2, select_block=32, top_n=3, kind="random")
@@ -261,6 +267,7 @@ def nsa_spec(tmp_path: Path, group: int, d: int, dv: int, dtype: str) -> Path:
     return spec
 
 
+@pytest.mark.aot
 def test_kernels_compile_for_sm90_without_spills(tmp_path, monkeypatch):
     """Registers: the tile rule keeps every kernel spill-free at sm_90 (compiled ahead of time by
     `attngen report`, which records the tiles nsa_selected's wrappers launch) for the paper's

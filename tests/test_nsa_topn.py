@@ -207,6 +207,7 @@ def cases(draw):
     )
 
 
+@pytest.mark.kernel
 @settings(max_examples=15)
 @given(cases())
 @example(dict(b=1, hkv=1, g=16, n=300, d=48, geometry=(32, 16, 64), dtype="bf16", top_n=8, initial=1, local=2,
@@ -227,6 +228,7 @@ def test_matches_reference(case):
     assert decided >= 0.5, f"only {decided:.0%} of rows are decided beyond the error bounds: the inputs test little"
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("score", ["probs", "dot", "cosine"])
 @pytest.mark.parametrize("per", ["token", "block"])
 def test_many_decisions(score, per):
@@ -239,6 +241,7 @@ def test_many_decisions(score, per):
     assert check_against_reference(out, q, k_cmp, geometry, 3, 1, 1, score, per) >= 0.8
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("score", ["probs", "cosine"])
 def test_strided_inputs(score):
     """q seen through .transpose(1, 2) of a [B, N, H, D] tensor, k_cmp and lse_cmp sliced: the
@@ -256,6 +259,7 @@ def test_strided_inputs(score):
     check_against_reference(got, q, k_cmp, geometry, 3, 1, 1, score, "token")
 
 
+@pytest.mark.kernel
 def test_streams_many_selection_blocks():
     """S = 70 > one chunk of 64 selection blocks: the running top-n list carries across chunks."""
     geometry, n = (8, 4, 8), 553
@@ -271,6 +275,7 @@ def test_streams_many_selection_blocks():
 # Crafted inputs: exact ties and well-separated scores must match on every row
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("score", ["probs", "dot", "cosine"])
 @pytest.mark.parametrize("per", ["token", "block"])
 def test_all_zero_scores_tie_to_lower_index(score, per):
@@ -290,6 +295,7 @@ def test_all_zero_scores_tie_to_lower_index(score, per):
         check_against_reference(out, q, k_cmp, geometry, 4, 1, 1, score, per)
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("score", ["dot", "cosine"])
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_separated_scores_match_exactly(score, geometry):
@@ -320,6 +326,7 @@ def test_separated_scores_match_exactly(score, geometry):
         assert torch.equal(out, reference(q, k_cmp, geometry, 5, 1, 1, score, per)), per
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("top_n", [3, 5])
 def test_chunk_boundary(top_n):
     """S = 70 selection blocks, scored in chunks of 64: the hot compressed block 127 (pieces 127
@@ -343,6 +350,7 @@ def test_chunk_boundary(top_n):
         assert 63 in out[0, 0, -1].tolist() and (top_n == 3) != (64 in out[0, 0, -1].tolist())
 
 
+@pytest.mark.kernel
 def test_probs_dominant_blocks_match_exactly():
     """score="probs" with large distinct logits: each position's mass sits on a few compressed
     blocks whose probabilities differ by large factors, so the reference's choice is decided on
@@ -365,6 +373,7 @@ def test_probs_dominant_blocks_match_exactly():
 # Arbitrary inputs: structure only
 
 
+@pytest.mark.kernel
 @settings(max_examples=10)
 @given(
     n=st.integers(1, 200),

@@ -7,7 +7,6 @@ and nothing is written to the user's cache.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -16,7 +15,8 @@ from attngen.build import build, derived_specs, output_names, spec_files
 from attngen.cli import main as cli_main
 from attngen.spec import load_spec
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT, build_spec, dense_spec, write_spec
+
 SHIPPED = spec_files(ROOT / "specs")
 
 @pytest.fixture(scope="module")
@@ -53,16 +53,12 @@ def shipped(tmp_path_factory, triton_cache):
     return rc, json.loads(rows_file.read_text()), [r.to_json() for r in extra]
 
 
-def write_spec(tmp_path: Path, name: str, *, head_dim: int, dtypes: str, tiles: dict, backward: bool) -> Path:
-    spec = tmp_path / f"{name}.yaml"
-    tile_lines = "\n".join(f"  {k}: {v}" for k, v in tiles.items())
-    spec.write_text(
-        f"name: {name}\nheads: {{q: 4, kv: 2}}\nhead_dim: {head_dim}\ndtypes: {dtypes}\nmask: causal\n"
-        f"backward: {'true' if backward else 'false'}\ntiles:\n{tile_lines}\n"
-    )
-    return spec
+def causal_spec(name: str, *, head_dim: int, tiles: dict, backward: bool) -> str:
+    """A causal fp16 spec with 4 query heads over 2 KV heads."""
+    return dense_spec(name, d=head_dim, tiles=tiles, extra=f"backward: {'true' if backward else 'false'}\n")
 
 
+@pytest.mark.aot
 def test_shipped_specs_compile_for_sm90(shipped):
     _, cli_rows, fp32_rows = shipped
     rows = cli_rows + fp32_rows
@@ -96,6 +92,7 @@ def test_shipped_specs_compile_for_sm90(shipped):
     assert not failed, [f"{r['spec']} {r['kernel']}: {r['error'].splitlines()[0]}" for r in failed]
 
 
+@pytest.mark.aot
 def test_shipped_exit_code_matches_rows(shipped):
     rc, rows, _ = shipped
     groups: dict[tuple, bool] = {}
@@ -105,12 +102,11 @@ def test_shipped_exit_code_matches_rows(shipped):
     assert rc == (0 if all(groups.values()) else 1)
 
 
+@pytest.mark.aot
 def test_fp16_forward_with_64_row_tiles_uses_wgmma_at_sm90(tmp_path, triton_cache):
-    spec = write_spec(
-        tmp_path, "tc64", head_dim=64, dtypes="[fp16]", backward=False,
-        tiles={"block_m": [64], "block_n": [64], "num_warps": [4], "num_stages": [2]},
-    )
-    [(module, _)] = build([spec], tmp_path / "gen")
+    [(module, _)] = build_spec(tmp_path, causal_spec(
+        "tc64", head_dim=64, backward=False, tiles={"block_m": [64], "block_n": [64], "num_warps": [4], "num_stages": [2]},
+    ))
     [row] = report.run_report([module], ["sm_90"], jobs=1)
     assert row.compile_s > 0
     assert (row.kernel, row.dtype, row.config) == (
@@ -121,13 +117,13 @@ def test_fp16_forward_with_64_row_tiles_uses_wgmma_at_sm90(tmp_path, triton_cach
     assert row.regs > 0 and row.smem > 0 and row.usable
 
 
+@pytest.mark.aot
 def test_oversized_config_is_flagged_and_fails_the_command(tmp_path, triton_cache, capsys):
     # head_dim 256 with 64 x 128 tiles and 4 stages: over half a megabyte of shared memory. (Tiles of
     # 256 x 256 would show it too, but keep LLVM busy for over 15 minutes.)
-    spec = write_spec(
-        tmp_path, "huge", head_dim=256, dtypes="[fp16]", backward=False,
-        tiles={"block_m": [64], "block_n": [128], "num_warps": [8], "num_stages": [4]},
-    )
+    spec = write_spec(tmp_path, causal_spec(
+        "huge", head_dim=256, backward=False, tiles={"block_m": [64], "block_n": [128], "num_warps": [8], "num_stages": [4]},
+    ))
     rows_file = tmp_path / "rows.json"
     argv = ["report", str(spec), "--arch", "sm_90", "--out", str(tmp_path / "gen"), "--json", str(rows_file), "--jobs", "1"]
     rc = cli_main(argv)
@@ -141,13 +137,13 @@ def test_oversized_config_is_flagged_and_fails_the_command(tmp_path, triton_cach
     assert "huge _fwd_kernel fp16 sm_90: no usable config" in err
 
 
+@pytest.mark.aot
 def test_usable_configs_keeps_only_the_config_that_does_not_spill(tmp_path, triton_cache):
     # dK/dV with 32 x 128 tiles on 4 warps holds a [128, 128] dK and dV accumulator plus K and V
     # per program: thousands of bytes of spills; 32 x 32 tiles fit in registers.
-    spec = write_spec(
-        tmp_path, "mixed", head_dim=128, dtypes="[fp16]", backward=True,
-        tiles={"block_m": [32], "block_n": [32, 128], "num_warps": [4], "num_stages": [2]},
-    )
+    spec = write_spec(tmp_path, causal_spec(
+        "mixed", head_dim=128, backward=True, tiles={"block_m": [32], "block_n": [32, 128], "num_warps": [4], "num_stages": [2]},
+    ))
     usable = report.usable_configs(spec, "_bwd_dkdv_kernel", "fp16", "sm_90", jobs=2)
     assert usable == [{"block_m": 32, "block_n": 32, "num_warps": 4, "num_stages": 2}]
 
@@ -163,6 +159,7 @@ def test_parse_arch():
         report.parse_arch("sm_75")
 
 
+@pytest.mark.aot
 def test_a_call_past_the_time_limit_becomes_an_error_row():
     # a tenth of a second is less than a worker needs to import torch and Triton: the description
     # times out, its worker is killed, and the report still returns

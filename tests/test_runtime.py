@@ -8,14 +8,12 @@ import pytest
 import torch
 
 from attngen import runtime
-from attngen.build import build
 from attngen.testing import random_inputs
-from attngen.verify import import_generated
 
-from helpers import ROOT, generated
-from test_build import write_spec
+from helpers import ROOT, build_and_import, dense_spec, generated
 
 
+@pytest.mark.kernel  # in a child process
 def test_import_on_cpu_needs_no_environment_variable():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
@@ -57,6 +55,7 @@ def test_bad_inputs_raise_valueerror_naming_the_tensor(change, message):
     assert str(info.value).startswith("mqa: ")
 
 
+@pytest.mark.kernel
 def test_bnhd_views_work_and_keep_their_layout():
     mod = generated("mqa")
     q, k, v = _inputs(mod, bnhd=True)
@@ -67,10 +66,9 @@ def test_bnhd_views_work_and_keep_their_layout():
     assert torch.equal(o, o_contig)
 
 
+@pytest.mark.kernel
 def test_backward_false_module(tmp_path):
-    spec = write_spec(tmp_path, name="fwd_only", extra="backward: false\n")
-    [(path, _)] = build([spec], tmp_path / "out")
-    mod = import_generated(path)
+    mod = build_and_import(tmp_path, dense_spec("fwd_only", extra="backward: false\n"))
     assert not hasattr(mod, "_backward")
     q, k, v = random_inputs(mod, batch=1, n_q=3, n_k=3, dtype=torch.float16)
     assert mod.attention(q, k, v).shape == (1, 4, 3, 32)

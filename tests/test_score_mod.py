@@ -10,7 +10,7 @@ import torch
 from attngen import runtime
 from attngen.testing import check_module, default_params, random_inputs
 
-from helpers import ROOT, assert_all_ok, generated
+from helpers import INTERP_TILES, ROOT, assert_all_ok, build_and_import, dense_spec, generated
 
 
 def _inputs(name, n=12, batch=1):
@@ -42,6 +42,7 @@ def test_bad_parameters_raise_valueerror_naming_them(name, params, message):
     assert message in str(info.value)
 
 
+@pytest.mark.kernel
 def test_bias_gradient_is_deterministic_and_only_bias_may_require_grad():
     """Two backward passes give bitwise-equal d(rb), also when only rb requires a gradient."""
     mod, q, k, v = _inputs("relpos_bias", n=40, batch=2)
@@ -57,6 +58,7 @@ def test_bias_gradient_is_deterministic_and_only_bias_may_require_grad():
     assert bool((grads[0][:, 31] != 0).all())
 
 
+@pytest.mark.kernel
 def test_bias_gradient_over_several_row_chunks(monkeypatch):
     """With chunks of a few query rows the gradient pass still matches the float64 reference."""
     monkeypatch.setattr(runtime, "PARAM_GRAD_ELEMS", 2 * 4 * 37)  # 2 rows of B * H * Nk per chunk
@@ -78,6 +80,7 @@ def test_learnable_slopes_and_bias_get_no_nan_on_empty_inputs():
     assert torch.equal(slopes.grad, torch.zeros(4))
 
 
+@pytest.mark.kernel
 def test_score_mod_changes_the_result():
     """The comparison is not vacuous for score_mod specs: the plain causal result fails against
     the ALiBi reference with large slopes."""
@@ -112,6 +115,7 @@ def test_default_params_build_tensors_from_the_shapes():
     assert default_params(generated("softcap"), batch=2, n_q=7, n_k=9) == {"c": 1.0}
 
 
+@pytest.mark.kernel
 def test_verify_runs_specs_with_tensor_parameters(tmp_path, capsys, monkeypatch):
     from attngen import verify
     from attngen.verify import main
@@ -135,21 +139,16 @@ def test_index_sum_matches_a_float64_sum_and_repeats_bitwise():
     assert runs[0][8] == 0
 
 
+@pytest.mark.kernel
 def test_forward_only_score_mod_needs_no_derivative(tmp_path):
     """backward: false: a float tensor may be read at several indices (no gradient to define)."""
-    from attngen.build import build
     from attngen.reference import attention_reference
     from attngen.testing import reference_score_mod
-    from attngen.verify import import_generated
 
-    spec = tmp_path / "fwd_bias.yaml"
-    spec.write_text(
-        "name: fwd_bias\nheads: {q: 2, kv: 1}\nhead_dim: 16\ndtypes: [fp32]\nbackward: false\n"
-        "params: {t: {tensor: fp32, dims: 1}}\nmask: causal\nscore_mod: score + t[q_idx] - t[kv_idx]\n"
-        "tiles: {block_m: 16, block_n: 16, num_warps: 4, num_stages: 2}\n"
-    )
-    ((path, _),) = build([spec], tmp_path / "gen")
-    mod = import_generated(path)
+    mod = build_and_import(tmp_path, dense_spec(
+        "fwd_bias", q=2, kv=1, d=16, dtypes="[fp32]", tiles={**INTERP_TILES, "num_stages": 2},
+        extra="backward: false\nparams: {t: {tensor: fp32, dims: 1}}\nscore_mod: score + t[q_idx] - t[kv_idx]\n",
+    ))
     q, k, v = random_inputs(mod, batch=1, n_q=20, n_k=20, dtype=torch.float32, seed=1)
     t = torch.randn(20, generator=torch.Generator().manual_seed(2))
     o_ref, _ = attention_reference(q, k, v, mask="causal", score_mod=reference_score_mod(mod, {"t": t.double()}))
@@ -158,22 +157,15 @@ def test_forward_only_score_mod_needs_no_derivative(tmp_path):
     torch.testing.assert_close(o.double(), o_ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.kernel
 def test_score_mod_over_lengths_batch_int_tensor_and_bf16_bias(tmp_path):
     """A score_mod reading b, q_len, an int64 tensor and a learnable bf16 tensor of 3 dims, on an
     fp32 module with a non-affine mask, forward and backward against the float64 reference."""
-    from attngen.build import build
-    from attngen.verify import import_generated
-
-    spec = tmp_path / "mixed.yaml"
-    spec.write_text(
-        "name: mixed\nheads: {q: 2, kv: 1}\nhead_dim: 16\ndtypes: [fp32]\n"
-        "params:\n  t: {tensor: bf16, dims: 3}\n  sel: {tensor: int64, dims: 1}\n  k0: int\n"
-        "mask: causal or kv_idx < k0\n"
-        "score_mod: where(sel[h] > 0, score * 0.5, tanh(score)) + t[b, h, q_len - 1 - q_idx]\n"
-        "tiles: {block_m: 16, block_n: 16, num_warps: 4, num_stages: 2}\n"
-    )
-    ((path, _),) = build([spec], tmp_path / "gen")
-    mod = import_generated(path)
+    mod = build_and_import(tmp_path, dense_spec(
+        "mixed", q=2, kv=1, d=16, dtypes="[fp32]", mask="causal or kv_idx < k0", tiles={**INTERP_TILES, "num_stages": 2},
+        extra="params:\n  t: {tensor: bf16, dims: 3}\n  sel: {tensor: int64, dims: 1}\n  k0: int\n"
+        "score_mod: where(sel[h] > 0, score * 0.5, tanh(score)) + t[b, h, q_len - 1 - q_idx]\n",
+    ))
     q, k, v = random_inputs(mod, batch=2, n_q=21, n_k=19, dtype=torch.float32, seed=3, bnhd=True)
     g = torch.Generator().manual_seed(5)
     params = {"t": torch.randn(2, 2, 18, generator=g).to(torch.bfloat16), "sel": torch.tensor([1, 0]), "k0": 4}
