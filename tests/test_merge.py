@@ -13,6 +13,8 @@ from attngen import runtime
 from attngen.kernels.merge import merge
 from attngen.reference import attention_reference
 
+pytestmark = pytest.mark.kernel  # every test runs the merge kernel
+
 F64 = torch.float64
 DTYPES = runtime.TORCH_DTYPES
 EPS32 = torch.finfo(torch.float32).eps

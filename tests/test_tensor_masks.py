@@ -71,6 +71,7 @@ def _params(decls, batch, heads, n_k):
     return out
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("mask, decls", MASKS, ids=[m for m, _ in MASKS])
 def test_tensor_inequality_masks_build_and_match_the_reference(tmp_path, mask, decls):
     mod = _build(tmp_path, mask, decls)
@@ -81,6 +82,7 @@ def test_tensor_inequality_masks_build_and_match_the_reference(tmp_path, mask, d
     assert_all_ok(check_module(mod, q, k, v, params=params, seed=1), f"{mask} {params}")
 
 
+@pytest.mark.kernel
 def test_rows_that_see_no_key_give_zero_and_minus_infinity(tmp_path):
     """Key padding with lens[b] = 0: every row of that batch sees nothing: o = 0, lse = -inf, and
     the gradients of its inputs are 0 (not NaN)."""
