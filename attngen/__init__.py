@@ -8,11 +8,11 @@ __all__ = ["attention_reference", "load_spec", "Spec", "SpecError", "__version__
 def __getattr__(name):
     # Lazy, so that generated modules importing attngen.runtime load neither yaml nor the generator.
     if name == "attention_reference":
-        from .reference import attention_reference
+        from attngen.reference.dense import attention_reference
 
         return attention_reference
     if name in ("load_spec", "Spec", "SpecError"):
-        from . import spec
+        from attngen.language import spec as spec
 
         return getattr(spec, name)
     raise AttributeError(f"module 'attngen' has no attribute {name!r}")

@@ -134,7 +134,7 @@ def entry(name: str, decls: dict) -> Entry | None:
 def materialize(values: dict, shape: Shape, device=None) -> dict:
     """Call the functions among `values` with the shape; tensors go to `device` (by default where
     generated modules run)."""
-    from .runtime import DEVICE
+    from attngen.runtime import DEVICE
 
     out = {}
     for name, v in values.items():
@@ -150,7 +150,7 @@ def generic(decls: dict, shape: Shape, *, seed: int = 0, device=None) -> dict:
     tensor is small random values, one per query head along dim 0 ([Hq], [Hq, N], [Hq, N, N] or
     [B, Hq, N, N]; for dims 1 positive, ALiBi-like slopes). Reads outside a tensor give 0, so the
     shapes need not fit every expression exactly."""
-    from .runtime import DEVICE, PARAM_DTYPES
+    from attngen.runtime import DEVICE, PARAM_DTYPES
 
     g = torch.Generator().manual_seed(seed)
     n = max(shape.n_q, shape.n_k, 1)

@@ -351,7 +351,7 @@ def import_sibling(module_file: str, name: str):
 
 # The block arithmetic and mean pooling are the oracle's own (torch only, at the input's dtype):
 # generated NSA modules pool k and v with exactly the function the reference uses.
-from .nsa_reference import compress_mean, num_compressed  # noqa: E402
+from attngen.reference.nsa import compress_mean, num_compressed  # noqa: E402
 
 
 def check_nsa_inputs(

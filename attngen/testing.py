@@ -85,7 +85,7 @@ def random_inputs(mod, *, batch: int, n_q: int, n_k: int, dtype: torch.dtype, se
     """q, k, v for a generated module, as [B, H, N, D] tensors on the device the module runs on
     (CPU under the interpreter, else CUDA); with bnhd=True they are views of
     [B, N, H, D] storage (the layout most models keep), exercising non-contiguous strides."""
-    from .runtime import DEVICE
+    from attngen.runtime import DEVICE
 
     g = torch.Generator().manual_seed(seed)
 
@@ -107,12 +107,12 @@ def _loss(o, lse, do, dlse):
 
 
 def reference_mask(mod, params: dict | None = None):
-    """The mask of a generated module for attngen.reference: 'none' / 'causal', or a callable built
+    """The mask of a generated module for attngen.reference.dense: 'none' / 'causal', or a callable built
     from the module's MASK expression text and PARAMS declarations with the given values
     (generated modules do not import sympy, so this is done here)."""
     if mod.MASK in ("none", "causal"):
         return mod.MASK
-    from .expr import parse_expr, parse_params, to_torch
+    from attngen.language.expr import parse_expr, parse_params, to_torch
 
     decls = parse_params(dict(mod.PARAMS)) if mod.PARAMS else {}
     fn = to_torch(parse_expr(mod.MASK, kind="mask", params=decls))
@@ -125,12 +125,12 @@ def reference_mask(mod, params: dict | None = None):
 
 
 def reference_score_mod(mod, params: dict | None = None):
-    """The score_mod of a generated module for attngen.reference (None when it has none): its
+    """The score_mod of a generated module for attngen.reference.dense (None when it has none): its
     SCORE_MOD text evaluated elementwise by expr.to_torch with the given parameter values (float
     tensors in the dtype given, so a float64 copy gives the float64 reference)."""
     if not getattr(mod, "SCORE_MOD", ""):
         return None
-    from .expr import parse_expr, parse_params, to_torch
+    from attngen.language.expr import parse_expr, parse_params, to_torch
 
     fn = to_torch(parse_expr(mod.SCORE_MOD, kind="score_mod", params=parse_params(dict(mod.PARAMS))))
     values = dict(params or {})
@@ -150,7 +150,7 @@ def default_params(mod, *, batch: int, n_q: int, n_k: int, seed: int = 0, device
     """Values for a generated module's parameters made from its declarations alone
     (attngen.param_values.generic; shipped specs have chosen values there too, see check_values).
     Tensors are on `device`, by default where the module runs."""
-    from .param_values import Shape, generic
+    from attngen.param_values import Shape, generic
 
     return generic(dict(getattr(mod, "PARAMS", {}) or {}), Shape(mod.Q_HEADS, batch, n_q, n_k), seed=seed, device=device)
 
@@ -162,8 +162,8 @@ def check_module(
     float64 reference, using PyTorch at the input dtype as the baseline of the tolerance rule.
     `params` are the mask's and score_mod's parameters (keyword arguments of the module's
     attention); the gradient of each float tensor among them (learnable_params) is compared too."""
-    from . import runtime
-    from .reference import attention_reference
+    from attngen import runtime
+    from attngen.reference.dense import attention_reference
 
     dtype = q.dtype
     params = dict(params or {})
@@ -208,8 +208,8 @@ def check_module(
 def random_nsa_inputs(mod, *, batch: int, n: int, dtype: torch.dtype, seed: int = 0, bnhd: bool = False, compressed: bool = False):
     """q, k, v, gates (in (0, 1), as after a sigmoid) for a generated NSA module, and k_cmp, v_cmp
     (random, as a learnable compression would give) when `compressed`, else None, None."""
-    from .nsa_reference import num_compressed
-    from .runtime import DEVICE
+    from attngen.reference.nsa import num_compressed
+    from attngen.runtime import DEVICE
 
     q, k, v = random_inputs(mod, batch=batch, n_q=n, n_k=n, dtype=dtype, seed=seed, bnhd=bnhd)
     g = torch.Generator().manual_seed(seed + 7)
@@ -224,11 +224,11 @@ def random_nsa_inputs(mod, *, batch: int, n: int, dtype: torch.dtype, seed: int 
 
 def nsa_composed(mod, q, k, v, gates, k_cmp, v_cmp, block_indices, *, scale=None, compute_dtype=torch.float64):
     """NSA with a generated module's parameters over given block indices, assembled from the
-    oracle's masks (attngen.nsa_reference) and the dense reference: in float64, or with
+    oracle's masks (attngen.reference.nsa) and the dense reference: in float64, or with
     compute_dtype=None in PyTorch at the inputs' dtype (the baseline of the tolerance rule).
     k_cmp / v_cmp None: mean pooling of k / v. Returns (o, {"lse_cmp", "lse_slc"[, "lse_win"]})."""
-    from . import nsa_reference as nr
-    from .reference import attention_reference
+    from attngen.reference import nsa as nr
+    from attngen.reference.dense import attention_reference
 
     n, group = q.shape[2], mod.GROUP
     cd = compute_dtype or q.dtype
@@ -257,7 +257,7 @@ def check_nsa_module(
     backward) dq, dk, dv, dgates (and dk_cmp, dv_cmp when given) with the float64 reference under
     the tolerance rule. The reference uses the module's block indices, so ties in the selection
     cannot make the two differ; `nsa_indices_agree` checks the selection itself."""
-    from . import runtime
+    from attngen import runtime
 
     dtype = q.dtype
     inputs = [q, k, v, gates] + ([k_cmp, v_cmp] if k_cmp is not None else [])

@@ -282,10 +282,10 @@ def print_model(rows: list[dict], s: NsaShape, args) -> None:
 def load_module(path: Path):
     """The generated NSA module at `path`, or a string saying why it cannot be used."""
     if not path.is_file():
-        return (f"{path} not found: build the NSA spec first (python -m attngen.cli build), or pass "
+        return (f"{path} not found: build the NSA spec first (python -m attngen.tools.cli build), or pass "
                 f"--module PATH of a generated NSA module")
     import attngen.runtime  # noqa: F401  (before triton: picks the interpreter without CUDA)
-    from attngen.verify import import_generated
+    from attngen.tools.verify import import_generated
 
     mod = import_generated(path)
     if not hasattr(mod, "nsa_attention"):

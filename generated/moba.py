@@ -38,7 +38,7 @@ LOCAL = 1
 WINDOW = 0  # 0: no window branch
 SCORE = 'dot'
 PER = 'block'
-METHOD = 'mean'  # learnable compression (weighted, mlp) lives in attngen.nsa and passes k_cmp, v_cmp
+METHOD = 'mean'  # learnable compression (weighted, mlp) lives in attngen.layers.nsa and passes k_cmp, v_cmp
 
 SPEC_SHA256 = "e4c9f3025ce943987a380a0236551eb626909b24bbebe52b73716f423e15b6bd"
 

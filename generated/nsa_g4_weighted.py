@@ -38,7 +38,7 @@ LOCAL = 1
 WINDOW = 64  # 0: no window branch
 SCORE = 'probs'
 PER = 'token'
-METHOD = 'weighted'  # learnable compression (weighted, mlp) lives in attngen.nsa and passes k_cmp, v_cmp
+METHOD = 'weighted'  # learnable compression (weighted, mlp) lives in attngen.layers.nsa and passes k_cmp, v_cmp
 
 SPEC_SHA256 = "70606b4d486e0e4cc013d2002483d098297c2bf719653f7f77d023f3464d75bb"
 

@@ -38,7 +38,7 @@ LOCAL = 2
 WINDOW = 512  # 0: no window branch
 SCORE = 'probs'
 PER = 'token'
-METHOD = 'mlp'  # learnable compression (weighted, mlp) lives in attngen.nsa and passes k_cmp, v_cmp
+METHOD = 'mlp'  # learnable compression (weighted, mlp) lives in attngen.layers.nsa and passes k_cmp, v_cmp
 
 SPEC_SHA256 = "ab98c3c9ba6b50bd4aeba7f1eb6c8a33da0d64d5d78a8c4ae31c1805da6dc3b9"
 

@@ -38,7 +38,7 @@ LOCAL = 1
 WINDOW = 16  # 0: no window branch
 SCORE = 'probs'
 PER = 'token'
-METHOD = 'mean'  # learnable compression (weighted, mlp) lives in attngen.nsa and passes k_cmp, v_cmp
+METHOD = 'mean'  # learnable compression (weighted, mlp) lives in attngen.layers.nsa and passes k_cmp, v_cmp
 
 SPEC_SHA256 = "7beee95c3dc08d3014d2cfb3a351b3a3d688baa9c5d8d8421e180505d6004e5b"
 

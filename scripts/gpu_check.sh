@@ -86,7 +86,7 @@ echo "== versions -> $OUT/versions.txt" | tee -a "$SUMMARY"
 grep -E "^(torch|triton|device|cuda available) " "$OUT/versions.txt" | sed 's/^/   | /'
 
 # -- generated/ up to date with specs/ (quick; informative only)
-step "attngen check" "$OUT/attngen_check.log" 60 "$PY" -m attngen.cli check
+step "attngen check" "$OUT/attngen_check.log" 60 "$PY" -m attngen.tools.cli check
 check_rc=$?
 
 # -- tests on the GPU

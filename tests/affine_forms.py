@@ -1,7 +1,7 @@
 """Test-only: a mask as a disjunction of conjunctions of affine inequalities in q_idx and kv_idx.
 
 An independent reading of the expression language's sympy values, used by the tests to check
-parsed masks (the generator's own tile bounds come from attngen.classify)."""
+parsed masks (the generator's own tile bounds come from attngen.planning.classify)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from attngen.expr import MAX_DNF, Expr, dnf
+from attngen.language.expr import MAX_DNF, Expr, dnf
 
 _SYMBOLS = {n: sympy.Symbol(n, integer=True, nonnegative=True) for n in ("q_idx", "kv_idx")}
 

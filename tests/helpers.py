@@ -7,8 +7,8 @@ from types import ModuleType
 
 import yaml
 
-from attngen.build import build, spec_files
-from attngen.verify import import_generated
+from attngen.codegen.build import build, spec_files
+from attngen.tools.verify import import_generated
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC_PATHS = spec_files(ROOT / "specs")

@@ -1,11 +1,11 @@
-"""Test-only helpers around the kernels' tile loops (attngen.classify's Python mirror): the
+"""Test-only helpers around the kernels' tile loops (attngen.planning.classify's Python mirror): the
 MaskRule of a mask given as text, and the forward kernel's tile counts."""
 
 from __future__ import annotations
 
-from attngen.classify import classify_tiles
-from attngen.expr import parse_expr, parse_params
-from attngen.plan import MASK_RULES, MaskRule, expr_rule
+from attngen.planning.classify import classify_tiles
+from attngen.language.expr import parse_expr, parse_params
+from attngen.planning.plan import MASK_RULES, MaskRule, expr_rule
 
 
 def rule_for(mask: str, params=()) -> MaskRule:

@@ -8,9 +8,9 @@ from unittest import mock
 
 import pytest
 
-import attngen.expr as expr_mod
-from attngen.build import render_all
-from attngen.spec import load_spec
+import attngen.language.expr as expr_mod
+from attngen.codegen.build import render_all
+from attngen.language.spec import load_spec
 
 PACKAGE = Path(__file__).resolve().parent.parent / "attngen"
 SPECS = sorted((Path(__file__).resolve().parent.parent / "specs").glob("*.yaml"))
@@ -42,7 +42,7 @@ def import_graph() -> dict[str, set[str]]:
                 # `from . import x` may name a submodule; otherwise the module itself
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             for t in targets:
-                while t and t not in modules:  # `import attngen.expr.x` -> attngen.expr
+                while t and t not in modules:  # `import attngen.language.expr.x` -> attngen.language.expr
                     t = t.rpartition(".")[0]
                 if t and t != name:
                     graph[name].add(t)
@@ -78,13 +78,13 @@ def test_cycle_finder_finds_a_cycle():
 
 def test_the_package_import_graph_has_no_cycle():
     graph = import_graph()
-    assert "attngen.spec" in graph["attngen.build"]  # the walk sees relative imports
+    assert "attngen.language.spec" in graph["attngen.codegen.build"]  # the walk sees relative imports
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
 def test_the_language_does_not_import_the_spec_reader():
     graph = import_graph()
-    assert "attngen.spec" not in graph["attngen.expr"]
+    assert "attngen.language.spec" not in graph["attngen.language.expr"]
     assert graph["attngen.errors"] == set()
 
 
@@ -108,7 +108,7 @@ def test_a_build_parses_each_expression_text_once(path):
 
     with mock.patch.object(expr_mod._Converter, "parse", counting_parse), \
             mock.patch.object(expr_mod, "parse_params", counting_params), \
-            mock.patch("attngen.spec.parse_params", counting_params):
+            mock.patch("attngen.language.spec.parse_params", counting_params):
         spec = load_spec(path)
         files = render_all(spec)
     assert files

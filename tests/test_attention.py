@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from attngen import param_values as pv
 from attngen import runtime
-from attngen.reference import attention_reference
-from attngen.spec import load_spec
+from attngen.reference.dense import attention_reference
+from attngen.language.spec import load_spec
 from attngen.testing import check_module, compare, random_inputs
 
 from helpers import SPEC_PATHS, assert_all_ok, generated

@@ -208,7 +208,7 @@ def test_flex_runner_follows_the_expressions():
     import torch
 
     import attngen.runtime  # noqa: F401  (before triton)
-    from attngen.reference import attention_reference
+    from attngen.reference.dense import attention_reference
 
     flex_mod = pytest.importorskip("torch.nn.attention.flex_attention")
     bench = _bench_module()

@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attngen import __version__
-from attngen.build import build, check, render, spec_files
-from attngen.cli import main as cli
-from attngen.spec import load_spec
+from attngen.codegen.build import build, check, render, spec_files
+from attngen.tools.cli import main as cli
+from attngen.language.spec import load_spec
 from attngen.testing import check_module, random_inputs
 
 from helpers import ROOT, SPEC_PATHS, assert_all_ok, build_and_import, dense_spec, write_spec
@@ -84,7 +84,7 @@ def test_check_reports_stale_missing_and_orphan(tmp_path):
 def test_module_entry_point_builds(tmp_path):
     spec = write_spec(tmp_path, dense_spec())
     env = dict(os.environ)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "attngen.cli", *a], capture_output=True, text=True, cwd=tmp_path, env=env)  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "attngen.tools.cli", *a], capture_output=True, text=True, cwd=tmp_path, env=env)  # noqa: E731
     r = run("build", str(spec), "--out", "gen")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "gen" / "user_attn.py").exists()

@@ -1,4 +1,4 @@
-"""Tile classification (attngen.classify) against brute force, through its Python mirror of the
+"""Tile classification (attngen.planning.classify) against brute force, through its Python mirror of the
 kernels' range statements, and through generated kernels for masks beyond the shipped specs."""
 
 import functools
@@ -10,14 +10,14 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from attngen import runtime
-from attngen.build import build
-from attngen.classify import classify_tiles, evaluate, mask_dnf
-from attngen.expr import parse_expr, parse_params, to_torch
-from attngen.plan import MASK_RULES, mask_rule
+from attngen.codegen.build import build
+from attngen.planning.classify import classify_tiles, evaluate, mask_dnf
+from attngen.language.expr import parse_expr, parse_params, to_torch
+from attngen.planning.plan import MASK_RULES, mask_rule
 from mirror import rule_for, tile_counts
-from attngen.spec import load_spec
+from attngen.language.spec import load_spec
 from attngen.testing import check_module, random_inputs
-from attngen.verify import import_generated
+from attngen.tools.verify import import_generated
 
 from helpers import SPEC_PATHS, assert_all_ok
 
@@ -118,7 +118,7 @@ def test_paths(mask, params, path):
 
 
 def test_tensor_reads_take_the_safe_path():
-    from attngen.classify import classify
+    from attngen.planning.classify import classify
 
     decls = parse_params({"ids": {"tensor": "int32", "dims": 2}})
     c = classify(parse_expr("document(ids)", kind="mask", params=decls).sympy)

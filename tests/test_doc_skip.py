@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from attngen import runtime
-from attngen.classify import classify_tiles, id_equality
-from attngen.expr import parse_expr, parse_params
-from attngen.plan import make_plan
+from attngen.planning.classify import classify_tiles, id_equality
+from attngen.language.expr import parse_expr, parse_params
+from attngen.planning.plan import make_plan
 from mirror import rule_for
-from attngen.spec import load_spec
+from attngen.language.spec import load_spec
 from attngen.testing import check_module, random_inputs
 
 from helpers import SPEC_PATHS, assert_all_ok, build_and_import, dense_spec, generated

@@ -26,7 +26,7 @@ from attngen.runtime import DEVICE  # selects the interpreter on a machine witho
 
 import triton  # noqa: E402
 
-from attngen.expr import (  # noqa: E402
+from attngen.language.expr import (  # noqa: E402
     HELPERS,
     d_param,
     d_score,
@@ -37,8 +37,8 @@ from attngen.expr import (  # noqa: E402
     to_triton,
 )
 from affine_forms import Ineq, affine_dnf  # noqa: E402  (test-only)
-from attngen.reference import attention_reference  # noqa: E402
-from attngen.spec import SpecError  # noqa: E402
+from attngen.reference.dense import attention_reference  # noqa: E402
+from attngen.language.spec import SpecError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 B, H, N = 2, 3, 16  # the grid every kernel here evaluates: [B, H, N queries, N keys]
@@ -669,7 +669,7 @@ def test_fuzz_any_text_parses_or_raises_spec_error(text, kind):
 
 def test_printing_is_deterministic_across_processes():
     code = (
-        "from attngen.expr import parse_expr, parse_params, to_triton\n"
+        "from attngen.language.expr import parse_expr, parse_params, to_triton\n"
         "p = parse_params({'w': 'int', 'ids': {'tensor': 'int32', 'dims': 2}})\n"
         "names = {'b': 'b', 'h': 'h', 'q_idx': 'q', 'kv_idx': 'k', 'q_len': 'N', 'kv_len': 'M', 'w': 'w'}\n"
         "for t in ['sliding_window(w) or global_tokens(4) or document(ids)', 'dilated(w, 3) and chunked(w + 1)',\n"

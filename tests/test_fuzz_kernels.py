@@ -18,11 +18,11 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from attngen.build import build
-from attngen.expr import parse_expr, parse_params
+from attngen.codegen.build import build
+from attngen.language.expr import parse_expr, parse_params
 from attngen.runtime import DEVICE
 from attngen.testing import check_module, random_inputs
-from attngen.verify import import_generated
+from attngen.tools.verify import import_generated
 
 from helpers import assert_all_ok
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from attngen import runtime
 from attngen.kernels.merge import merge
-from attngen.reference import attention_reference
+from attngen.reference.dense import attention_reference
 
 pytestmark = pytest.mark.kernel  # every test runs the merge kernel
 

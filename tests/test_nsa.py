@@ -1,5 +1,5 @@
 """NSA specs: the three generated modules, nsa_attention against the float64 oracle
-(attngen.nsa_reference), the selection against the oracle's, and every query-head group size."""
+(attngen.reference.nsa), the selection against the oracle's, and every query-head group size."""
 
 import math
 import types
@@ -10,13 +10,13 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from attngen import nsa_reference as nr
+from attngen.reference import nsa as nr
 from attngen import runtime
-from attngen.build import build, check, render_all, spec_files
-from attngen.cli import main as cli
-from attngen.spec import SpecError, load_spec
+from attngen.codegen.build import build, check, render_all, spec_files
+from attngen.tools.cli import main as cli
+from attngen.language.spec import SpecError, load_spec
 from attngen.testing import check_module, check_nsa_module, nsa_composed, random_inputs, random_nsa_inputs, reference_mask
-from attngen.verify import import_generated
+from attngen.tools.verify import import_generated
 
 from helpers import assert_all_ok, build_and_import, generated, write_spec
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from attngen import nsa_reference as ref
+from attngen.reference import nsa as ref
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "benchmarks" / "nsa_model.py"
@@ -145,7 +145,7 @@ def test_script_on_cpu(tmp_path):
 FAKE_MODULE = '''
 from types import SimpleNamespace
 
-from attngen.nsa import MODULE_CONSTANTS, reference_attention
+from attngen.layers.nsa import MODULE_CONSTANTS, reference_attention
 
 Q_HEADS, KV_HEADS, HEAD_DIM, V_HEAD_DIM = 4, 2, 16, 8
 BLOCK, STRIDE, SELECT_BLOCK, TOP_N, INITIAL, LOCAL, WINDOW = 4, 2, 8, 2, 1, 1, 8

@@ -1,4 +1,4 @@
-"""attngen.nsa: the compressors against per-block float64 formulas, the layer's layout, gradients
+"""attngen.layers.nsa: the compressors against per-block float64 formulas, the layer's layout, gradients
 and errors. Torch only (the layer runs on the float64 oracle through reference_attention)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from attngen import nsa
-from attngen.nsa_reference import compress_mean, nsa_reference, num_compressed
+from attngen.layers import nsa as nsa
+from attngen.reference.nsa import compress_mean, nsa_reference, num_compressed
 
 F64 = torch.float64
 
@@ -349,7 +349,7 @@ GENERATED_TINY = Path(__file__).resolve().parents[1] / "generated" / "nsa_tiny.p
 def test_layer_on_the_generated_module(method):
     """The layer on the generated NSA kernels (fp32) equals the layer on the float64 oracle, forward
     and every parameter gradient; "mlp" sends learned k_cmp / v_cmp through the kernels."""
-    from attngen.verify import import_generated
+    from attngen.tools.verify import import_generated
 
     mod = import_generated(GENERATED_TINY)
     cfg = SimpleNamespace(**{c: getattr(mod, c) for c in nsa.MODULE_CONSTANTS})

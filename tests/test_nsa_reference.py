@@ -9,7 +9,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from attngen.nsa_reference import (
+from attngen.reference.nsa import (
     compress_mean,
     compressed_attention,
     group_scores,

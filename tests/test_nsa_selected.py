@@ -1,5 +1,5 @@
 """NSA selected-block attention (attngen.kernels.nsa_selected) against the float64 oracle
-attngen.nsa_reference.selected_attention: o, lse, dq, dk, dv under the project's tolerance rule."""
+attngen.reference.nsa.selected_attention: o, lse, dq, dk, dv under the project's tolerance rule."""
 
 import math
 from pathlib import Path
@@ -9,10 +9,10 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from attngen import nsa_reference as nsa
+from attngen.reference import nsa
 from attngen import runtime
 from attngen.kernels import nsa_selected
-from attngen.reference import attention_reference
+from attngen.reference.dense import attention_reference
 from attngen.testing import _loss, compare
 
 from helpers import assert_all_ok
@@ -272,8 +272,8 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path, monkeypatch):
     """Registers: the tile rule keeps every kernel spill-free at sm_90 (compiled ahead of time by
     `attngen report`, which records the tiles nsa_selected's wrappers launch) for the paper's
     head dims and the group sizes around the packing boundary."""
-    from attngen.build import build
-    from attngen.report import SMEM_LIMIT, run_report
+    from attngen.codegen.build import build
+    from attngen.tools.report import SMEM_LIMIT, run_report
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
     configs = [(1, 192, 128, "fp16"), (16, 192, 128, "bf16"), (3, 128, 128, "fp16"), (32, 40, 40, "fp16")]

@@ -16,7 +16,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from attngen import nsa_reference as nsa
+from attngen.reference import nsa
 from attngen.kernels import nsa_topn
 
 F64 = torch.float64

@@ -10,10 +10,10 @@ import json
 
 import pytest
 
-from attngen import report
-from attngen.build import build, derived_specs, output_names, spec_files
-from attngen.cli import main as cli_main
-from attngen.spec import load_spec
+from attngen.tools import report as report
+from attngen.codegen.build import build, derived_specs, output_names, spec_files
+from attngen.tools.cli import main as cli_main
+from attngen.language.spec import load_spec
 
 from helpers import ROOT, build_spec, dense_spec, write_spec
 

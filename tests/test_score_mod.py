@@ -84,7 +84,7 @@ def test_learnable_slopes_and_bias_get_no_nan_on_empty_inputs():
 def test_score_mod_changes_the_result():
     """The comparison is not vacuous for score_mod specs: the plain causal result fails against
     the ALiBi reference with large slopes."""
-    from attngen.reference import attention_reference
+    from attngen.reference.dense import attention_reference
     from attngen.testing import compare, reference_score_mod
 
     mod, q, k, v = _inputs("alibi", n=20)
@@ -117,8 +117,8 @@ def test_default_params_build_tensors_from_the_shapes():
 
 @pytest.mark.kernel
 def test_verify_runs_specs_with_tensor_parameters(tmp_path, capsys, monkeypatch):
-    from attngen import verify
-    from attngen.verify import main
+    from attngen.tools import verify as verify
+    from attngen.tools.verify import main
 
     monkeypatch.setattr(verify, "CASES", ((1, 20, 20), (2, 9, 14)))  # smaller than verify's, for time
     rc = main([str(ROOT / "specs" / "relpos_bias.yaml"), str(ROOT / "specs" / "document.yaml")], out=str(tmp_path))
@@ -142,7 +142,7 @@ def test_index_sum_matches_a_float64_sum_and_repeats_bitwise():
 @pytest.mark.kernel
 def test_forward_only_score_mod_needs_no_derivative(tmp_path):
     """backward: false: a float tensor may be read at several indices (no gradient to define)."""
-    from attngen.reference import attention_reference
+    from attngen.reference.dense import attention_reference
     from attngen.testing import reference_score_mod
 
     mod = build_and_import(tmp_path, dense_spec(

@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from attngen.cli import main as cli
-from attngen.spec import load_spec
+from attngen.tools.cli import main as cli
+from attngen.language.spec import load_spec
 
 from helpers import ROOT
 from test_classify import brute_tiles, _visible

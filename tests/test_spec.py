@@ -2,7 +2,7 @@
 
 import pytest
 
-from attngen.spec import DEFAULT_TILES, SpecError, parse_spec
+from attngen.language.spec import DEFAULT_TILES, SpecError, parse_spec
 
 GOOD = """\
 name: demo

@@ -15,13 +15,13 @@ import re
 import pytest
 import torch
 
-from attngen.build import build
-from attngen.classify import classify_tiles
-from attngen.cli import main as cli
+from attngen.codegen.build import build
+from attngen.planning.classify import classify_tiles
+from attngen.tools.cli import main as cli
 from mirror import rule_for as expr_rule
 from attngen.runtime import DEVICE
 from attngen.testing import check_module, random_inputs
-from attngen.verify import import_generated
+from attngen.tools.verify import import_generated
 
 from helpers import assert_all_ok
 
@@ -167,9 +167,9 @@ def test_undeclared_tensor_is_a_located_build_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("target, key, line", [
-    ("attngen.plan.classify", "mask", 5),  # the tile classification of the mask (as plan calls it)
-    ("attngen.plan.score_mod_plan", "score_mod", 8),
-    ("attngen.plan.autotune_spaces", "tiles", 9),
+    ("attngen.planning.plan.classify", "mask", 5),  # the tile classification of the mask (as plan calls it)
+    ("attngen.planning.plan.score_mod_plan", "score_mod", 8),
+    ("attngen.planning.plan.autotune_spaces", "tiles", 9),
 ])
 def test_internal_errors_are_located_at_the_spec_key(tmp_path, capsys, monkeypatch, target, key, line):
     """A bug inside the generator (simulated: the step raises) is reported at the line of the key

@@ -9,11 +9,11 @@ import re
 
 import pytest
 
-from attngen.build import derived_specs
-from attngen.classify import evaluate, range_statements
-from attngen.plan import LOOP_BOUNDS, make_plan, mask_rule, tile_loops
+from attngen.codegen.build import derived_specs
+from attngen.planning.classify import evaluate, range_statements
+from attngen.planning.plan import LOOP_BOUNDS, make_plan, mask_rule, tile_loops
 from mirror import rule_for
-from attngen.spec import load_spec
+from attngen.language.spec import load_spec
 from helpers import ROOT, SPEC_PATHS
 
 DENSE = {s.name: s for path in SPEC_PATHS for s0 in [load_spec(path)] for s in ([s0] if s0.sparse is None else derived_specs(s0))}

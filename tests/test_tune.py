@@ -8,9 +8,9 @@ import pytest
 import triton
 
 from attngen import runtime
-from attngen.cli import main as cli
-from attngen.plan import KERNELS, SMEM_BUDGET, autotune_spaces, footprint, keep
-from attngen.spec import parse_spec
+from attngen.tools.cli import main as cli
+from attngen.planning.plan import KERNELS, SMEM_BUDGET, autotune_spaces, footprint, keep
+from attngen.language.spec import parse_spec
 
 from helpers import ROOT
 

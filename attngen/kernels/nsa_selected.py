@@ -3,7 +3,7 @@
 selected_attention(q, k, v, block_idx, select_block, scale) attends each query to the blocks its
 index list names. The block length, index lists and scale are arguments, so one copy serves every
 NSA spec: a generated NSA module calls it with its spec's values. The float64 oracle is
-attngen.nsa_reference.selected_attention.
+attngen.reference.nsa.selected_attention.
 
 Query t of KV head hk sees key s iff s // SB is one of block_idx[b, hk, t, :] (-1 entries skipped)
 and s <= t; the G query heads of a KV head share its index list.

@@ -3,7 +3,7 @@
 topn_select(q, k_cmp, lse_cmp, ...) returns the selected blocks of each query position (or each
 query block) as int64 indices [B, Hkv, N, top_n], ascending and -1 padded. Every NSA parameter is
 an argument, so one copy serves every NSA spec: a generated NSA module calls it with its spec's
-values. The float64 oracle is attngen.nsa_reference (importance_scores, map_to_selection_blocks,
+values. The float64 oracle is attngen.reference.nsa (importance_scores, map_to_selection_blocks,
 group_scores, select_blocks).
 
 One program scores a tile of query positions (per="token") or one query block (per="block") for

@@ -127,10 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: no CUDA device: the timing section is skipped (interpreter timings mean nothing)")
         sections.remove("timing")
 
-    from attngen.build import spec_files
+    from attngen.codegen.build import spec_files
 
     spec_paths = [Path(p) for p in (args.specs or spec_files(ROOT / "specs"))]
-    from attngen.spec import load_spec
+    from attngen.language.spec import load_spec
 
     skipped = [p for p in spec_paths if load_spec(p).sparse]
     if skipped:

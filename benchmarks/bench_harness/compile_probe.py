@@ -122,8 +122,8 @@ def probe_main(args) -> int:
         tmp = tempfile.mkdtemp(prefix="attngen-probe-module-")  # kept while the module's kernels may compile
         atexit.register(shutil.rmtree, tmp, True)
         t = time.perf_counter()
-        from attngen.build import build
-        from attngen.verify import import_generated
+        from attngen.codegen.build import build
+        from attngen.tools.verify import import_generated
 
         [(path, _)] = build([args.probe_spec], tmp)
         res["build"] = time.perf_counter() - t
@@ -131,7 +131,7 @@ def probe_main(args) -> int:
         t = time.perf_counter()
         mod = import_generated(path)
         res["import"] = time.perf_counter() - t
-        from attngen.spec import load_spec
+        from attngen.language.spec import load_spec
 
         from_spec["spec"] = load_spec(args.probe_spec)
         res["spec_to_module"] = res["build"] + res["import"]
@@ -145,7 +145,7 @@ def probe_main(args) -> int:
         else:
             notes["import"] = "no CUDA: kernels run in Triton's interpreter, nothing is compiled"
     else:
-        from attngen.spec import load_spec
+        from attngen.language.spec import load_spec
 
         spec = from_spec["spec"] = load_spec(args.probe_spec)
         try:

@@ -69,7 +69,7 @@ def expr_fns(mask: str, score_mod: str, decls: dict):
     score(s, b, h, q, kv, q_len, kv_len, **params) (None without a score_mod)."""
     import torch
 
-    from attngen.expr import parse_expr, parse_params, to_torch
+    from attngen.language.expr import parse_expr, parse_params, to_torch
 
     parsed = parse_params(dict(decls)) if decls else {}
     visible = None

@@ -89,7 +89,7 @@ class FlexRunner:
 
         p = self.params
         # The expressions as FX graphs of torch operations, traced once, for the compiled kernel:
-        # torch.compile traces those rather than attngen.expr.to_torch's walk over sympy (which
+        # torch.compile traces those rather than attngen.language.expr.to_torch's walk over sympy (which
         # Dynamo cannot). The example indices are 1-element vectors, so that a tensor parameter's
         # read is advanced indexing (a 0-dim index would be read out as a Python int), and the
         # graphs return 1-element results (FlexAttention's lowering takes no reshape); the
@@ -255,7 +255,7 @@ def make_impl(impl: str, info: SpecInfo, n: int, batch: int, dev: str, dtype, n_
             report.add(**base, impl="flex", **{"pass": "block_mask"}, first_call_s=times[0],
                        median_ms=statistics.median(times[1:]) * 1e3, status="ok",
                        note="create_block_mask (and tracing the spec's expressions); not included in flex's fwd/bwd times")
-        how = "mask_mod and score_mod from the spec's expressions (attngen.expr.to_torch)" if not info.plain else ""
+        how = "mask_mod and score_mod from the spec's expressions (attngen.language.expr.to_torch)" if not info.plain else ""
         return fn, "; ".join(x for x in (fn.gqa_note, "torch.compile defaults", how) if x), True
     if not info.plain and impl in ("flash_attn", "fla_nsa"):
         raise NotImplementedError(f"no {impl} form of this mask / score_mod (see the sdpa_flash_* baseline)")

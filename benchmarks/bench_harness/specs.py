@@ -55,8 +55,8 @@ class SpecInfo:
 
 
 def load_modules(paths: list[Path], out: Path) -> list[SpecInfo]:
-    from attngen.build import build
-    from attngen.verify import import_generated
+    from attngen.codegen.build import build
+    from attngen.tools.verify import import_generated
 
     built = build(paths, out / "modules")
     return [SpecInfo(Path(p), import_generated(m)) for p, (m, _) in zip(paths, built)]
@@ -74,8 +74,8 @@ def causal_variant(info: SpecInfo, out: Path):
     causal kernel of the same heads, dims and tile space, the baseline of attngen_causal."""
     import yaml
 
-    from attngen.build import build
-    from attngen.verify import import_generated
+    from attngen.codegen.build import build
+    from attngen.tools.verify import import_generated
 
     data = yaml.safe_load(info.path.read_text(encoding="utf-8"))
     for key in ("params", "score_mod"):

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import sympy
 from sympy.polys.polyerrors import BasePolynomialError
 
-from .expr import FloorDiv, dnf, dnf_all, dnf_any, print_triton
+from attngen.language.expr import FloorDiv, dnf, dnf_all, dnf_any, print_triton
 
 __all__ = ["Atom", "Bounds", "Classification", "TileClasses", "classify", "classify_tiles", "evaluate", "id_equality", "mask_dnf", "range_statements"]
 

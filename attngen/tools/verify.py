@@ -17,7 +17,7 @@ CASES = ((1, 77, 77), (2, 33, 50))
 
 def import_generated(path: str | Path):
     """Import a generated module from its file (no package or sys.path changes needed)."""
-    from .runtime import import_path
+    from attngen.runtime import import_path
 
     return import_path(path)
 
@@ -29,11 +29,11 @@ def _nsa_case(mod) -> tuple[int, int]:
 
 
 def main(specs: list[str], *, spec_dir: str = "specs", out: str = "generated", seed: int = 0) -> int:
-    from . import runtime
-    from .build import build, load_all, spec_files
-    from .spec import SpecError
-    from .param_values import check_values
-    from .testing import K, check_module, check_nsa_module, random_inputs, random_nsa_inputs
+    from attngen import runtime
+    from attngen.codegen.build import build, load_all, spec_files
+    from attngen.language.spec import SpecError
+    from attngen.param_values import check_values
+    from attngen.testing import K, check_module, check_nsa_module, random_inputs, random_nsa_inputs
 
     paths = specs or spec_files(spec_dir)
     try:

@@ -10,10 +10,10 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Collection, Iterable
 
-from .compile import run_job
-from .pool import Pool
-from .record import describe
-from .rows import DEFAULT_TIMEOUT, SMEM_LIMIT, Job, Row, parse_arch
+from attngen.tools.report.compile import run_job
+from attngen.tools.report.pool import Pool
+from attngen.tools.report.record import describe
+from attngen.tools.report.rows import DEFAULT_TIMEOUT, SMEM_LIMIT, Job, Row, parse_arch
 
 
 ConfigFilter = Callable[[dict], bool]
@@ -106,7 +106,7 @@ def usable_configs(
     source = Path(source)
     with contextlib.ExitStack() as stack:
         if source.suffix in (".yaml", ".yml"):
-            from ..build import build
+            from attngen.codegen.build import build
 
             out = stack.enter_context(tempfile.TemporaryDirectory(prefix="attngen-report-"))
             source = build([source], out)[0][0]
@@ -144,8 +144,8 @@ def main(
     jobs: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> int:
-    from ..build import build, spec_files
-    from ..spec import DTYPES, SpecError
+    from attngen.codegen.build import build, spec_files
+    from attngen.language.spec import DTYPES, SpecError
 
     try:
         arch_list = [parse_arch(a) for a in archs.split(",") if a.strip()]

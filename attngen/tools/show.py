@@ -4,8 +4,8 @@ Prints the path each kernel takes, the tile grids of the forward / dQ kernels an
 kernel (F full: visited without the mask, P partial: visited with it, . skipped), the pairs at
 N <= 64 with the forward tile classes, and the fractions of tiles visited / full / partial, at
 batch 0 and head 0 (a tensor parameter is given as a JSON list: --param win=[4,2]). The
-classes come from attngen.classify's mirror of the kernels' own range statements; visibility from
-the mask itself (attngen.expr.to_torch). With --out, draws the same as a PNG (matplotlib, the
+classes come from attngen.planning.classify's mirror of the kernels' own range statements; visibility from
+the mask itself (attngen.language.expr.to_torch). With --out, draws the same as a PNG (matplotlib, the
 `bench` extra).
 """
 
@@ -70,7 +70,7 @@ def _tensor_arg(name: str, text: str, kind):
 
     import torch
 
-    from .runtime import PARAM_DTYPES
+    from attngen.runtime import PARAM_DTYPES
 
     dtype, dims = PARAM_DTYPES[kind["tensor"]], kind["dims"]
     want = f"--param {name}: expected {_want(kind)}"
@@ -102,7 +102,7 @@ def visibility(spec, params: dict, n_q: int, n_k: int):
         return torch.ones(n_q, n_k, dtype=torch.bool)
     if spec.mask == "causal":
         return qi >= ki
-    from .expr import to_torch
+    from attngen.language.expr import to_torch
 
     fn = to_torch(spec.mask_expr)
     return torch.as_tensor(fn(0, 0, qi, ki, n_q, n_k, **params), dtype=torch.bool).expand(n_q, n_k).clone()
@@ -189,9 +189,9 @@ def draw_png(path: Path, spec, classes, vis, block_m: int, block_n: int, params:
 def main(spec_arg: str, *, spec_dir: str = "specs", out: str | None = None, n: int = MAX_TEXT_N,
          n_k: int | None = None, block_m: int | None = None, block_n: int | None = None,
          params: list[str] | tuple[str, ...] = ()) -> int:
-    from .classify import classify_tiles
-    from .plan import make_plan, mask_rule
-    from .spec import SpecError, load_spec
+    from attngen.planning.classify import classify_tiles
+    from attngen.planning.plan import make_plan, mask_rule
+    from attngen.language.spec import SpecError, load_spec
 
     def fail(msg: str) -> int:
         print(f"attngen show: {msg}", file=sys.stderr)

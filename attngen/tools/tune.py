@@ -10,11 +10,11 @@ DEFAULT_LENGTHS = (1024, 4096, 8192, 16384)
 def main(specs: list[str], *, spec_dir: str = "specs", out: str = "generated", lengths=DEFAULT_LENGTHS, batch: int = 1) -> int:
     import torch
 
-    from . import runtime
-    from .build import build, spec_files
-    from .spec import SpecError
-    from .testing import default_params
-    from .verify import import_generated
+    from attngen import runtime
+    from attngen.codegen.build import build, spec_files
+    from attngen.language.spec import SpecError
+    from attngen.testing import default_params
+    from attngen.tools.verify import import_generated
 
     try:
         built = build(specs or spec_files(spec_dir), out)

@@ -8,7 +8,7 @@ Public API (torch only; the kernels live in the generated module):
   [i*stride, i*stride + block). Built by ``make_compress(method, block, stride, dim, ...)``.
 * ``NativeSparseAttention(module, d_model)``: x [B, N, d_model] -> [B, N, d_model].
 * ``reference_attention(module)``: an ``nsa_attention``-compatible function running the float64
-  oracle (attngen.nsa_reference) with the module's constants, for ``attention_fn=``.
+  oracle (attngen.reference.nsa) with the module's constants, for ``attention_fn=``.
 
 Sequences shorter than ``block`` have no complete block: the compressors return [B, H, 0, D]
 tensors that still take part in autograd (their gradients are zeros).
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nsa_reference import compress_mean, nsa_reference, num_compressed
+from attngen.reference.nsa import compress_mean, nsa_reference, num_compressed
 
 METHODS = ("mean", "weighted", "mlp")
 
@@ -91,7 +91,7 @@ def _uniform_(t: torch.Tensor, fan_in: int) -> None:
 
 
 class MeanCompress(_Compress):
-    """Mean of each block: exactly attngen.nsa_reference.compress_mean. No parameters."""
+    """Mean of each block: exactly attngen.reference.nsa.compress_mean. No parameters."""
 
     def __init__(self, block: int, stride: int, dim: int, heads: int | None = None):
         super().__init__(block, stride, dim, heads)
@@ -213,7 +213,7 @@ def _module_constants(module) -> dict:
 
 def reference_attention(module) -> Callable:
     """``nsa_attention(q, k, v, gates, *, k_cmp=None, v_cmp=None, scale=None, return_aux=False)``
-    computed by the float64 oracle attngen.nsa_reference with `module`'s constants (a generated NSA
+    computed by the float64 oracle attngen.reference.nsa with `module`'s constants (a generated NSA
     module, or any object with the same constants). Returns o in q's dtype (aux tensors float64).
     WINDOW == 0 (no window branch) is run as a window of 1 with its gate set to 0.
     """

@@ -12,8 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .record import describe_error, recorded_launches
-from .rows import Job, Row
+from attngen.tools.report.record import describe_error, recorded_launches
+from attngen.tools.report.rows import Job, Row
 
 
 _TRITON_TYPES = {

@@ -28,10 +28,10 @@ Compilation runs in worker processes with TRITON_INTERPRET=0, since importing a 
 on a machine without a GPU otherwise selects Triton's CPU interpreter (see attngen.runtime).
 """
 
-from .compile import tensor_core_kind
-from .record import NSA_RECORD_LEN, RECORD_LEN
-from .rows import DEFAULT_TIMEOUT, SMEM_LIMIT, Row, parse_arch
-from .run import format_table, main, run_report, unusable, usable_configs
+from attngen.tools.report.compile import tensor_core_kind
+from attngen.tools.report.record import NSA_RECORD_LEN, RECORD_LEN
+from attngen.tools.report.rows import DEFAULT_TIMEOUT, SMEM_LIMIT, Row, parse_arch
+from attngen.tools.report.run import format_table, main, run_report, unusable, usable_configs
 
 __all__ = [
     "DEFAULT_TIMEOUT", "NSA_RECORD_LEN", "RECORD_LEN", "SMEM_LIMIT", "Row", "format_table", "main", "parse_arch",

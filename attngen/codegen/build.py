@@ -12,13 +12,13 @@ from pathlib import Path
 import jinja2
 import yaml
 
-from . import __version__
-from .nsa_plan import branches, make_nsa_plan
-from .plan import StageError, make_plan, stage
-from .expr import parse_expr
-from .spec import Spec, SpecError, load_spec
+from attngen import __version__
+from attngen.planning.nsa_plan import branches, make_nsa_plan
+from attngen.planning.plan import StageError, make_plan, stage
+from attngen.language.expr import parse_expr
+from attngen.language.spec import Spec, SpecError, load_spec
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 DEFAULT_OUT = "generated"
 
 
@@ -33,7 +33,7 @@ class Header:
 
 def _env() -> jinja2.Environment:
     if not TEMPLATES.is_dir():
-        raise FileNotFoundError(f"attngen templates not found at {TEMPLATES} (install attngen from a checkout)")
+        raise FileNotFoundError(f"attngen templates not found at {TEMPLATES} (package data of attngen.codegen)")
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES)),
         undefined=jinja2.StrictUndefined,

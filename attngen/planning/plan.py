@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import sympy
 
-from .classify import Bounds, classify, id_equality, range_statements
-from .expr import Expr, ParamDecl, d_param, d_score, print_triton, tensor_args, to_triton
-from .spec import Spec, SpecError
+from attngen.planning.classify import Bounds, classify, id_equality, range_statements
+from attngen.language.expr import Expr, ParamDecl, d_param, d_score, print_triton, tensor_args, to_triton
+from attngen.language.spec import Spec, SpecError
 
 
 class StageError(Exception):
@@ -104,7 +104,7 @@ PARAM_PREFIX = "arg_"
 
 
 def expr_rule(expr: Expr) -> MaskRule:
-    """The MaskRule of a parsed mask expression, with tile bounds from attngen.classify:
+    """The MaskRule of a parsed mask expression, with tile bounds from attngen.planning.classify:
     closed-form where the mask's conditions bound the indices (affine inequalities with integer
     coefficients, floor division by a width, disjunctions of those), the mask applied wherever a
     condition is not understood; the safe path (every tile visited, mask applied) when nothing

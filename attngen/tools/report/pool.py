@@ -10,7 +10,7 @@ import time
 from collections import deque
 from multiprocessing.connection import wait
 
-from .record import worker_init
+from attngen.tools.report.record import worker_init
 
 
 def _worker_main(conn) -> None:

@@ -52,7 +52,7 @@ _LAUNCHES: dict[tuple[str, str], dict[str, Launch]] = {}
 
 def _module(path: str):
     if path not in _MODULES:
-        from ..verify import import_generated
+        from attngen.tools.verify import import_generated
 
         _MODULES[path] = import_generated(path)
     return _MODULES[path]
@@ -74,7 +74,7 @@ def _kernel_homes(mod) -> dict[str, object]:
     """The modules defining the kernels `mod` launches, by the prefix of their report names: a dense
     module's own kernels (no prefix); for an NSA module, the kernel library modules it calls."""
     if _is_nsa(mod):
-        from ..kernels import nsa_selected, nsa_topn
+        from attngen.kernels import nsa_selected, nsa_topn
 
         return {"nsa_topn.": nsa_topn, "nsa_selected.": nsa_selected}
     return {"": mod}
@@ -128,7 +128,7 @@ def _qkv(mod, dtype: str, n: int):
     """Contiguous q, k, v [1, H, n, D] of the module's shapes (contents never read)."""
     import torch
 
-    from ..runtime import TORCH_DTYPES
+    from attngen.runtime import TORCH_DTYPES
 
     t = TORCH_DTYPES[dtype]
     q = torch.empty(1, mod.Q_HEADS, n, mod.HEAD_DIM, dtype=t)
@@ -141,7 +141,7 @@ def _run_dense(mod, dtype: str) -> None:
     """A dense module's forward and backward, as attention() calls them."""
     import torch
 
-    from ..testing import default_params
+    from attngen.testing import default_params
 
     n = RECORD_LEN
     q, k, v = _qkv(mod, dtype, n)
@@ -159,7 +159,7 @@ def _run_nsa(mod, dtype: str) -> None:
     over int64 index lists (valid ones: every position selects block 0)."""
     import torch
 
-    from ..kernels import nsa_selected, nsa_topn
+    from attngen.kernels import nsa_selected, nsa_topn
 
     n = NSA_RECORD_LEN
     q, k, v = _qkv(mod, dtype, n)

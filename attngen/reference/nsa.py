@@ -1,7 +1,7 @@
 """Dense float64 reference of Native Sparse Attention (NSA): the oracle for the NSA kernels.
 
 Public API. Slow and exact: every branch materialises a dense [B, Hq, N, N] (or [B, Hq, N, C]) score
-matrix and reuses :func:`attngen.reference.attention_reference` with a boolean mask. The math and the
+matrix and reuses :func:`attngen.reference.dense.attention_reference` with a boolean mask. The math and the
 switches attngen chose are described in the project's NSA notes; in short:
 
 * K/V are shared by the three branches (compression, selection, sliding window).
@@ -34,7 +34,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .reference import attention_reference
+from attngen.reference.dense import attention_reference
 
 SCORES = ("probs", "dot", "cosine")
 PERS = ("token", "block")

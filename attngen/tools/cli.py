@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__
+from attngen import __version__
 
 
 def _cmd_build(args) -> int:
-    from .build import build, spec_files
-    from .spec import SpecError
+    from attngen.codegen.build import build, spec_files
+    from attngen.language.spec import SpecError
 
     paths = args.specs or spec_files(args.spec_dir)
     if not paths:
@@ -28,8 +28,8 @@ def _cmd_build(args) -> int:
 
 
 def _cmd_check(args) -> int:
-    from .build import check
-    from .spec import SpecError
+    from attngen.codegen.build import check
+    from attngen.language.spec import SpecError
 
     try:
         problems = check(args.spec_dir, args.out)
@@ -45,13 +45,13 @@ def _cmd_check(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    from .verify import main as verify_main
+    from attngen.tools.verify import main as verify_main
 
     return verify_main(args.specs, spec_dir=args.spec_dir, out=args.out, seed=args.seed)
 
 
 def _cmd_report(args) -> int:
-    from .report import main as report_main
+    from attngen.tools.report import main as report_main
 
     return report_main(
         args.specs, spec_dir=args.spec_dir, out=args.out, archs=args.arch, configs=args.configs,
@@ -60,14 +60,14 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_tune(args) -> int:
-    from .tune import main as tune_main
+    from attngen.tools.tune import main as tune_main
 
     lengths = tuple(int(x) for x in args.lengths.split(","))
     return tune_main(args.specs, spec_dir=args.spec_dir, out=args.out, lengths=lengths, batch=args.batch)
 
 
 def _cmd_show(args) -> int:
-    from .show import main as show_main
+    from attngen.tools.show import main as show_main
 
     return show_main(
         args.spec, spec_dir=args.spec_dir, out=args.out, n=args.n, n_k=args.n_k, block_m=args.block_m,

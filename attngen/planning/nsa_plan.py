@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .spec import SparseSpec, Spec
+from attngen.language.spec import SparseSpec, Spec
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from typing import Any, Iterator, Mapping
 
 import yaml
 
-from .errors import SpecError
-from .expr import Expr, ParamDecl, d_param, d_score, parse_expr, parse_params
+from attngen.errors import SpecError
+from attngen.language.expr import Expr, ParamDecl, d_param, d_score, parse_expr, parse_params
 
 DTYPES = ("fp16", "bf16", "fp32")
 MASKS = ("none", "causal")

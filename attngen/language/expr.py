@@ -48,7 +48,7 @@ import sympy
 from sympy.core.function import Function
 from sympy.logic.boolalg import Boolean, BooleanAtom
 
-from .errors import SpecError
+from attngen.errors import SpecError
 
 __all__ = [
     "Expr", "HELPERS", "Helper", "ParamDecl", "d_param", "d_score", "dnf", "dnf_all", "dnf_any",
@@ -936,7 +936,7 @@ def to_torch(expr: Expr) -> Callable[..., Any]:
     elementwise on broadcast torch tensors (or numbers), in the order the Triton printout does.
 
     Scalar parameters are numbers, tensor parameters torch tensors with the declared dims; reads
-    outside a tensor give 0 as in kernels. For attngen.reference's mask callable::
+    outside a tensor give 0 as in kernels. For attngen.reference.dense's mask callable::
 
         fn = to_torch(mask)
         ref_mask = lambda b, h, q, kv: fn(b, h, q, kv, n_q, n_kv, **params)

@@ -1,0 +1,1 @@
+"""Rendering plans through the Jinja templates (shipped in templates/) and writing modules."""

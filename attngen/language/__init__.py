@@ -1,0 +1,1 @@
+"""The spec language: the YAML reader (spec) and the mask / score_mod expressions (expr)."""

@@ -1,0 +1,1 @@
+"""Learnable torch modules around generated kernels (the NSA layer)."""

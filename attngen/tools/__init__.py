@@ -1,0 +1,1 @@
+"""The command-line tools: build / check / verify / tune / report / show."""
