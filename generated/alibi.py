@@ -36,7 +36,7 @@ DTYPES = ('fp16', 'bf16')
 SPEC_SHA256 = "b7200ddde89dd218f644de7f0b0613228e651f1d31ece31b514d4600955a4f80"
 
 # Autotune space per kernel (block_m, block_n, num_warps, num_stages), smallest tiles first, after
-# attngen.planning.plan.keep pruned combinations that overflow shared memory or the accumulator budget.
+# attngen.planning.autotune.keep pruned combinations that overflow shared memory or the accumulator budget.
 _SPACES = {
     "_fwd_kernel": [  # 0 pruned
         {'block_m': 16, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},

@@ -35,7 +35,7 @@ DTYPES = ('fp16', 'bf16')
 SPEC_SHA256 = "c9e0eb3dabaec522e89bd25eaf45f69a8f2b6927f29246ed393411764c4e04be"
 
 # Autotune space per kernel (block_m, block_n, num_warps, num_stages), smallest tiles first, after
-# attngen.planning.plan.keep pruned combinations that overflow shared memory or the accumulator budget.
+# attngen.planning.autotune.keep pruned combinations that overflow shared memory or the accumulator budget.
 _SPACES = {
     "_fwd_kernel": [  # 0 pruned
         {'block_m': 16, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},

@@ -35,7 +35,7 @@ DTYPES = ('fp16', 'bf16')
 SPEC_SHA256 = "5781fe49353db005686e30c7e62fdfdc9eee63e1395565a31a38032242100d11"
 
 # Autotune space per kernel (block_m, block_n, num_warps, num_stages), smallest tiles first, after
-# attngen.planning.plan.keep pruned combinations that overflow shared memory or the accumulator budget.
+# attngen.planning.autotune.keep pruned combinations that overflow shared memory or the accumulator budget.
 _SPACES = {
     "_fwd_kernel": [  # 0 pruned
         {'block_m': 16, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},

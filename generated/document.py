@@ -36,7 +36,7 @@ DTYPES = ('fp16', 'bf16')
 SPEC_SHA256 = "25cbff6435efda5a1e52e7cbc73d0b843a65a216d097a02c604846d3f5c55b99"
 
 # Autotune space per kernel (block_m, block_n, num_warps, num_stages), smallest tiles first, after
-# attngen.planning.plan.keep pruned combinations that overflow shared memory or the accumulator budget.
+# attngen.planning.autotune.keep pruned combinations that overflow shared memory or the accumulator budget.
 _SPACES = {
     "_fwd_kernel": [  # 0 pruned
         {'block_m': 16, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},

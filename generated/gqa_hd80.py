@@ -34,7 +34,7 @@ DTYPES = ('fp16', 'bf16', 'fp32')
 SPEC_SHA256 = "12608266d351d183d517fc350c061213c14c0e22536bc2b511642f58c0a09311"
 
 # Autotune space per kernel (block_m, block_n, num_warps, num_stages), smallest tiles first, after
-# attngen.planning.plan.keep pruned combinations that overflow shared memory or the accumulator budget.
+# attngen.planning.autotune.keep pruned combinations that overflow shared memory or the accumulator budget.
 _SPACES = {
     "_fwd_kernel": [  # 0 pruned
         {'block_m': 32, 'block_n': 16, 'num_warps': 4, 'num_stages': 1},

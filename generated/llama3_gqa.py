@@ -34,7 +34,7 @@ DTYPES = ('bf16', 'fp16')
 SPEC_SHA256 = "a9a7d6a63aa372d5a44efde64a068bdb5816392d9d2656d5bca0e3ea0087e887"
 
 # Autotune space per kernel (block_m, block_n, num_warps, num_stages), smallest tiles first, after
-# attngen.planning.plan.keep pruned combinations that overflow shared memory or the accumulator budget.
+# attngen.planning.autotune.keep pruned combinations that overflow shared memory or the accumulator budget.
 _SPACES = {
     "_fwd_kernel": [  # 11 pruned
         {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},

@@ -34,7 +34,7 @@ DTYPES = ('fp16', 'bf16', 'fp32')
 SPEC_SHA256 = "388b9e7c77baa30243ff061213a7d366c0ed9d2daf438a5ac2f3151abaf4f03b"
 
 # Autotune space per kernel (block_m, block_n, num_warps, num_stages), smallest tiles first, after
-# attngen.planning.plan.keep pruned combinations that overflow shared memory or the accumulator budget.
+# attngen.planning.autotune.keep pruned combinations that overflow shared memory or the accumulator budget.
 _SPACES = {
     "_fwd_kernel": [  # 0 pruned
         {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},

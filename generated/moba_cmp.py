@@ -36,7 +36,7 @@ DTYPES = ('bf16', 'fp16')
 SPEC_SHA256 = "e4c9f3025ce943987a380a0236551eb626909b24bbebe52b73716f423e15b6bd"
 
 # Autotune space per kernel (block_m, block_n, num_warps, num_stages), smallest tiles first, after
-# attngen.planning.plan.keep pruned combinations that overflow shared memory or the accumulator budget.
+# attngen.planning.autotune.keep pruned combinations that overflow shared memory or the accumulator budget.
 _SPACES = {
     "_fwd_kernel": [  # 0 pruned
         {'block_m': 16, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},

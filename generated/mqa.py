@@ -34,7 +34,7 @@ DTYPES = ('fp16', 'bf16')
 SPEC_SHA256 = "c6ce95d99d90bf555340a52319d86b12c30e480ab9d71c8024e096ff1970a37b"
 
 # Autotune space per kernel (block_m, block_n, num_warps, num_stages), smallest tiles first, after
-# attngen.planning.plan.keep pruned combinations that overflow shared memory or the accumulator budget.
+# attngen.planning.autotune.keep pruned combinations that overflow shared memory or the accumulator budget.
 _SPACES = {
     "_fwd_kernel": [  # 0 pruned
         {'block_m': 16, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},

@@ -35,7 +35,7 @@ DTYPES = ('fp16', 'bf16')
 SPEC_SHA256 = "70e7123d568d1066a82f652a57349bfe8d1cb1582c1181b7815b57b9e8c37e2e"
 
 # Autotune space per kernel (block_m, block_n, num_warps, num_stages), smallest tiles first, after
-# attngen.planning.plan.keep pruned combinations that overflow shared memory or the accumulator budget.
+# attngen.planning.autotune.keep pruned combinations that overflow shared memory or the accumulator budget.
 _SPACES = {
     "_fwd_kernel": [  # 0 pruned
         {'block_m': 16, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},

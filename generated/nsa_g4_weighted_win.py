@@ -36,7 +36,7 @@ DTYPES = ('bf16', 'fp16')
 SPEC_SHA256 = "70606b4d486e0e4cc013d2002483d098297c2bf719653f7f77d023f3464d75bb"
 
 # Autotune space per kernel (block_m, block_n, num_warps, num_stages), smallest tiles first, after
-# attngen.planning.plan.keep pruned combinations that overflow shared memory or the accumulator budget.
+# attngen.planning.autotune.keep pruned combinations that overflow shared memory or the accumulator budget.
 _SPACES = {
     "_fwd_kernel": [  # 0 pruned
         {'block_m': 16, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},

@@ -36,7 +36,7 @@ DTYPES = ('bf16', 'fp16')
 SPEC_SHA256 = "ab98c3c9ba6b50bd4aeba7f1eb6c8a33da0d64d5d78a8c4ae31c1805da6dc3b9"
 
 # Autotune space per kernel (block_m, block_n, num_warps, num_stages), smallest tiles first, after
-# attngen.planning.plan.keep pruned combinations that overflow shared memory or the accumulator budget.
+# attngen.planning.autotune.keep pruned combinations that overflow shared memory or the accumulator budget.
 _SPACES = {
     "_fwd_kernel": [  # 19 pruned
         {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},

@@ -36,7 +36,7 @@ DTYPES = ('fp16', 'bf16', 'fp32')
 SPEC_SHA256 = "7beee95c3dc08d3014d2cfb3a351b3a3d688baa9c5d8d8421e180505d6004e5b"
 
 # Autotune space per kernel (block_m, block_n, num_warps, num_stages), smallest tiles first, after
-# attngen.planning.plan.keep pruned combinations that overflow shared memory or the accumulator budget.
+# attngen.planning.autotune.keep pruned combinations that overflow shared memory or the accumulator budget.
 _SPACES = {
     "_fwd_kernel": [  # 0 pruned
         {'block_m': 16, 'block_n': 16, 'num_warps': 4, 'num_stages': 1},

@@ -35,7 +35,7 @@ DTYPES = ('fp16', 'bf16')
 SPEC_SHA256 = "86933d05bd2449a30877cc9d57c9025570fdd9ee092e49bc857194b3d0cd042f"
 
 # Autotune space per kernel (block_m, block_n, num_warps, num_stages), smallest tiles first, after
-# attngen.planning.plan.keep pruned combinations that overflow shared memory or the accumulator budget.
+# attngen.planning.autotune.keep pruned combinations that overflow shared memory or the accumulator budget.
 _SPACES = {
     "_fwd_kernel": [  # 0 pruned
         {'block_m': 16, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},

@@ -36,7 +36,7 @@ DTYPES = ('fp16', 'bf16')
 SPEC_SHA256 = "7cb30dbb66e10c1598db1f13786427ddc718f3b58e3537ac28ac2d9a4591cd5d"
 
 # Autotune space per kernel (block_m, block_n, num_warps, num_stages), smallest tiles first, after
-# attngen.planning.plan.keep pruned combinations that overflow shared memory or the accumulator budget.
+# attngen.planning.autotune.keep pruned combinations that overflow shared memory or the accumulator budget.
 _SPACES = {
     "_fwd_kernel": [  # 0 pruned
         {'block_m': 16, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},

@@ -35,7 +35,7 @@ DTYPES = ('fp16', 'bf16')
 SPEC_SHA256 = "8e72bcb99fea347827f2f3ef93b4c3e24dda7bc5480c071e5c8406a3102130f8"
 
 # Autotune space per kernel (block_m, block_n, num_warps, num_stages), smallest tiles first, after
-# attngen.planning.plan.keep pruned combinations that overflow shared memory or the accumulator budget.
+# attngen.planning.autotune.keep pruned combinations that overflow shared memory or the accumulator budget.
 _SPACES = {
     "_fwd_kernel": [  # 0 pruned
         {'block_m': 16, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from attngen.planning.classify import classify_tiles
 from attngen.language.expr import parse_expr, parse_params
-from attngen.planning.plan import MASK_RULES, MaskRule, expr_rule
+from attngen.planning.masks import MASK_RULES, MaskRule, expr_rule
 
 
 def rule_for(mask: str, params=()) -> MaskRule:

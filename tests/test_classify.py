@@ -13,7 +13,7 @@ from attngen import runtime
 from attngen.codegen.build import build
 from attngen.planning.classify import classify_tiles, evaluate, mask_dnf
 from attngen.language.expr import parse_expr, parse_params, to_torch
-from attngen.planning.plan import MASK_RULES, mask_rule
+from attngen.planning.masks import MASK_RULES, mask_rule
 from mirror import rule_for, tile_counts
 from attngen.language.spec import load_spec
 from attngen.testing import check_module, random_inputs

@@ -167,7 +167,7 @@ def test_undeclared_tensor_is_a_located_build_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("target, key, line", [
-    ("attngen.planning.plan.classify", "mask", 5),  # the tile classification of the mask (as plan calls it)
+    ("attngen.planning.masks.classify", "mask", 5),  # the tile classification of the mask (as masks calls it)
     ("attngen.planning.plan.score_mod_plan", "score_mod", 8),
     ("attngen.planning.plan.autotune_spaces", "tiles", 9),
 ])

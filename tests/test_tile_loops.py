@@ -11,7 +11,8 @@ import pytest
 
 from attngen.codegen.build import derived_specs
 from attngen.planning.classify import evaluate, range_statements
-from attngen.planning.plan import LOOP_BOUNDS, make_plan, mask_rule, tile_loops
+from attngen.planning.masks import LOOP_BOUNDS, mask_rule, tile_loops
+from attngen.planning.plan import make_plan
 from mirror import rule_for
 from attngen.language.spec import load_spec
 from helpers import ROOT, SPEC_PATHS

@@ -1,18 +1,14 @@
 """The persistent autotune cache: a second process reuses winners; bad entries re-tune, never crash."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import triton
 
 from attngen import runtime
 from attngen.tools.cli import main as cli
-from attngen.planning.plan import KERNELS, SMEM_BUDGET, autotune_spaces, footprint, keep
+from attngen.planning.autotune import KERNELS, SMEM_BUDGET, autotune_spaces, footprint, keep
 from attngen.language.spec import parse_spec
-
-from helpers import ROOT
 
 
 def _configs():

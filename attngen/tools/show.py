@@ -190,7 +190,8 @@ def main(spec_arg: str, *, spec_dir: str = "specs", out: str | None = None, n: i
          n_k: int | None = None, block_m: int | None = None, block_n: int | None = None,
          params: list[str] | tuple[str, ...] = ()) -> int:
     from attngen.planning.classify import classify_tiles
-    from attngen.planning.plan import make_plan, mask_rule
+    from attngen.planning.masks import mask_rule
+    from attngen.planning.plan import make_plan
     from attngen.language.spec import SpecError, load_spec
 
     def fail(msg: str) -> int:

@@ -16,7 +16,7 @@ from .specs import SpecInfo, causal_variant, tile_configs
 
 def run_tiles(report: Report, infos: list[SpecInfo], lengths: list[int], device: str = "cpu") -> None:
     from attngen.planning.classify import classify_tiles
-    from attngen.planning.plan import mask_rule
+    from attngen.planning.masks import mask_rule
     from attngen.language.spec import load_spec
 
     for info in infos:

@@ -1,0 +1,68 @@
+"""The autotune space of each dense kernel: the spec's tile combinations, pruned by a readable rule
+(shared memory and an accumulator-register estimate) that `attngen report` calibrates."""
+
+from __future__ import annotations
+
+import itertools
+
+from attngen.language.spec import Spec
+
+
+
+def next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+# Shared memory a config may plan for: the smaller opt-in maximum of the targets (A100, sm_80),
+# so one generated module suits sm_80 and sm_90. `attngen report` shows the real figures.
+SMEM_BUDGET = 163 * 1024
+
+# Register words per thread each kernel may plan for (over num_warps * 32 threads), against the
+# estimate in `footprint`. Calibrated with `attngen report` at sm_90, D = 128, fp16 (llama3_gqa):
+# forward 128x128 w8 (64 words) compiles to 244 registers and 128x64 w4 (128 words) spills;
+# dK/dV 32x32 w4 (112 words) compiles to 214 registers and 64x32 w4 (160 words) spills.
+REGISTER_BUDGET = {"_fwd_kernel": 64, "_bwd_dq_kernel": 64, "_bwd_dkdv_kernel": 112}
+
+BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+KERNELS = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
+
+def footprint(kernel: str, c: dict, block_d: int, block_dv: int) -> tuple[int, int]:
+    """(elements of shared memory, 32-bit register words) one program of `kernel` needs.
+
+    Shared memory: the forward and dQ keep a query tile and stream num_stages K/V tiles; dK/dV
+    keeps a K/V tile and streams num_stages Q/dO tiles. Registers: the fp32 accumulators (O
+    [BM, DV]; dQ [BM, D]; dK and dV [BN, D + DV]); dK/dV also holds its [BN, BM] score and
+    probability tiles and the streamed 16-bit Q/dO operands, which is where it runs out first.
+    """
+    bm, bn, st = c["block_m"], c["block_n"], c["num_stages"]
+    if kernel == "_fwd_kernel":
+        return bm * block_d + st * bn * (block_d + block_dv), bm * block_dv
+    if kernel == "_bwd_dq_kernel":
+        return bm * (block_d + block_dv) + st * bn * (block_d + block_dv), bm * block_d
+    regs = bn * (block_d + block_dv) + 2 * bm * bn + bm * (block_d + block_dv) // 2
+    return bn * (block_d + block_dv) + st * bm * (block_d + block_dv), regs
+
+def keep(kernel: str, c: dict, block_d: int, block_dv: int, elem_bytes: int) -> bool:
+    """The autotune pruning rule: the tiles fit shared memory and the estimate fits registers."""
+    smem, regs = footprint(kernel, c, block_d, block_dv)
+    return smem * elem_bytes <= SMEM_BUDGET and regs <= REGISTER_BUDGET[kernel] * 32 * c["num_warps"]
+
+def autotune_spaces(spec: Spec) -> dict[str, tuple[tuple[dict, ...], int]]:
+    """Per kernel: the spec's tile combinations that pass `keep`, smallest tiles first (the
+    interpreter runs the first), and how many were pruned. Shared memory is sized for the spec's
+    widest dtype; registers for 16-bit inputs (fp32 kernels may still spill: `attngen report`
+    says). If the rule prunes everything the smallest combination is kept."""
+    t = spec.tiles
+    block_d, block_dv = next_pow2(spec.head_dim), next_pow2(spec.v_head_dim)
+    elem = max(BYTES[d] for d in spec.dtypes)
+    combos = [
+        {"block_m": bm, "block_n": bn, "num_warps": w, "num_stages": s}
+        for bm, bn, w, s in itertools.product(
+            sorted(t.block_m), sorted(t.block_n), sorted(t.num_warps), sorted(t.num_stages)
+        )
+    ]
+    spaces = {}
+    for kernel in KERNELS if spec.backward else KERNELS[:1]:
+        kept = [c for c in combos if keep(kernel, c, block_d, block_dv, elem)] or combos[:1]
+        spaces[kernel] = (tuple(kept), len(combos) - len(kept))
+    return spaces
