@@ -18,25 +18,14 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from attngen.codegen.build import build
 from attngen.language.expr import parse_expr, parse_params
 from attngen.runtime import DEVICE
 from attngen.testing import check_module, random_inputs
-from attngen.tools.verify import import_generated
 
-from helpers import assert_all_ok
+from helpers import assert_all_ok, build_and_import, dense_spec
 
 pytestmark = pytest.mark.kernel
 
-SPEC = """\
-name: {name}
-heads: {{q: 2, kv: 1}}
-head_dim: 16
-dtypes: [fp32]
-mask: "{mask}"
-{params}
-tiles: {{block_m: 16, block_n: 16, num_warps: 4, num_stages: 1}}
-"""
 
 INDEX = st.sampled_from(["q_idx", "kv_idx"])
 COEF = st.sampled_from([-3, -2, -1, 1, 2, 3, 5])
@@ -96,16 +85,14 @@ def tensor_masks(draw):
 
 def _build_and_check(tmp_path, mask, n_q, n_k, w, seed, win, lens):
     name = next(_NAMES)
-    spec = tmp_path / f"{name}.yaml"
     # a declared parameter must be read, and a name must be declared: skip a mask where sympy folds
     # away a parameter it names (`x < w or q_idx >= q_idx`)
     used = [n for n in ("w", *TENSORS) if re.search(rf"\b{n}\b", mask)]
     read = parse_expr(mask, kind="mask", params=parse_params({"w": "int", **{n: yaml.safe_load(d) for n, d in TENSORS.items()}}))
     assume(set(used) == read.params | read.tensors)
     decls = "".join(f"\n  {n}: {TENSORS.get(n, 'int')}" for n in used)
-    spec.write_text(SPEC.format(name=name, mask=mask, params=f"params:{decls}" if used else ""))
-    [(path, _)] = build([spec], tmp_path / "out")
-    mod = import_generated(path)
+    extra = f"params:{decls}\n" if used else ""
+    mod = build_and_import(tmp_path, dense_spec(name, q=2, kv=1, d=16, dtypes="[fp32]", mask=f'"{mask}"', extra=extra))
     # batch 2 and 2 query heads: the per-batch lens and per-head win differ across programs
     q, k, v = random_inputs(mod, batch=2, n_q=n_q, n_k=n_k, dtype=torch.float32, seed=seed)
     values = {"w": w, "win": torch.tensor(win, dtype=torch.int32, device=DEVICE),

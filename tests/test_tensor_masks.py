@@ -15,26 +15,13 @@ import re
 import pytest
 import torch
 
-from attngen.codegen.build import build
 from attngen.planning.classify import classify_tiles
 from attngen.tools.cli import main as cli
 from mirror import rule_for as expr_rule
 from attngen.runtime import DEVICE
 from attngen.testing import check_module, random_inputs
-from attngen.tools.verify import import_generated
 
-from helpers import assert_all_ok
-
-SPEC = """\
-name: {name}
-heads: {{q: 4, kv: 2}}
-head_dim: 16
-dtypes: [fp32]
-mask: "{mask}"
-params:
-{params}
-tiles: {{block_m: 16, block_n: 16, num_warps: 4, num_stages: 1}}
-"""
+from helpers import assert_all_ok, build_and_import, dense_spec, write_spec
 
 WIN = "  win: {tensor: int32, dims: 1}"
 LENS = "  lens: {tensor: int64, dims: 1}"
@@ -53,12 +40,12 @@ MASKS = [
 _NAMES = (f"tensor_mask_{i}" for i in itertools.count())
 
 
+def _spec(name, mask, decls):
+    return dense_spec(name, q=4, kv=2, d=16, dtypes="[fp32]", mask=f'"{mask}"', extra=f"params:\n{decls}\n")
+
+
 def _build(tmp_path, mask, decls):
-    name = next(_NAMES)
-    spec = tmp_path / f"{name}.yaml"
-    spec.write_text(SPEC.format(name=name, mask=mask, params=decls))
-    [(path, _)] = build([spec], tmp_path / "out")
-    return import_generated(path)
+    return build_and_import(tmp_path, _spec(next(_NAMES), mask, decls))
 
 
 def _params(decls, batch, heads, n_k):
@@ -120,9 +107,7 @@ def test_the_other_atoms_still_bound_the_tiles():
 
 
 def _spec_file(tmp_path, mask, decls, name="tmask"):
-    spec = tmp_path / f"{name}.yaml"
-    spec.write_text(SPEC.format(name=name, mask=mask, params=decls))
-    return spec
+    return write_spec(tmp_path, _spec(name, mask, decls))
 
 
 def test_show_takes_tensor_parameters_as_json(tmp_path, capsys):
@@ -158,8 +143,7 @@ def test_show_names_bad_tensor_parameters(tmp_path, capsys, args, message):
 
 
 def test_undeclared_tensor_is_a_located_build_error(tmp_path, capsys):
-    spec = tmp_path / "undeclared.yaml"
-    spec.write_text(SPEC.format(name="undeclared", mask="kv_idx < lens[b] and q_idx >= kv_idx", params=WIN))
+    spec = write_spec(tmp_path, _spec("undeclared", "kv_idx < lens[b] and q_idx >= kv_idx", WIN))
     rc = cli(["build", str(spec), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 1 and f"{spec}:5: mask: unknown name 'lens'" in err and "Traceback" not in err
@@ -168,15 +152,15 @@ def test_undeclared_tensor_is_a_located_build_error(tmp_path, capsys):
 
 @pytest.mark.parametrize("target, key, line", [
     ("attngen.planning.masks.classify", "mask", 5),  # the tile classification of the mask (as masks calls it)
-    ("attngen.planning.plan.score_mod_plan", "score_mod", 8),
-    ("attngen.planning.plan.autotune_spaces", "tiles", 9),
+    ("attngen.planning.plan.score_mod_plan", "score_mod", 7),
+    ("attngen.planning.plan.autotune_spaces", "tiles", 6),
 ])
 def test_internal_errors_are_located_at_the_spec_key(tmp_path, capsys, monkeypatch, target, key, line):
     """A bug inside the generator (simulated: the step raises) is reported at the line of the key
     being planned, with a bug-report hint, never as a traceback; nothing is written."""
-    spec = tmp_path / "buggy.yaml"
-    spec.write_text(SPEC.format(name="buggy", mask="kv_idx < win[h]", params=WIN).replace(
-        "tiles:", "score_mod: score * 0.5\ntiles:"))
+    text = dense_spec("buggy", q=4, kv=2, d=16, dtypes="[fp32]", mask='"kv_idx < win[h]"',
+                      extra=f"score_mod: score * 0.5\nparams:\n{WIN}\n")
+    spec = write_spec(tmp_path, text)
 
     def broken(*args, **kwargs):
         raise KeyError("win")
