@@ -602,3 +602,246 @@ def attention(q, k, v, *, scale=None, return_lse=False, **unknown):
     else:
         o, lse = _forward(q, k, v, scale, params)
     return (o, lse) if return_lse else o
+from attngen.kernels import kvcache as _kvcache  # noqa: E402  (after runtime, as every kernel module)
+from attngen.kernels import merge as _merge  # noqa: E402
+
+_DECODE_BLOCK_N = 64  # keys per tile of the decode kernel
+_DECODE_MAX_ROWS = 64  # rows (query heads of a KV group x queries) per decode tile at most
+
+
+@triton.jit
+def _decode_tile(
+    b_q, b_m, b_l, b_acc, K, V, BLOCK_TABLE, start_n, o_hc, o_qc, N_K, qk_scale, i_b, i_hk,
+    stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_btb, stride_btp,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # one key tile: scores of every packed row, mask, online-softmax update of (m, l, acc)
+    N_Q = N_K  # q_len = kv_len = L
+    o_n = start_n + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_n = o_n < N_K
+    m_d = o_d < HEAD_DIM
+    m_dv = o_dv < V_HEAD_DIM
+    if PAGED:
+        # key j of batch b lives in page block_table[b, j // PAGE_SIZE], slot j % PAGE_SIZE
+        p_bt = BLOCK_TABLE + i_b.to(tl.int64) * stride_btb + (o_n // PAGE_SIZE).to(tl.int64) * stride_btp
+        if MASKED:
+            b_page = tl.load(p_bt, mask=m_n, other=0).to(tl.int64)
+        else:
+            b_page = tl.load(p_bt).to(tl.int64)
+        o_slot = (o_n % PAGE_SIZE).to(tl.int64)
+        o_kn = b_page * stride_kb + o_slot * stride_kn  # [BN]
+        o_vn = b_page * stride_vb + o_slot * stride_vn
+    else:
+        o_kn = i_b.to(tl.int64) * stride_kb + o_n.to(tl.int64) * stride_kn
+        o_vn = i_b.to(tl.int64) * stride_vb + o_n.to(tl.int64) * stride_vn
+    p_kt = K + i_hk.to(tl.int64) * stride_kh + o_kn[None, :] + o_d[:, None] * stride_kd  # [BD, BN]
+    p_v = V + i_hk.to(tl.int64) * stride_vh + o_vn[:, None] + o_dv[None, :] * stride_vd  # [BN, BDV]
+    if MASKED:
+        b_kt = tl.load(p_kt, mask=m_d[:, None] & m_n[None, :], other=0.0)
+        b_v = tl.load(p_v, mask=m_n[:, None] & m_dv[None, :], other=0.0)
+    else:
+        b_kt = tl.load(p_kt, mask=m_d[:, None], other=0.0)
+        b_v = tl.load(p_v, mask=m_dv[None, :], other=0.0)
+    if DOT_UPCAST:
+        b_kt = b_kt.to(tl.float32)
+    # -- scores in base-2 units: s = q.k * scale * log2(e)
+    b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
+    if MASKED:
+        m_s = m_n[None, :] & (8 * o_n[None, :] + 15 <= o_qc[:, None])
+        b_s = tl.where(m_s, b_s, float("-inf"))
+    b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+    if MASKED:
+        b_m_use = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+    else:
+        b_m_use = b_m_new
+    b_p = tl.math.exp2(b_s - b_m_use[:, None])
+    b_alpha = tl.math.exp2(b_m - b_m_use)
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    b_p = b_p.to(V.dtype.element_ty)
+    if DOT_UPCAST:
+        b_p = b_p.to(tl.float32)
+        b_v = b_v.to(tl.float32)
+    b_acc = tl.dot(b_p, b_v, b_acc * b_alpha[:, None], input_precision=DOT_PRECISION)
+    return b_m_new, b_l, b_acc
+
+
+@triton.jit(do_not_specialize=["N_NEW", "N_QR", "ROWS", "N_SPLITS"])
+def _decode_kernel(
+    Q, K, V, O, LSE, SEQLENS, BLOCK_TABLE,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_os, stride_ob, stride_oh, stride_om, stride_od,
+    stride_ls, stride_lb, stride_lh, stride_lm,
+    stride_btb, stride_btp,
+    qk_scale, N_NEW, N_QR, ROWS, N_SPLITS,
+    H_KV: tl.constexpr, GROUP: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # one program per (row tile, batch x KV head, split); row r of the packed tile is query head
+    # i_hk * GROUP + r // N_QR and query r % N_QR, at position L - N_QR + r % N_QR
+    i_m = tl.program_id(0)
+    i_bk = tl.program_id(1)
+    i_s = tl.program_id(2)
+    i_b = i_bk // H_KV
+    i_hk = i_bk % H_KV
+    N_K = tl.load(SEQLENS + i_b) + N_NEW  # L: keys 0 .. L - 1 after the append
+    N_Q = N_K
+    o_r = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_r = o_r < ROWS
+    o_i = o_r % N_QR
+    o_hc = tl.where(m_r, i_hk * GROUP + o_r // N_QR, i_hk * GROUP)  # rows past the end: a real head
+    o_q = N_K - N_QR + o_i  # negative for a query before the sequence's start (L < Nq): sees nothing
+    o_qc = tl.maximum(o_q, 0)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+
+    p_q = Q + i_b.to(tl.int64) * stride_qb + o_hc.to(tl.int64)[:, None] * stride_qh + o_i[:, None] * stride_qm + o_d[None, :] * stride_qd
+    b_q = tl.load(p_q, mask=m_r[:, None] & (o_d[None, :] < HEAD_DIM), other=0.0)  # [BM, BD]
+    if DOT_UPCAST:
+        b_q = b_q.to(tl.float32)
+
+    # -- the positions of this tile's rows: one query range of a head, or every query
+    r_first = i_m * BLOCK_M
+    r_last = tl.minimum(r_first + BLOCK_M, ROWS) - 1
+    wraps = r_last // N_QR > r_first // N_QR
+    start_m = tl.maximum(N_K - N_QR + tl.where(wraps, 0, r_first % N_QR), 0)
+    last_m = N_K - N_QR + tl.where(wraps, N_QR - 1, r_last % N_QR)
+    # -- key tiles [lo, full_lo) and [full_hi, hi) apply the mask, [full_lo, full_hi) are seen whole
+    # by every row; the forward tile bounds of the mask (closed-form tile bounds (one conjunction of affine inequalities with integer coefficients or floor division)) over the positions of the tile's rows: key tiles outside them are not read
+    hi = tl.minimum(N_K, tl.maximum(0, (last_m - 15 - (((last_m - 15) % 8) + 8) % 8) // 8 + 1))
+    lo = 0
+    lo = tl.where((lo < hi), lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
+    full_lo = tl.minimum(tl.maximum(tl.cdiv(0, BLOCK_N) * BLOCK_N, lo), hi)
+    full_hi = tl.maximum((tl.minimum(hi, tl.minimum(N_K, tl.maximum(0, (start_m - 15 - (((start_m - 15) % 8) + 8) % 8) // 8 + 1)))) // BLOCK_N * BLOCK_N, full_lo)
+    hi = tl.where(last_m >= 0, hi, 0)  # every row before the sequence's start: nothing to visit
+    lo = tl.minimum(lo, hi)
+    full_lo = tl.minimum(full_lo, hi)
+    full_hi = tl.minimum(full_hi, hi)
+    # -- this split's share of the visited tiles: [s_lo, s_hi), whole tiles from lo
+    per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), N_SPLITS)
+    s_lo = lo + i_s * per_split * BLOCK_N
+    s_hi = tl.minimum(s_lo + per_split * BLOCK_N, hi)
+
+    b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for start_n in range(tl.maximum(lo, s_lo), tl.minimum(full_lo, s_hi), BLOCK_N):  # partial tiles: mask applied
+        b_m, b_l, b_acc = _decode_tile(
+            b_q, b_m, b_l, b_acc, K, V, BLOCK_TABLE, start_n, o_hc, o_qc, N_K, qk_scale, i_b, i_hk,
+            stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
+            stride_btb, stride_btp,
+            PAGED=PAGED, PAGE_SIZE=PAGE_SIZE,
+            HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+            MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
+        )
+    for start_n in range(tl.maximum(full_lo, s_lo), tl.minimum(full_hi, s_hi), BLOCK_N):  # full tiles: no mask
+        b_m, b_l, b_acc = _decode_tile(
+            b_q, b_m, b_l, b_acc, K, V, BLOCK_TABLE, start_n, o_hc, o_qc, N_K, qk_scale, i_b, i_hk,
+            stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
+            stride_btb, stride_btp,
+            PAGED=PAGED, PAGE_SIZE=PAGE_SIZE,
+            HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+            MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
+        )
+    for start_n in range(tl.maximum(full_hi, s_lo), tl.minimum(hi, s_hi), BLOCK_N):  # partial tiles: mask applied
+        b_m, b_l, b_acc = _decode_tile(
+            b_q, b_m, b_l, b_acc, K, V, BLOCK_TABLE, start_n, o_hc, o_qc, N_K, qk_scale, i_b, i_hk,
+            stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
+            stride_btb, stride_btp,
+            PAGED=PAGED, PAGE_SIZE=PAGE_SIZE,
+            HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+            MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
+        )
+
+    # -- rows with no visible key (or before the sequence's start): o = 0, lse = -inf
+    m_any = (b_l > 0.0) & (o_q >= 0)
+    b_l_use = tl.where(m_any, b_l, 1.0)
+    b_o = tl.where(m_any[:, None], b_acc / b_l_use[:, None], 0.0)
+    b_lse = tl.where(m_any, (b_m + tl.math.log2(b_l_use)) * 0.6931471805599453, float("-inf"))
+    p_row = i_s.to(tl.int64) * stride_os + i_b.to(tl.int64) * stride_ob + o_hc.to(tl.int64) * stride_oh + o_i * stride_om
+    p_o = O + p_row[:, None] + o_dv[None, :] * stride_od
+    tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_r[:, None] & (o_dv[None, :] < V_HEAD_DIM))
+    p_lse = LSE + i_s.to(tl.int64) * stride_ls + i_b.to(tl.int64) * stride_lb + o_hc.to(tl.int64) * stride_lh + o_i * stride_lm
+    tl.store(p_lse, b_lse, mask=m_r)
+
+
+def _decode_forward(q, k_cache, v_cache, cache_seqlens, block_table, n_new, scale, params, num_splits, page_size):
+    """The decode kernel over checked arguments (the append already done): o [B, Hq, Nq, Dv] in
+    q's dtype and lse float32 [B, Hq, Nq]; with num_splits > 1 each split writes float32 partial
+    results that attngen.kernels.merge combines by their lse."""
+    b, _, n_q, _ = q.shape
+    if b == 0 or n_q == 0:
+        return (_rt.empty((b, Q_HEADS, n_q, V_HEAD_DIM), dtype=q.dtype, device=q.device),
+                _rt.empty((b, Q_HEADS, n_q), dtype=torch.float32, device=q.device))
+    rows = GROUP * n_q
+    block_m = min(max(16, triton.next_power_of_2(rows)), _DECODE_MAX_ROWS)
+    splits = num_splits
+    if splits == 1:
+        o = _rt.empty((b, Q_HEADS, n_q, V_HEAD_DIM), dtype=q.dtype, device=q.device)
+        lse = _rt.empty((b, Q_HEADS, n_q), dtype=torch.float32, device=q.device)
+        o_part, lse_part = o[None], lse[None]
+    else:
+        o_part = _rt.empty((splits, b, Q_HEADS, n_q, V_HEAD_DIM), dtype=torch.float32, device=q.device)
+        lse_part = _rt.empty((splits, b, Q_HEADS, n_q), dtype=torch.float32, device=q.device)
+    paged = block_table is not None
+    table = block_table if paged else cache_seqlens  # a contiguous cache never reads the table
+    table_strides = tuple(block_table.stride()) if paged else (0, 0)
+    grid = (triton.cdiv(rows, block_m), b * KV_HEADS, splits)
+    _decode_kernel[grid](
+        q, k_cache, v_cache, o_part, lse_part, cache_seqlens, table,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *o_part.stride(), *lse_part.stride(), *table_strides,
+        scale * _LOG2E, n_new, n_q, rows, splits, *_rt.kernel_params(params),
+        H_KV=KV_HEADS, GROUP=GROUP, PAGED=paged, PAGE_SIZE=page_size if paged else 16,
+        HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=64, BLOCK_DV=64,
+        DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
+        BLOCK_M=block_m, BLOCK_N=_DECODE_BLOCK_N, num_warps=4, num_stages=2,
+    )
+    if splits == 1:
+        return o, lse
+    return _merge.merge(o_part, lse_part, out_dtype=q.dtype)
+
+
+def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, block_table=None, num_splits=None, scale=None, return_lse=False, **params):
+    """Attention of new queries over a KV cache (decoding, chunked prefill), forward only.
+
+    q: [B, 8, Nq, 64] (bf16 | fp16, any strides).
+    Contiguous cache: k_cache [B, 2, S, 64], v_cache [B, 2, S, 64], any strides (a [B, S, H, D]
+    cache passed as .transpose(1, 2) needs no copy).
+    Paged cache: block_table int32 [B, max_pages]; k_cache [num_pages, 2, page_size, 64], v_cache
+    [num_pages, 2, page_size, 64], any strides; page_size a power of two >= 16; key j of batch b
+    sits in page block_table[b, j // page_size].
+    cache_seqlens: int32 [B], the tokens already in the cache. k [B, 2, Nnew, 64] and v [B, 2, Nnew, 64],
+    when given, are written into the cache in place at positions cache_seqlens[b] ... and then attended.
+    With L_b = cache_seqlens[b] + Nnew, query i of batch b sits at position L_b - Nq + i (bottom-right)
+    and sees keys 0 .. L_b - 1 through the mask and score_mod at those positions (q_len = kv_len =
+    L_b); a query before position 0 (L_b < Nq) sees nothing.
+    num_splits: key chunks per (batch, KV head), merged by lse; default 1 under the interpreter,
+    from the SM count on a GPU. scale: softmax scale, default 1/sqrt(64).
+    Returns o [B, 8, Nq, 64] in q's dtype and, with return_lse=True, lse float32
+    [B, 8, Nq] (natural log; -inf for a row that sees no key). No gradient. Bad arguments raise
+    ValueError naming them, before anything is written into the cache.
+    """
+    fn = f"{NAME}.attention_with_kvcache"
+    _rt.check_inputs(fn, q, q, q, q_heads=Q_HEADS, kv_heads=Q_HEADS, head_dim=HEAD_DIM, v_head_dim=HEAD_DIM, dtypes=DTYPES)
+    n_new, lengths, page_size = _kvcache.check_kvcache(
+        fn, q, k_cache, v_cache, cache_seqlens, k, v, block_table, num_splits,
+        kv_heads=KV_HEADS, head_dim=HEAD_DIM, v_head_dim=V_HEAD_DIM,
+    )
+    checked = _rt.check_params(fn, PARAMS, {n: params[n] for n in PARAMS if n in params}, {n: x for n, x in params.items() if n not in PARAMS}, device=q.device)
+    scale = HEAD_DIM ** -0.5 if scale is None else float(scale)
+    if k is not None:
+        _kvcache.append_kv_(k_cache, v_cache, cache_seqlens, k, v, block_table, page_size)
+    rows = GROUP * q.shape[2]
+    programs = triton.cdiv(rows, min(max(16, triton.next_power_of_2(max(rows, 1))), _DECODE_MAX_ROWS)) * q.shape[0] * KV_HEADS
+    splits = _kvcache.num_splits(num_splits, programs, max(lengths, default=0), _DECODE_BLOCK_N, q.device)
+    with torch.no_grad():
+        o, lse = _decode_forward(q, k_cache, v_cache, cache_seqlens, block_table, n_new, scale, checked, splits, page_size)
+    return (o, lse) if return_lse else o

@@ -36,7 +36,7 @@ def kernel_names(spec) -> tuple[str, ...]:
     if spec.sparse is not None:
         topn = "nsa_topn.token_kernel" if spec.sparse.per == "token" else "nsa_topn.block_kernel"
         return (topn, "nsa_selected.fwd_kernel", "nsa_selected.bwd_dq_kernel", "nsa_selected.bwd_dkdv_kernel")
-    return ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
+    return ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_decode_kernel")
 
 
 @pytest.fixture(scope="module")

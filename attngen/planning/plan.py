@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from attngen.language.spec import Spec, SpecError
 from attngen.planning.autotune import autotune_spaces, next_pow2
 from attngen.planning.classify import range_statements
+from attngen.planning.decode import DecodePlan, decode_plan
 from attngen.planning.masks import MASK_RULES, PARAM_PREFIX, MaskRule, TileLoop, id_skip, mask_rule, tile_loops
 from attngen.planning.params import ScoreModPlan, kernel_param_names, param_docs, score_mod_plan
 
@@ -95,6 +96,7 @@ class Plan:
     id_skip: int | None = None
     id_skip_name: str = ""
     id_args: tuple[str, ...] = ()  # the kernels' id-range arguments, () without the skip
+    decode: DecodePlan | None = None  # the KV-cache decoding kernel's (planning.decode)
 
 
 def make_plan(spec: Spec) -> Plan:
@@ -147,7 +149,13 @@ def make_plan(spec: Spec) -> Plan:
         id_skip=list(decls).index(id_name) if id_name else None,
         id_skip_name=id_name or "",
         id_args=("ID_QMIN", "ID_QMAX", "ID_KMIN", "ID_KMAX", "N_QC", "N_KC") if id_name else (),
+        decode=_decode(spec),
     )
+
+
+def _decode(spec: Spec) -> DecodePlan:
+    with stage("mask"):
+        return decode_plan(spec)
 
 
 def _summary(spec: Spec, rule: MaskRule, sm: ScoreModPlan | None) -> str:

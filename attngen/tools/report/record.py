@@ -151,6 +151,18 @@ def _run_dense(mod, dtype: str) -> None:
     o, lse = mod._forward(q, k, v, scale, params)
     if hasattr(mod, "_backward"):
         mod._backward(q, k, v, o, lse, torch.empty_like(o), torch.zeros_like(lse), scale, params)
+    if hasattr(mod, "_decode_forward"):
+        _run_decode(mod, q, k, v, scale, params)
+
+
+def _run_decode(mod, q, k, v, scale, params) -> None:
+    """KV-cache decoding as attention_with_kvcache calls it: one query per sequence (Nq = 1) over a
+    contiguous cache of RECORD_LEN positions, RECORD_LEN - 1 of them full and one appended, one split
+    (the split count and a paged cache change runtime values and two constexprs only)."""
+    import torch
+
+    seqlens = torch.full((q.shape[0],), RECORD_LEN - 1, dtype=torch.int32)
+    mod._decode_forward(q[:, :, :1], k, v, seqlens, None, 1, scale, params, 1, 0)
 
 
 def _run_nsa(mod, dtype: str) -> None:
