@@ -36,6 +36,19 @@ across programs):
     reads dK_cmp/dV_cmp and accumulates into dK/dV (read + write).
   combine: o = sum of gate * branch output; reads the three outputs and gates, writes o.
 
+Decoding (one new query per sequence at position t = L - 1 over a cache of L tokens; bytes read
+per decoded token and layer, per batch element; what nsa_attention_with_kvcache's kernels request):
+  dense   the dense decode kernel reads K and V of all L tokens once per KV head (the G query heads
+          of a group are packed into one tile) and q.
+  cmp     compressed K and V of the C(t) complete blocks, once per KV head, and q.
+  topn    q, the compressed keys again (the top-n kernel recomputes q.k_cmp) and lse_cmp.
+  slc     the selected blocks' visible keys (K and V), once per KV head (the group shares them), and q.
+  win     the last min(L, window) keys (K and V), once per KV head, and q.
+  append  the compressed cache's upkeep, amortised: block tokens of K and V read every stride tokens.
+  combine the branch outputs and the gates.
+"nsa" sums them; "nsa fused" drops the top-n pass's second read of the compressed keys (scores
+taken from the compression pass, as the paper's kernel does), which is the paper's accounting.
+
 Run `python benchmarks/nsa_model.py --help`.
 """
 
@@ -238,6 +251,53 @@ def branch_costs(n: int, s: NsaShape = PAPER, *, batch: int = 1, elem_bytes: int
     return {k: v.scaled(batch) for k, v in out.items()}
 
 
+# ----------------------------------------------------------------------------- decoding
+
+DECODE_PARTS = ("cmp", "topn", "slc", "win", "append", "combine")
+
+
+def decode_bytes(n: int, s: NsaShape = PAPER, *, elem_bytes: int = 2) -> dict[str, int]:
+    """Bytes read to decode one token at position n - 1 over a cache of n tokens (per batch element
+    and layer), per NSA part (DECODE_PARTS), their sum "nsa", "nsa fused" (without the top-n pass's
+    re-read of the compressed keys) and "dense" (the dense decode kernel). See the module notes."""
+    if n < 1:
+        raise ValueError(f"n: expected a positive length, got {n}")
+    e, hq, hkv, d, dv = elem_bytes, s.q_heads, s.kv_heads, s.head_dim, s.v_head_dim
+    t = n - 1
+    q = e * hq * d
+    c = int(compressed_keys(t, s.block, s.stride))
+    branches = 3 if s.window else 2
+    out = {
+        "cmp": q + e * hkv * c * (d + dv),
+        "topn": q + e * hkv * c * d + 4 * hq,
+        "slc": q + e * hkv * int(selected_pairs(t, s)) * (d + dv),
+        "win": q + e * hkv * int(window_keys(t, s.window)) * (d + dv) if s.window else 0,
+        "append": e * hkv * s.block * (d + dv) // s.stride,
+        "combine": e * hq * branches * (dv + 1),
+    }
+    out["nsa"] = sum(out[p] for p in DECODE_PARTS)
+    out["nsa fused"] = out["nsa"] - e * hkv * c * d - q - 4 * hq
+    out["dense"] = q + e * hkv * n * (d + dv)
+    return out
+
+
+def decode_rows(lengths: list[int], s: NsaShape, *, elem_bytes: int) -> list[dict]:
+    rows = []
+    for n in lengths:
+        b = decode_bytes(n, s, elem_bytes=elem_bytes)
+        rows.append({"n": n, **b, "dense/nsa": b["dense"] / b["nsa"], "dense/nsa fused": b["dense"] / b["nsa fused"]})
+    return rows
+
+
+def print_decode(rows: list[dict]) -> None:
+    print("Decoding: bytes read per decoded token and layer (MB = 1e6 bytes), NSA vs dense decode")
+    parts = (*DECODE_PARTS, "nsa", "nsa fused", "dense")
+    print(f"{'N':>6} " + " ".join(f"{p:>9}" for p in parts) + f" {'dense/nsa':>10} {'fused':>7}")
+    for r in rows:
+        print(f"{r['n']:>6} " + " ".join(f"{r[p] / 1e6:>9.3f}" for p in parts)
+              + f" {r['dense/nsa']:>9.2f}x {r['dense/nsa fused']:>6.2f}x")
+
+
 # ----------------------------------------------------------------------------- table
 
 
@@ -419,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = model_rows(lengths, PAPER, batch=args.batch, elem_bytes=args.elem_bytes, block_m=args.block_m,
                       block_n=args.block_n)
     print_model(rows, PAPER, args)
+    print()
+    dec = decode_rows(lengths, PAPER, elem_bytes=args.elem_bytes)
+    print_decode(dec)
     timing = []
     if args.gpu:
         print()
@@ -432,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
             w.writeheader()
             for r in rows:
                 w.writerow({"section": "model", **r})
+            for r in dec:
+                for part in (*DECODE_PARTS, "nsa", "nsa fused", "dense"):
+                    w.writerow({"section": "decode", "n": r["n"], "part": part, "read_fwd": r[part]})
             for r in timing:
                 w.writerow({"section": "timing", **r})
     return 0

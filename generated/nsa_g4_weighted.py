@@ -15,10 +15,12 @@ o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win, from three branches:
   selection:   attention over the top-4 blocks per query, by the kernel library with this spec's values
                (attngen.kernels.nsa_topn.topn_select picks the blocks, nsa_selected.selected_attention attends them)
   window:      attention over the last 64 keys, in nsa_g4_weighted_win.py
+Decoding: nsa_attention_with_kvcache over a token cache and a compressed cache (nsa_append_compressed_
+fills the latter), forward only.
 """
 
 from attngen import runtime as _rt  # first: selects Triton's interpreter when there is no GPU
-from attngen.kernels import nsa_selected, nsa_topn
+from attngen.kernels import kvcache as _kvcache, nsa_decode, nsa_selected, nsa_topn
 
 import torch
 
@@ -90,5 +92,94 @@ def nsa_attention(q, k, v, gates, *, k_cmp=None, v_cmp=None, scale=None, return_
         "block_indices": block_idx, "lse_cmp": lse_cmp, "lse_slc": lse_slc, "o_cmp": o_cmp, "o_slc": o_slc,
         "k_cmp": k_cmp, "v_cmp": v_cmp,
     }
+    aux.update(lse_win=lse_win, o_win=o_win)
+    return o, aux
+
+
+def nsa_append_compressed_(k_cache, v_cache, k_cmp_cache, v_cmp_cache, old_seqlens, new_seqlens, *, compress=None):
+    """Bring the compressed cache up to date after the token cache grew, in place.
+
+    k_cache [B, 2, S, 64], v_cache [B, 2, S, 64]: the token cache, already holding new_seqlens[b] tokens;
+    k_cmp_cache [B, 2, Sc, 64], v_cmp_cache [B, 2, Sc, 64]: entry i summarises tokens i*8 .. i*8 + 15.
+    old_seqlens, new_seqlens: int32 [B]; entries num_compressed(old) .. num_compressed(new) - 1 are
+    written (num_compressed(n) = max(0, (n - 16) // 8 + 1)). old_seqlens = 0 builds the compressed cache of
+    a prefilled token cache. compress: None for mean pooling, or compress(k, v) -> (k_cmp, v_cmp)
+    over token windows [1, 2, n, D] (e.g. lambda k, v: (layer.k_compress(k), layer.v_compress(v)) with
+    an attngen.layers.nsa.NativeSparseAttention layer). ValueError naming a bad argument.
+    """
+    fn = f"{NAME}.nsa_append_compressed_"
+    for name, t in (("old_seqlens", old_seqlens), ("new_seqlens", new_seqlens)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.int32:
+            raise ValueError(f"{fn}: {name} must be an int32 tensor [B]")
+    old, new = [int(x) for x in old_seqlens.tolist()], [int(x) for x in new_seqlens.tolist()]
+    if len(old) != len(new) or len(old) != k_cache.shape[0]:
+        raise ValueError(f"{fn}: old_seqlens and new_seqlens must have k_cache's batch of {k_cache.shape[0]} entries")
+    for i, (a, z) in enumerate(zip(old, new)):
+        if not 0 <= a <= z <= k_cache.shape[2]:
+            raise ValueError(f"{fn}: batch {i}: need 0 <= old_seqlens <= new_seqlens <= the cache's {k_cache.shape[2]} positions, got {a}, {z}")
+    nsa_decode.check_nsa_kvcache(
+        fn, k_cache.new_empty(k_cache.shape[0], Q_HEADS, 0, HEAD_DIM), k_cache.new_empty(k_cache.shape[0], Q_HEADS, 0, 3),
+        k_cmp_cache, v_cmp_cache, None, new, kv_heads=KV_HEADS, head_dim=HEAD_DIM, v_head_dim=V_HEAD_DIM,
+        block=BLOCK, stride=STRIDE, select_block=SELECT_BLOCK, per="token",
+    )
+    nsa_decode.append_compressed_(k_cache, v_cache, k_cmp_cache, v_cmp_cache, old, new, block=BLOCK, stride=STRIDE, compress=compress)
+
+
+def nsa_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, gates, *, k_cmp_cache, v_cmp_cache, k=None, v=None,
+                               compress=None, q_block_cache=None, num_splits=None, scale=None, return_aux=False):
+    """NSA of new queries over a KV cache (decoding, chunked prefill), forward only.
+
+    q: [B, 8, Nq, 64]; gates: [B, 8, Nq, 3] (cmp, slc, win); bf16 | fp16, one dtype, any strides.
+    Token cache (contiguous; no paged caches for NSA): k_cache [B, 2, S, 64], v_cache [B, 2, S, 64].
+    Compressed cache: k_cmp_cache [B, 2, Sc, 64], v_cmp_cache [B, 2, Sc, 64]; entry i summarises
+    tokens i*8 .. i*8 + 15 and must hold the num_compressed(cache_seqlens[b]) entries complete in the cache.
+    cache_seqlens: int32 [B], tokens already in the cache. k [B, 2, Nnew, 64], v [B, 2, Nnew, 64], when
+    given, are written into the token cache at cache_seqlens[b] ..., and the compressed entries they
+    complete are appended (nsa_append_compressed_ with `compress`: mean pooling by default).
+    With L_b = cache_seqlens[b] + Nnew, query i sits at position L_b - Nq + i (bottom-right), as in
+    attention_with_kvcache; the result equals nsa_attention on the L_b tokens at those positions.
+    q_block_cache: only for per="block" modules; must be None here.
+    num_splits: the window branch's split-KV count (attention_with_kvcache). scale: default 1/sqrt(64).
+    Returns o [B, 8, Nq, 64] in q's dtype, and with return_aux=True a dict as nsa_attention's (block_indices
+    [B, 2, Nq, 4], o_* and lse_* of the branches). No gradient. Bad arguments raise ValueError
+    naming them before anything is written into a cache.
+    """
+    fn = f"{NAME}.nsa_attention_with_kvcache"
+    _rt.check_inputs(fn, q, q, q, q_heads=Q_HEADS, kv_heads=Q_HEADS, head_dim=HEAD_DIM, v_head_dim=HEAD_DIM, dtypes=DTYPES)
+    n_new, lengths, _ = _kvcache.check_kvcache(
+        fn, q, k_cache, v_cache, cache_seqlens, k, v, None, num_splits,
+        kv_heads=KV_HEADS, head_dim=HEAD_DIM, v_head_dim=V_HEAD_DIM,
+    )
+    nsa_decode.check_nsa_kvcache(
+        fn, q, gates, k_cmp_cache, v_cmp_cache, q_block_cache, lengths, kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+        v_head_dim=V_HEAD_DIM, block=BLOCK, stride=STRIDE, select_block=SELECT_BLOCK, per=PER,
+    )
+    scale = HEAD_DIM ** -0.5 if scale is None else float(scale)
+    with torch.no_grad():
+        if k is not None:
+            _kvcache.append_kv_(k_cache, v_cache, cache_seqlens, k, v, None, 0)
+            nsa_decode.append_compressed_(
+                k_cache, v_cache, k_cmp_cache, v_cmp_cache, [n - n_new for n in lengths], lengths,
+                block=BLOCK, stride=STRIDE, compress=compress,
+            )
+        seqlens = cache_seqlens + n_new  # L_b
+        q_pos = (seqlens - q.shape[2]).to(torch.int32)  # the position of query 0
+        # -- compression branch at the token positions; its lse scores the blocks for selection
+        o_cmp, lse_cmp = nsa_decode.compressed_attention(q, k_cmp_cache, v_cmp_cache, q_pos, block=BLOCK, stride=STRIDE, scale=scale)
+        block_idx = nsa_topn.topn_select(
+            q, k_cmp_cache, lse_cmp, block=BLOCK, stride=STRIDE, select_block=SELECT_BLOCK, top_n=TOP_N,
+            initial=INITIAL, local=LOCAL, score=SCORE, per=PER, scale=scale, check=False, q_pos=q_pos,
+        )
+        # -- selection branch over the chosen blocks of the token cache
+        o_slc, lse_slc = nsa_selected.selected_attention(q, k_cache, v_cache, block_idx, SELECT_BLOCK, scale, check=False, q_pos=q_pos)
+        # -- window branch: the dense decode kernel (bottom-right positions, as here)
+        o_win, lse_win = _WIN.attention_with_kvcache(q, k_cache, v_cache, seqlens, num_splits=num_splits, scale=scale, return_lse=True)
+        g = gates.float()
+        o = g[..., 0:1] * o_cmp.float() + g[..., 1:2] * o_slc.float()
+        o = o + g[..., 2:3] * o_win.float()
+        o = o.to(q.dtype)
+    if not return_aux:
+        return o
+    aux = {"block_indices": block_idx, "lse_cmp": lse_cmp, "lse_slc": lse_slc, "o_cmp": o_cmp, "o_slc": o_slc}
     aux.update(lse_win=lse_win, o_win=o_win)
     return o, aux

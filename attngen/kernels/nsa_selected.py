@@ -127,7 +127,7 @@ def _fwd_tile(
 
 @triton.jit(do_not_specialize=["N_Q", "N_K", "N_PACKS"])
 def fwd_kernel(
-    Q, K, V, IDX, UNION, COUNT, O, LSE,
+    Q, K, V, IDX, UNION, COUNT, O, LSE, QPOS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -137,14 +137,21 @@ def fwd_kernel(
     SB: tl.constexpr, N_SEL: tl.constexpr, BLOCK_SEL: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_QPOS: tl.constexpr,
 ):
-    # one program per (pack of PACK positions, batch x KV head); rows = (position, query head) pairs
+    # one program per (pack of PACK positions, batch x KV head); rows = (position, query head) pairs;
+    # row t sits at position t, or QPOS[b] + t with HAS_QPOS (decoding)
     i_p = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H_KV
     i_hk = i_bh % H_KV
     o_t, m_r, o_h, b_ridx, t_last = _rows(IDX, i_b, i_hk, i_p, N_Q, H_KV, GROUP, PACK, N_SEL, BLOCK_SEL, BLOCK_R)
+    if HAS_QPOS:
+        pos0 = tl.load(QPOS + i_b)
+    else:
+        pos0 = 0
+    o_pos = pos0 + o_t
+    t_last_pos = pos0 + t_last
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
 
@@ -163,11 +170,13 @@ def fwd_kernel(
     for u in range(0, tl.load(COUNT + i_bh.to(tl.int64) * N_PACKS + i_p)):
         blk = tl.load(p_u + u)
         s_end = tl.minimum(blk * SB + SB, N_K)  # one past the block's last key
+        if HAS_QPOS:  # a cache: keys past the pack's last position may hold anything, never load them
+            s_end = tl.minimum(s_end, t_last_pos + 1)
         m_sel = tl.sum((b_ridx == blk).to(tl.int32), 1) > 0  # [BR] rows whose position selected blk
-        b_lim = tl.where(m_sel, tl.minimum(o_t, s_end - 1), -1)
+        b_lim = tl.where(m_sel, tl.minimum(o_pos, s_end - 1), -1)
         for in_blk in range(0, SB, BLOCK_N):
             start_s = blk * SB + in_blk
-            if start_s <= t_last:  # a tile wholly in the pack's future is skipped
+            if start_s <= t_last_pos:  # a tile wholly in the pack's future is skipped
                 b_m, b_l, b_acc = _fwd_tile(
                     b_q, b_m, b_l, b_acc, b_lim, p_k0, p_v0, start_s, s_end - start_s, qk_scale,
                     stride_kn, stride_kd, stride_vn, stride_vd,
@@ -387,11 +396,12 @@ def _check(q, k, v, block_idx, select_block, scale):
             raise ValueError(f"selected attention: block_idx entries must be -1 or in 0..{nb - 1} (Nk = {nk}, select_block = {select_block})")
 
 
-def _union(idx, select_block, pack):
+def _union(idx, select_block, pack, q_pos=None):
     """The blocks each pack of `pack` consecutive positions visits: (union int32 [B, Hkv, P, pack * n],
     count int32 [B, Hkv, P]) with P = ceil(N / pack). Entries union[..., :count] are the distinct
     blocks of the pack's index lists, ascending, without blocks wholly after the pack's last
-    position (no key of them is visible); the rest is -1. Two sorts of B * Hkv * N * n entries."""
+    position (no key of them is visible); the rest is -1. Two sorts of B * Hkv * N * n entries.
+    q_pos int32 [B]: row t of batch b sits at position q_pos[b] + t."""
     b, hkv, n, top = idx.shape
     n_packs = triton.cdiv(n, pack)
     u = idx.to(torch.int64)
@@ -399,6 +409,8 @@ def _union(idx, select_block, pack):
         u = torch.cat([u, u.new_full((b, hkv, n_packs * pack - n, top), -1)], dim=2)
     u = u.view(b, hkv, n_packs, pack * top)
     t_last = (torch.arange(1, n_packs + 1, device=idx.device) * pack).clamp(max=n).view(1, 1, n_packs, 1) - 1
+    if q_pos is not None:
+        t_last = t_last + q_pos.to(torch.int64).view(b, 1, 1, 1)
     big = 1 << 62
     u = torch.where((u < 0) | (u * select_block > t_last), big, u)
     u = torch.sort(u, dim=3).values
@@ -409,9 +421,10 @@ def _union(idx, select_block, pack):
     return torch.where(u == big, -1, u).to(torch.int32).contiguous(), count.contiguous()
 
 
-def _forward(q, k, v, idx, select_block, scale):
+def _forward(q, k, v, idx, select_block, scale, q_pos=None):
     """idx: int32 [B, Hkv, N, n] contiguous. Returns o [B, Hq, N, Dv] (q's dtype), lse float32
-    [B, Hq, N], and the packs' block lists (see _union) for the dQ kernel."""
+    [B, Hq, N], and the packs' block lists (see _union) for the dQ kernel. q_pos: see
+    selected_attention."""
     b, hq, n, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     o = _rt.empty_like_layout(q, (b, hq, n, dv), dtype=q.dtype)
@@ -419,9 +432,9 @@ def _forward(q, k, v, idx, select_block, scale):
     if b == 0 or n == 0 or nk == 0 or idx.shape[3] == 0:
         return o.zero_(), lse.fill_(float("-inf")), None
     c = _tiles(hq // hkv, d, dv, select_block)
-    union, count = _union(idx, select_block, c["PACK"])
+    union, count = _union(idx, select_block, c["PACK"], q_pos)
     fwd_kernel[(union.shape[2], b * hkv)](
-        q, k, v, idx, union, count, o, lse,
+        q, k, v, idx, union, count, o, lse, count if q_pos is None else q_pos,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         scale * 1.4426950408889634, n, nk, union.shape[2],
         H=hq, H_KV=hkv, GROUP=hq // hkv, PACK=c["PACK"],
@@ -429,7 +442,7 @@ def _forward(q, k, v, idx, select_block, scale):
         HEAD_DIM=d, V_HEAD_DIM=dv, BLOCK_D=c["BLOCK_D"], BLOCK_DV=c["BLOCK_DV"],
         BLOCK_R=c["BLOCK_R"], BLOCK_N=c["BLOCK_N"],
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
-        num_warps=c["WARPS_FWD"],
+        HAS_QPOS=q_pos is not None, num_warps=c["WARPS_FWD"],
     )
     return o, lse, (union, count)
 
@@ -506,7 +519,7 @@ class _SelectedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def selected_attention(q, k, v, block_idx, select_block: int, scale: float, check: bool = True):
+def selected_attention(q, k, v, block_idx, select_block: int, scale: float, check: bool = True, q_pos=None):
     """Attention over the selected blocks of NSA.
 
     q [B, Hq, N, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] (fp16 / bf16 / fp32, any strides);
@@ -516,11 +529,21 @@ def selected_attention(q, k, v, block_idx, select_block: int, scale: float, chec
     nothing has o = 0, lse = -inf and zero gradients). Differentiable in q, k, v (also through lse).
     check=False skips the argument checks (and the device sync of the index range check) for a
     caller that has validated its tensors and made block_idx itself.
+
+    q_pos (decoding): int32 [B], query row t of batch b sits at position q_pos[b] + t (so it sees
+    keys s <= q_pos[b] + t of its blocks; k, v may be a cache longer than the sequence, keys past
+    the positions are never read). Forward only: no gradient with q_pos.
     """
     if check:
         _check(q, k, v, block_idx, select_block, scale)
+        if q_pos is not None and (not isinstance(q_pos, torch.Tensor) or tuple(q_pos.shape) != (q.shape[0],)
+                                  or q_pos.dtype != torch.int32 or q_pos.device != q.device):
+            raise ValueError(f"selected attention: q_pos must be an int32 tensor of shape [{q.shape[0]}] on q's device")
     idx = block_idx.to(torch.int32).contiguous()
     scale = float(scale)
+    if q_pos is not None:
+        with torch.no_grad():
+            return _forward(q, k, v, idx, select_block, scale, q_pos)[:2]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _SelectedAttention.apply(q, k, v, idx, select_block, scale)
     return _forward(q, k, v, idx, select_block, scale)[:2]

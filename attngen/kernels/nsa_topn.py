@@ -49,15 +49,15 @@ NO_BLOCK = 1 << 30  # "no block" in the running lists (above every real index)
 
 @triton.jit
 def _chunk_scores(
-    p_q0, p_k0, p_row0, p_kn0, o_m, m_m, j0, i_lo, i_hi, scale,
+    p_q0, p_k0, p_row0, p_kn0, o_m, o_pos, m_m, j0, i_lo, i_hi, scale,
     stride_qh, stride_qm, stride_qd, stride_kn, stride_kd, stride_rh, stride_rm,
     block, stride, pieces, per_select,
     GROUP: tl.constexpr, SCORE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Group scores of selection blocks j0 .. j0 + BLOCK_S - 1 for positions o_m: [BM, BS] float32
-    (0 for rows outside m_m). Compressed blocks i_lo .. i_hi - 1 are the ones that can contribute.
+    """Group scores of selection blocks j0 .. j0 + BLOCK_S - 1 for rows o_m at positions o_pos:
+    [BM, BS] float32 (0 for rows outside m_m). Compressed blocks i_lo .. i_hi - 1 are the ones that can contribute.
     p_row0: per (head, position) float32, lse_cmp for probs and |q| for cosine; p_kn0: |k_cmp|."""
     o_d = tl.arange(0, BLOCK_D)
     o_j = j0 + tl.arange(0, BLOCK_S)
@@ -72,7 +72,7 @@ def _chunk_scores(
         if SCORE == 2:
             b_kn = tl.load(p_kn0 + o_c, mask=m_c, other=0.0)  # [BC]
         # -- compressed block i is visible to t once complete: i*stride + block - 1 <= t
-        m_vis = (o_c[None, :] * stride + block - 1 <= o_m[:, None]) & m_c[None, :] & m_m[:, None]  # [BM, BC]
+        m_vis = (o_c[None, :] * stride + block - 1 <= o_pos[:, None]) & m_c[None, :] & m_m[:, None]  # [BM, BC]
         b_ps = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
         for i_g in range(GROUP):
             p_q = p_q0 + i_g * stride_qh
@@ -148,7 +148,7 @@ def _num_visible(t, block, stride):
 
 @triton.jit(do_not_specialize=["N", "n_cmp"])
 def token_kernel(
-    Q, K, ROW, KN, OUT,
+    Q, K, ROW, KN, OUT, QPOS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_rb, stride_rh, stride_rm,
@@ -156,9 +156,10 @@ def token_kernel(
     H_KV: tl.constexpr, GROUP: tl.constexpr, SCORE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TOP_PAD: tl.constexpr,
-    BIG: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BIG: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_QPOS: tl.constexpr,
 ):
-    """Per-token selection: program (tile of BLOCK_M positions, batch x KV head)."""
+    """Per-token selection: program (tile of BLOCK_M rows, batch x KV head). Row m sits at
+    position m, or QPOS[b] + m with HAS_QPOS (decoding: rows at a negative position pick nothing)."""
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H_KV
@@ -167,9 +168,14 @@ def token_kernel(
     per_select = select_block // stride
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < N
-    t_last = tl.minimum(i_m * BLOCK_M + BLOCK_M, N) - 1
+    if HAS_QPOS:
+        pos0 = tl.load(QPOS + i_b)
+    else:
+        pos0 = 0
+    o_pos = pos0 + o_m
+    t_last = tl.maximum(pos0 + tl.minimum(i_m * BLOCK_M + BLOCK_M, N) - 1, 0)
     n_vis = _num_visible(t_last, block, stride)
-    own = o_m // select_block
+    own = tl.where(o_pos >= 0, tl.maximum(o_pos, 0) // select_block, -1)
     p_q0 = Q + i_b.to(tl.int64) * stride_qb + (i_hk * GROUP).to(tl.int64) * stride_qh
     p_k0 = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
     p_row0 = ROW + i_b.to(tl.int64) * stride_rb + (i_hk * GROUP).to(tl.int64) * stride_rh
@@ -182,7 +188,7 @@ def token_kernel(
         i_lo = tl.maximum(j0 * per_select - pieces + 1, 0)
         i_hi = tl.minimum((j0 + BLOCK_S) * per_select, n_vis)
         b_cv = _chunk_scores(
-            p_q0, p_k0, p_row0, p_kn0, o_m, m_m, j0, i_lo, i_hi, scale,
+            p_q0, p_k0, p_row0, p_kn0, o_m, o_pos, m_m, j0, i_lo, i_hi, scale,
             stride_qh, stride_qm, stride_qd, stride_kn, stride_kd, stride_rh, stride_rm,
             block, stride, pieces, per_select,
             GROUP, SCORE, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_C, BLOCK_S, DOT_UPCAST, DOT_PRECISION,
@@ -198,7 +204,7 @@ def token_kernel(
 
 @triton.jit(do_not_specialize=["N", "n_cmp"])
 def block_kernel(
-    Q, K, ROW, KN, OUT,
+    Q, K, ROW, KN, OUT, QPOS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_rb, stride_rh, stride_rm,
@@ -206,10 +212,11 @@ def block_kernel(
     H_KV: tl.constexpr, GROUP: tl.constexpr, SCORE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TOP_PAD: tl.constexpr,
-    BIG: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BIG: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_QPOS: tl.constexpr,
 ):
     """Per-block selection: program (query block, batch x KV head). The block's scores are summed
-    over its positions (those < N), one choice is made, and every position of the block gets it."""
+    over its positions (those < N), one choice is made, and every position of the block gets it.
+    Rows are at positions 0 .. N - 1 (QPOS unused: topn_select rejects q_pos with per="block")."""
     i_qb = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H_KV
@@ -234,7 +241,7 @@ def block_kernel(
         for m0 in range(start, end, BLOCK_M):
             o_m = m0 + tl.arange(0, BLOCK_M)
             b_rows = _chunk_scores(
-                p_q0, p_k0, p_row0, p_kn0, o_m, o_m < end, j0, i_lo, i_hi, scale,
+                p_q0, p_k0, p_row0, p_kn0, o_m, o_m, o_m < end, j0, i_lo, i_hi, scale,
                 stride_qh, stride_qm, stride_qd, stride_kn, stride_kd, stride_rh, stride_rm,
                 block, stride, pieces, per_select,
                 GROUP, SCORE, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_C, BLOCK_S, DOT_UPCAST, DOT_PRECISION,
@@ -259,7 +266,7 @@ def _check_int(name, value, lo):
         raise ValueError(f"{name}: must be >= {lo}, got {value}")
 
 
-def _check(q, k_cmp, lse_cmp, block, stride, select_block, top_n, initial, local, score, per):
+def _check(q, k_cmp, lse_cmp, block, stride, select_block, top_n, initial, local, score, per, q_pos=None):
     for name, value, lo in (
         ("block", block, 1), ("stride", stride, 1), ("select_block", select_block, 1),
         ("top_n", top_n, 1), ("initial", initial, 0), ("local", local, 0),
@@ -292,9 +299,24 @@ def _check(q, k_cmp, lse_cmp, block, stride, select_block, top_n, initial, local
     hkv = k_cmp.shape[1]
     if hkv < 1 or hq % hkv:
         raise ValueError(f"k_cmp: {hkv} KV heads do not divide q's {hq} heads")
-    c = max(0, (n - block) // stride + 1)
-    if tuple(k_cmp.shape) != (b, hkv, c, d):
-        raise ValueError(f"k_cmp: expected shape {[b, hkv, c, d]} (C = complete blocks of N = {n}), got {list(k_cmp.shape)}")
+    if q_pos is None:
+        c = max(0, (n - block) // stride + 1)
+        if tuple(k_cmp.shape) != (b, hkv, c, d):
+            raise ValueError(f"k_cmp: expected shape {[b, hkv, c, d]} (C = complete blocks of N = {n}), got {list(k_cmp.shape)}")
+    else:
+        if per != "token":
+            raise ValueError(f"q_pos: positions are supported with per='token' only, not {per!r}")
+        if not isinstance(q_pos, torch.Tensor) or tuple(q_pos.shape) != (b,) or q_pos.dtype != torch.int32:
+            raise ValueError(f"q_pos: expected an int32 tensor of shape [{b}]")
+        if q_pos.device != q.device:
+            raise ValueError(f"q_pos: on {q_pos.device}, q on {q.device}")
+        if k_cmp.shape[0] != b or k_cmp.shape[3] != d:
+            raise ValueError(f"k_cmp: expected shape [{b}, Hkv, C, {d}], got {list(k_cmp.shape)}")
+        if b and n:
+            last = int(q_pos.max()) + n - 1
+            need = max(0, (last + 1 - block) // stride + 1)
+            if k_cmp.shape[2] < need:
+                raise ValueError(f"k_cmp: holds {k_cmp.shape[2]} compressed blocks; position {last} sees {need}")
     if score == "probs":
         if not isinstance(lse_cmp, torch.Tensor) or tuple(lse_cmp.shape) != (b, hq, n):
             raise ValueError(f"lse_cmp: expected a tensor of shape {[b, hq, n]}")
@@ -305,7 +327,7 @@ def _check(q, k_cmp, lse_cmp, block, stride, select_block, top_n, initial, local
 
 
 @torch.no_grad()
-def topn_select(q, k_cmp, lse_cmp, *, block, stride, select_block, top_n, initial, local, score, per, scale, check=True):
+def topn_select(q, k_cmp, lse_cmp, *, block, stride, select_block, top_n, initial, local, score, per, scale, check=True, q_pos=None):
     """Selected blocks of NSA: block_idx int64 [B, Hkv, N, top_n], ascending, -1 padded.
 
     q [B, Hq, N, D], k_cmp [B, Hkv, C, D] (same dtype), lse_cmp float32 [B, Hq, N] (the compression
@@ -316,15 +338,21 @@ def topn_select(q, k_cmp, lse_cmp, *, block, stride, select_block, top_n, initia
     stride), top_n, initial and local (forced first and latest blocks, initial + local <= top_n);
     score one of SCORES, per one of PERS. Bad arguments raise ValueError naming them; check=False
     skips those checks for a caller whose parameters and tensors are already validated.
+
+    q_pos (decoding; per="token" only): int32 [B], row i of batch b sits at position q_pos[b] + i
+    instead of i. k_cmp [B, Hkv, C, D] is then a compressed cache of any length C holding at least
+    the blocks complete at the last row's position (later entries are never read); a row at a
+    negative position picks nothing (-1). Without q_pos C must be the complete blocks of N.
     """
     if check:  # check=False: a caller whose spec and tensors are already validated
-        _check(q, k_cmp, lse_cmp, block, stride, select_block, top_n, initial, local, score, per)
+        _check(q, k_cmp, lse_cmp, block, stride, select_block, top_n, initial, local, score, per, q_pos)
     b, hq, n, d = q.shape
     hkv, c = k_cmp.shape[1], k_cmp.shape[2]
     scale = d ** -0.5 if scale is None else float(scale)
     out = _rt.empty((b, hkv, n, top_n), dtype=torch.int64, device=q.device)
     if b == 0 or n == 0:
         return out
+    has_pos = q_pos is not None
     if c == 0:  # no complete compressed block anywhere: the kernels read none, but need a pointer
         k_cmp = q.new_zeros(b, hkv, 1, d)
     unused = q.new_zeros(1, 1, 1, dtype=torch.float32)
@@ -334,15 +362,18 @@ def topn_select(q, k_cmp, lse_cmp, *, block, stride, select_block, top_n, initia
         row = torch.linalg.vector_norm(q.float(), dim=-1)
         k_norm = torch.linalg.vector_norm(k_cmp.float(), dim=-1).contiguous()
     num_sel = -(-n // select_block)
-    block_s = min(max(16, triton.next_power_of_2(num_sel)), CHUNK)
+    # selection blocks a row can pick: up to the last row's own block (with q_pos: one host read)
+    last = n - 1 + (max(0, int(q_pos.max())) if has_pos else 0)
+    block_s = min(max(16, triton.next_power_of_2(last // select_block + 1)), CHUNK)
     common = dict(
         H_KV=hkv, GROUP=hq // hkv, SCORE=SCORES[score],
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_C=TILE_C, BLOCK_S=block_s, TOP_PAD=max(2, triton.next_power_of_2(top_n)),
         BIG=NO_BLOCK, DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
+        HAS_QPOS=has_pos,
     )
     args = (
-        q, k_cmp, row, k_norm, out, *q.stride(), *k_cmp.stride(), *row.stride(),
+        q, k_cmp, row, k_norm, out, q_pos if has_pos else out, *q.stride(), *k_cmp.stride(), *row.stride(),
         n, k_cmp.shape[2], scale, block, stride, select_block, top_n, initial, local,
     )
     # float32 tiles take twice the registers: half the rows keeps them from spilling (sm_90); a
