@@ -35,7 +35,8 @@ def kernel_names(spec) -> tuple[str, ...]:
     """The kernels a module built from `spec` launches (forward and backward)."""
     if spec.sparse is not None:
         topn = "nsa_topn.token_kernel" if spec.sparse.per == "token" else "nsa_topn.block_kernel"
-        return (topn, "nsa_selected.fwd_kernel", "nsa_selected.bwd_dq_kernel", "nsa_selected.bwd_dkdv_kernel")
+        return (topn, "nsa_selected.fwd_kernel", "nsa_selected.bwd_dq_kernel", "nsa_selected.bwd_dkdv_kernel",
+                "nsa_decode.cmp_decode_kernel")
     return ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_decode_kernel")
 
 

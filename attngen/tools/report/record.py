@@ -74,9 +74,9 @@ def _kernel_homes(mod) -> dict[str, object]:
     """The modules defining the kernels `mod` launches, by the prefix of their report names: a dense
     module's own kernels (no prefix); for an NSA module, the kernel library modules it calls."""
     if _is_nsa(mod):
-        from attngen.kernels import nsa_selected, nsa_topn
+        from attngen.kernels import nsa_decode, nsa_selected, nsa_topn
 
-        return {"nsa_topn.": nsa_topn, "nsa_selected.": nsa_selected}
+        return {"nsa_topn.": nsa_topn, "nsa_selected.": nsa_selected, "nsa_decode.": nsa_decode}
     return {"": mod}
 
 
@@ -166,12 +166,13 @@ def _run_decode(mod, q, k, v, scale, params) -> None:
 
 
 def _run_nsa(mod, dtype: str) -> None:
-    """An NSA module's selection kernels, as nsa_attention calls them from the kernel library: the
-    block selection with the module's parameters, then selected-block attention forward and backward
-    over int64 index lists (valid ones: every position selects block 0)."""
+    """An NSA module's library kernels, as nsa_attention calls them: the block selection with the
+    module's parameters, then selected-block attention forward and backward over int64 index lists
+    (valid ones: every position selects block 0); and decoding's compression branch
+    (nsa_attention_with_kvcache) for one query at the end of the sequence."""
     import torch
 
-    from attngen.kernels import nsa_selected, nsa_topn
+    from attngen.kernels import nsa_decode, nsa_selected, nsa_topn
 
     n = NSA_RECORD_LEN
     q, k, v = _qkv(mod, dtype, n)
@@ -189,6 +190,12 @@ def _run_nsa(mod, dtype: str) -> None:
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     o, lse = nsa_selected.selected_attention(q, k, v, block_idx, mod.SELECT_BLOCK, scale)
     torch.autograd.backward((o, lse), (torch.empty_like(o), torch.zeros_like(lse)))
+    # decoding's compression branch: one new query per sequence at the end of the cache
+    q_pos = torch.full((1,), n - 1, dtype=torch.int32)
+    v_cmp = torch.zeros(1, mod.KV_HEADS, n_cmp, mod.V_HEAD_DIM, dtype=q.dtype)
+    nsa_decode.compressed_attention(
+        q.detach()[:, :, -1:], k_cmp, v_cmp, q_pos, block=mod.BLOCK, stride=mod.STRIDE, scale=scale,
+    )
 
 
 def recorded_launches(path: str, dtype: str) -> dict[str, Launch]:
