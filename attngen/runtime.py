@@ -325,6 +325,29 @@ def check_params(name: str, decls: dict, values: dict, unknown: dict | None = No
     return tuple(out)
 
 
+# Positions (an offset plus a row) stay within this bound, so that sums with int parameters
+# (PARAM_INT_RANGE) and lengths stay inside the kernels' 32-bit integers.
+POSITION_MAX = 2**30
+
+
+def check_offsets(name: str, q_offset, kv_offset, n_q: int, n_k: int) -> tuple[int, int]:
+    """attention()'s q_offset and kv_offset as ints: each an int >= 0 (not a bool, float or
+    tensor) with offset + length <= POSITION_MAX; ValueError naming the argument."""
+    import numbers
+
+    out = []
+    for arg, v, n in (("q_offset", q_offset, n_q), ("kv_offset", kv_offset, n_k)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise ValueError(f"{name}: {arg} must be an int, got {type(v).__name__}")
+        v = int(v)
+        if v < 0:
+            raise ValueError(f"{name}: {arg} must be >= 0, got {v}")
+        if v + n > POSITION_MAX:
+            raise ValueError(f"{name}: {arg} + the sequence length ({v} + {n}) exceeds {POSITION_MAX} (32-bit positions)")
+        out.append(v)
+    return out[0], out[1]
+
+
 # ----------------------------------------------------------------------------- generated modules
 
 
@@ -418,14 +441,15 @@ ID_CHUNK = 16  # positions per [min, max] entry of id_ranges: the smallest tile
 _ID_PAD = 256  # the largest tile: a tile's chunks are always inside the padded arrays
 
 
-def id_ranges(ids: torch.Tensor, batch: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (batch row, ID_CHUNK positions): the min and max of the ids the mask reads, as
-    contiguous [batch, P // ID_CHUNK] tensors (P: n rounded up to _ID_PAD). Position (b, i) reads
-    ids[b, i], or 0 outside the tensor (as the kernels' loads); positions past n repeat position
-    n - 1, so a tile that reaches past the end has the range of its real positions. O(batch * n)."""
-    rows, cols = min(batch, ids.shape[0]), min(n, ids.shape[1])
+def id_ranges(ids: torch.Tensor, batch: int, n: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (batch row, ID_CHUNK rows): the min and max of the ids the mask reads, as contiguous
+    [batch, P // ID_CHUNK] tensors (P: n rounded up to _ID_PAD). Row (b, i) is at position
+    offset + i and reads ids[b, offset + i], or 0 outside the tensor (as the kernels' loads); rows
+    past n repeat row n - 1, so a tile that reaches past the end has the range of its real rows.
+    O(batch * n)."""
+    rows, cols = min(batch, ids.shape[0]), max(0, min(n, ids.shape[1] - offset))
     full = torch.zeros((batch, n), dtype=ids.dtype, device=ids.device)
-    full[:rows, :cols] = ids[:rows, :cols]
+    full[:rows, :cols] = ids[:rows, offset:offset + cols]
     padded = -(-n // _ID_PAD) * _ID_PAD
     pos = torch.arange(padded, device=ids.device).clamp_(max=n - 1)
     chunks = full[:, pos].view(batch, padded // ID_CHUNK, ID_CHUNK)

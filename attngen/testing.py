@@ -106,28 +106,32 @@ def _loss(o, lse, do, dlse):
     return (o.to(do.dtype) * do).sum() + (torch.where(torch.isfinite(lse), lse, 0).to(dlse.dtype) * dlse).sum()
 
 
-def reference_mask(mod, params: dict | None = None):
+def reference_mask(mod, params: dict | None = None, *, q_offset: int = 0, kv_offset: int = 0):
     """The mask of a generated module for attngen.reference.dense: 'none' / 'causal', or a callable built
     from the module's MASK expression text and PARAMS declarations with the given values
-    (generated modules do not import sympy, so this is done here)."""
-    if mod.MASK in ("none", "causal"):
+    (generated modules do not import sympy, so this is done here). With offsets, the callable
+    takes rows and gives the mask positions, as attention(q_offset=, kv_offset=) does: q_idx is
+    q_offset + row, q_len is q_offset + Nq (and kv_idx, kv_len alike)."""
+    if mod.MASK == "none" or (mod.MASK == "causal" and q_offset == kv_offset == 0):
         return mod.MASK
     from attngen.language.expr import parse_expr, parse_params, to_torch
 
+    text = "q_idx >= kv_idx" if mod.MASK == "causal" else mod.MASK
     decls = parse_params(dict(mod.PARAMS)) if mod.PARAMS else {}
-    fn = to_torch(parse_expr(mod.MASK, kind="mask", params=decls))
+    fn = to_torch(parse_expr(text, kind="mask", params=decls))
     values = dict(params or {})
 
     def mask(b, h, q_idx, kv_idx):
-        return fn(b, h, q_idx, kv_idx, q_idx.shape[2], kv_idx.shape[3], **values)
+        return fn(b, h, q_idx + q_offset, kv_idx + kv_offset, q_offset + q_idx.shape[2], kv_offset + kv_idx.shape[3], **values)
 
     return mask
 
 
-def reference_score_mod(mod, params: dict | None = None):
+def reference_score_mod(mod, params: dict | None = None, *, q_offset: int = 0, kv_offset: int = 0):
     """The score_mod of a generated module for attngen.reference.dense (None when it has none): its
     SCORE_MOD text evaluated elementwise by expr.to_torch with the given parameter values (float
-    tensors in the dtype given, so a float64 copy gives the float64 reference)."""
+    tensors in the dtype given, so a float64 copy gives the float64 reference), at the positions
+    the offsets give (as reference_mask)."""
     if not getattr(mod, "SCORE_MOD", ""):
         return None
     from attngen.language.expr import parse_expr, parse_params, to_torch
@@ -136,7 +140,8 @@ def reference_score_mod(mod, params: dict | None = None):
     values = dict(params or {})
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        return fn(b, h, q_idx, kv_idx, q_idx.shape[2], kv_idx.shape[3], score=score, **values)
+        return fn(b, h, q_idx + q_offset, kv_idx + kv_offset, q_offset + q_idx.shape[2], kv_offset + kv_idx.shape[3],
+                  score=score, **values)
 
     return score_mod
 
@@ -156,24 +161,27 @@ def default_params(mod, *, batch: int, n_q: int, n_k: int, seed: int = 0, device
 
 
 def check_module(
-    mod, q, k, v, *, scale: float | None = None, backward: bool = True, seed: int = 0, params: dict | None = None
+    mod, q, k, v, *, scale: float | None = None, backward: bool = True, seed: int = 0, params: dict | None = None,
+    q_offset: int = 0, kv_offset: int = 0,
 ) -> list[Comparison]:
     """Run a generated module on (q, k, v) and compare o, lse and (if backward) dq, dk, dv with the
     float64 reference, using PyTorch at the input dtype as the baseline of the tolerance rule.
     `params` are the mask's and score_mod's parameters (keyword arguments of the module's
-    attention); the gradient of each float tensor among them (learnable_params) is compared too."""
+    attention); the gradient of each float tensor among them (learnable_params) is compared too.
+    `q_offset` / `kv_offset` go to attention() and shift the reference's mask and score_mod."""
     from attngen import runtime
     from attngen.reference.dense import attention_reference
 
     dtype = q.dtype
     params = dict(params or {})
-    ref_mask = reference_mask(mod, params)
+    offsets = dict(q_offset=q_offset, kv_offset=kv_offset)
+    ref_mask = reference_mask(mod, params, **offsets)
     learn = learnable_params(mod) if backward else []
     leaves = [t.detach().requires_grad_(backward) for t in (q, k, v)]
     kparams = {n: (t.detach().requires_grad_() if n in learn else t) for n, t in params.items()}
     leaves += [kparams[n] for n in learn]
     with runtime.poison_outputs():
-        o, lse = mod.attention(*leaves[:3], scale=scale, return_lse=True, **kparams)
+        o, lse = mod.attention(*leaves[:3], scale=scale, return_lse=True, **offsets, **kparams)
     g = torch.Generator().manual_seed(seed + 1)
     do = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)
     dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64).to(o.device)
@@ -185,7 +193,7 @@ def check_module(
             rparams[n] = params[n].detach().to(cdt or params[n].dtype).requires_grad_()
             ins.append(rparams[n])
         ro, rlse = attention_reference(
-            *ins[:3], scale=scale, mask=ref_mask, compute_dtype=cdt, score_mod=reference_score_mod(mod, rparams)
+            *ins[:3], scale=scale, mask=ref_mask, compute_dtype=cdt, score_mod=reference_score_mod(mod, rparams, **offsets)
         )
         grads = [None] * len(ins)
         if backward:

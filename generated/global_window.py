@@ -5,6 +5,9 @@
 
 Layout (as torch SDPA and FlexAttention): q [B, 4, Nq, 32], k [B, 2, Nk, 32], v [B, 2, Nk, 32]; any strides.
 Query head h reads KV head h // 2. Mask: expression (kv_idx < g) | (q_idx < g) | ((q_idx >= kv_idx) & (-kv_idx + q_idx < w))
+Positions: query row i is at position q_offset + i and key row j at kv_offset + j (attention()'s
+q_offset, kv_offset; default 0); q_idx and kv_idx in the mask and score_mod are those positions, and
+q_len, kv_len are q_offset + Nq and kv_offset + Nk (the sequence up to the last row given).
 Dtypes: fp16, bf16. Backward: yes.
 
 Tile paths (decided at build time):
@@ -151,8 +154,9 @@ _SPACES = {
     ],
 }
 _KEY = ["N_Q_BUCKET", "N_K_BUCKET"]
-# Sequence lengths are plain runtime integers: a new length never compiles a new kernel variant.
-_LENGTHS = ["N_Q", "N_K", "N_Q_BUCKET", "N_K_BUCKET", "arg_g", "arg_w"]
+# Sequence lengths and offsets are plain runtime integers: a new length or offset never compiles a
+# new kernel variant.
+_LENGTHS = ["N_Q", "N_K", "N_Q_BUCKET", "N_K_BUCKET", "Q_OFF", "KV_OFF", "arg_g", "arg_w"]
 _TUNE_FWD = _rt.TuneCache(f"{NAME}._fwd_kernel@{SPEC_SHA256[:16]}")
 
 _LOG2E = 1.4426950408889634  # host side; kernels spell their constants out (no non-constexpr globals)
@@ -161,13 +165,15 @@ _LOG2E = 1.4426950408889634  # host side; kernels spell their constants out (no 
 @triton.jit
 def _fwd_tile(
     b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-    stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+    stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
     arg_g, arg_w,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # one KV tile of the forward: scores, mask, online-softmax update of (m, l, acc)
     o_n = start_n + tl.arange(0, BLOCK_N)
+    pos_m = o_m + Q_OFF
+    pos_n = o_n + KV_OFF
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     p_kt = p_k0 + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd  # [BD, BN]
@@ -183,7 +189,7 @@ def _fwd_tile(
     # -- scores in base-2 units: s = q.k * scale * log2(e)
     b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
     if MASKED:
-        m_s = (o_n[None, :] < N_K) & (((o_n[None, :]) < arg_g) | ((o_m[:, None]) < arg_g) | (((o_m[:, None]) >= (o_n[None, :])) & ((o_m[:, None]) - (o_n[None, :]) < arg_w)))
+        m_s = (o_n[None, :] < N_K) & (((pos_n[None, :]) < arg_g) | ((pos_m[:, None]) < arg_g) | (((pos_m[:, None]) >= (pos_n[None, :])) & ((pos_m[:, None]) - (pos_n[None, :]) < arg_w)))
         b_s = tl.where(m_s, b_s, float("-inf"))
     # -- update running max m, denominator l and accumulator
     b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
@@ -211,7 +217,7 @@ def _fwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    qk_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET,
+    qk_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, Q_OFF, KV_OFF,
     arg_g, arg_w,
     H: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -243,17 +249,17 @@ def _fwd_kernel(
     # -- KV tiles [lo, full_lo) and [full_hi, hi) are partly visible (mask applied), [full_lo,
     # full_hi) visible to every row of this query tile (no mask evaluated); the rest are skipped
     last_m = tl.minimum(start_m + BLOCK_M, N_Q) - 1
-    t_hi0 = tl.minimum(N_K, tl.maximum(0, arg_g))
+    t_hi0 = tl.minimum(N_K, tl.maximum(0, arg_g - KV_OFF))
     t_hi0 = tl.where(t_hi0 > 0, t_hi0, 0)
-    t_hi1 = tl.where((N_K > 0) & ((last_m - arg_g <= -1) | (start_m - arg_g <= -1)), N_K, 0)
-    t_lo2 = tl.minimum(N_K, tl.maximum(0, start_m - arg_w + 1))
-    t_hi2 = tl.minimum(N_K, last_m + 1)
-    t_hi2 = tl.where((t_hi2 > t_lo2) & ((last_m > last_m - arg_w) | (start_m > start_m - arg_w)), t_hi2, 0)
-    t_fb0 = tl.minimum(N_K, tl.maximum(0, arg_g))
-    t_fb1 = tl.where((last_m - arg_g <= -1) & (start_m - arg_g <= -1), N_K, 0)
+    t_hi1 = tl.where((N_K > 0) & ((Q_OFF + last_m - arg_g <= -1) | (Q_OFF + start_m - arg_g <= -1)), N_K, 0)
+    t_lo2 = tl.minimum(N_K, tl.maximum(0, Q_OFF - KV_OFF + start_m - arg_w + 1))
+    t_hi2 = tl.minimum(N_K, tl.maximum(0, Q_OFF - KV_OFF + last_m + 1))
+    t_hi2 = tl.where((t_hi2 > t_lo2) & ((Q_OFF - KV_OFF + last_m > Q_OFF - KV_OFF + last_m - arg_w) | (Q_OFF - KV_OFF + start_m > Q_OFF - KV_OFF + start_m - arg_w)), t_hi2, 0)
+    t_fb0 = tl.minimum(N_K, tl.maximum(0, arg_g - KV_OFF))
+    t_fb1 = tl.where((Q_OFF + last_m - arg_g <= -1) & (Q_OFF + start_m - arg_g <= -1), N_K, 0)
     t_ub1 = tl.where((t_fb0 > 0) & (t_fb1 > 0), tl.maximum(t_fb0, t_fb1), tl.where(t_fb0 < t_fb1, t_fb1, t_fb0))
-    t_fa2 = tl.minimum(N_K, tl.maximum(0, last_m - arg_w + 1))
-    t_fb2 = tl.minimum(N_K, start_m + 1)
+    t_fa2 = tl.minimum(N_K, tl.maximum(0, Q_OFF - KV_OFF + last_m - arg_w + 1))
+    t_fb2 = tl.minimum(N_K, tl.maximum(0, Q_OFF - KV_OFF + start_m + 1))
     t_ua2 = tl.where((t_fa2 <= t_ub1) & (t_ub1 > 0) & (t_fa2 < t_fb2), 0, tl.where(t_ub1 < t_fb2 - t_fa2, t_fa2, 0))
     t_ub2 = tl.where((t_fa2 <= t_ub1) & (t_ub1 > 0) & (t_fa2 < t_fb2), tl.maximum(t_fb2, t_ub1), tl.where(t_ub1 < t_fb2 - t_fa2, t_fb2, t_ub1))
     hi = tl.maximum(t_hi0, tl.maximum(t_hi1, t_hi2))
@@ -264,7 +270,7 @@ def _fwd_kernel(
     for start_n in range(lo, full_lo, BLOCK_N):  # partial tiles: mask applied
         b_m, b_l, b_acc = _fwd_tile(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
             arg_g, arg_w,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
             MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
@@ -272,7 +278,7 @@ def _fwd_kernel(
     for start_n in range(full_lo, full_hi, BLOCK_N):  # full tiles: no mask
         b_m, b_l, b_acc = _fwd_tile(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
             arg_g, arg_w,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
             MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
@@ -280,7 +286,7 @@ def _fwd_kernel(
     for start_n in range(full_hi, hi, BLOCK_N):  # partial tiles: mask applied
         b_m, b_l, b_acc = _fwd_tile(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
             arg_g, arg_w,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
             MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
@@ -296,7 +302,7 @@ def _fwd_kernel(
     tl.store(LSE + i_bh.to(tl.int64) * N_Q + o_m, b_lse, mask=m_m)
 
 
-def _forward(q, k, v, scale, params):
+def _forward(q, k, v, scale, params, q_off=0, kv_off=0):
     b, _, n_q, _ = q.shape
     n_k = k.shape[2]
     o = _rt.empty_like_layout(q, (b, Q_HEADS, n_q, V_HEAD_DIM), dtype=q.dtype)
@@ -309,7 +315,7 @@ def _forward(q, k, v, scale, params):
     _fwd_kernel[grid](
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        scale * _LOG2E, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), *_rt.kernel_params(params),
+        scale * _LOG2E, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), q_off, kv_off, *_rt.kernel_params(params),
         H=Q_HEADS, GROUP=GROUP,
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=32, BLOCK_DV=32,
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
@@ -352,13 +358,15 @@ def _bwd_preprocess(
 @triton.jit
 def _bwd_dkdv_tile(
     b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
-    stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K,
+    stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, Q_OFF, KV_OFF,
     arg_g, arg_w,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # one query tile of dK/dV, transposed ([BN, BM]): p recomputed from lse, dV += p^T dO, dK += ds^T q
     o_m = start_m + tl.arange(0, BLOCK_M)
+    pos_m = o_m + Q_OFF
+    pos_n = o_n + KV_OFF
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     m_m = o_m < N_Q
@@ -374,7 +382,7 @@ def _bwd_dkdv_tile(
     b_st = tl.dot(b_k, b_qt, input_precision=DOT_PRECISION) * qk_scale  # [BN, BM]
     b_pt = tl.math.exp2(b_st - b_lse[None, :])
     if MASKED:
-        b_pt = tl.where((((o_n[:, None]) < arg_g) | ((o_m[None, :]) < arg_g) | (((o_m[None, :]) >= (o_n[:, None])) & ((o_m[None, :]) - (o_n[:, None]) < arg_w))), b_pt, 0.0)
+        b_pt = tl.where((((pos_n[:, None]) < arg_g) | ((pos_m[None, :]) < arg_g) | (((pos_m[None, :]) >= (pos_n[:, None])) & ((pos_m[None, :]) - (pos_n[:, None]) < arg_w))), b_pt, 0.0)
     b_pt_lo = b_pt.to(p_do0.dtype.element_ty)
     if DOT_UPCAST:
         b_pt_lo = b_pt_lo.to(tl.float32)
@@ -397,7 +405,7 @@ def _bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET,
+    qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, Q_OFF, KV_OFF,
     arg_g, arg_w,
     H: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -433,17 +441,17 @@ def _bwd_dkdv_kernel(
         p_delta0 = DELTA + (i_b * H + i_h).to(tl.int64) * N_Q
         # query tiles [q_lo, q_full) and [q_full_end, q_hi) see this KV tile partly (mask applied),
         # [q_full, q_full_end) see all of it; the rest see none of it
-        tq_hi0 = tl.where((N_Q > 0) & ((last_n - arg_g <= -1) | (start_n - arg_g <= -1)), N_Q, 0)
-        tq_hi1 = tl.minimum(N_Q, tl.maximum(0, arg_g))
+        tq_hi0 = tl.where((N_Q > 0) & ((KV_OFF + last_n - arg_g <= -1) | (KV_OFF + start_n - arg_g <= -1)), N_Q, 0)
+        tq_hi1 = tl.minimum(N_Q, tl.maximum(0, arg_g - Q_OFF))
         tq_hi1 = tl.where(tq_hi1 > 0, tq_hi1, 0)
-        tq_lo2 = tl.minimum(start_n, N_Q)
-        tq_hi2 = tl.minimum(N_Q, tl.maximum(0, last_n + arg_w))
-        tq_hi2 = tl.where((tq_hi2 > tq_lo2) & ((last_n < last_n + arg_w) | (start_n < start_n + arg_w)), tq_hi2, 0)
-        tq_fb0 = tl.where((last_n - arg_g <= -1) & (start_n - arg_g <= -1), N_Q, 0)
-        tq_fb1 = tl.minimum(N_Q, tl.maximum(0, arg_g))
+        tq_lo2 = tl.minimum(N_Q, tl.maximum(0, KV_OFF - Q_OFF + start_n))
+        tq_hi2 = tl.minimum(N_Q, tl.maximum(0, KV_OFF - Q_OFF + last_n + arg_w))
+        tq_hi2 = tl.where((tq_hi2 > tq_lo2) & ((KV_OFF - Q_OFF + last_n < KV_OFF - Q_OFF + last_n + arg_w) | (KV_OFF - Q_OFF + start_n < KV_OFF - Q_OFF + start_n + arg_w)), tq_hi2, 0)
+        tq_fb0 = tl.where((KV_OFF + last_n - arg_g <= -1) & (KV_OFF + start_n - arg_g <= -1), N_Q, 0)
+        tq_fb1 = tl.minimum(N_Q, tl.maximum(0, arg_g - Q_OFF))
         tq_ub1 = tl.where((tq_fb0 > 0) & (tq_fb1 > 0), tl.maximum(tq_fb0, tq_fb1), tl.where(tq_fb0 < tq_fb1, tq_fb1, tq_fb0))
-        tq_fa2 = tl.minimum(last_n, N_Q)
-        tq_fb2 = tl.minimum(N_Q, tl.maximum(0, start_n + arg_w))
+        tq_fa2 = tl.minimum(N_Q, tl.maximum(0, KV_OFF - Q_OFF + last_n))
+        tq_fb2 = tl.minimum(N_Q, tl.maximum(0, KV_OFF - Q_OFF + start_n + arg_w))
         tq_ua2 = tl.where((tq_fa2 <= tq_ub1) & (tq_ub1 > 0) & (tq_fa2 < tq_fb2), 0, tl.where(tq_ub1 < tq_fb2 - tq_fa2, tq_fa2, 0))
         tq_ub2 = tl.where((tq_fa2 <= tq_ub1) & (tq_ub1 > 0) & (tq_fa2 < tq_fb2), tl.maximum(tq_fb2, tq_ub1), tl.where(tq_ub1 < tq_fb2 - tq_fa2, tq_fb2, tq_ub1))
         q_hi = tl.maximum(tq_hi0, tl.maximum(tq_hi1, tq_hi2))
@@ -454,7 +462,7 @@ def _bwd_dkdv_kernel(
         for start_m in range(q_lo, q_full, BLOCK_M):  # partial tiles: mask applied
             b_dk, b_dv = _bwd_dkdv_tile(
                 b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
-                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K,
+                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, Q_OFF, KV_OFF,
                 arg_g, arg_w,
                 BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
                 MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
@@ -462,7 +470,7 @@ def _bwd_dkdv_kernel(
         for start_m in range(q_full, q_full_end, BLOCK_M):  # full tiles: no mask
             b_dk, b_dv = _bwd_dkdv_tile(
                 b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
-                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K,
+                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, Q_OFF, KV_OFF,
                 arg_g, arg_w,
                 BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
                 MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
@@ -470,7 +478,7 @@ def _bwd_dkdv_kernel(
         for start_m in range(q_full_end, q_hi, BLOCK_M):  # partial tiles: mask applied
             b_dk, b_dv = _bwd_dkdv_tile(
                 b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
-                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K,
+                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, Q_OFF, KV_OFF,
                 arg_g, arg_w,
                 BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
                 MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
@@ -485,13 +493,15 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _bwd_dq_tile(
     b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-    stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+    stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
     arg_g, arg_w,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # one KV tile of dQ: p recomputed from lse, dQ += ds k
     o_n = start_n + tl.arange(0, BLOCK_N)
+    pos_m = o_m + Q_OFF
+    pos_n = o_n + KV_OFF
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     p_kt = p_k0 + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd  # [BD, BN]
@@ -508,7 +518,7 @@ def _bwd_dq_tile(
     b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
     b_p = tl.math.exp2(b_s - b_lse[:, None])
     if MASKED:
-        b_p = tl.where((o_n[None, :] < N_K) & (((o_n[None, :]) < arg_g) | ((o_m[:, None]) < arg_g) | (((o_m[:, None]) >= (o_n[None, :])) & ((o_m[:, None]) - (o_n[None, :]) < arg_w))), b_p, 0.0)
+        b_p = tl.where((o_n[None, :] < N_K) & (((pos_n[None, :]) < arg_g) | ((pos_m[:, None]) < arg_g) | (((pos_m[:, None]) >= (pos_n[None, :])) & ((pos_m[:, None]) - (pos_n[None, :]) < arg_w))), b_p, 0.0)
     b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PRECISION)  # [BM, BN]
     b_ds = (b_p * (b_dp - b_delta[:, None])).to(p_k0.dtype.element_ty)
     if DOT_UPCAST:
@@ -526,7 +536,7 @@ def _bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET,
+    qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, Q_OFF, KV_OFF,
     arg_g, arg_w,
     H: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -559,17 +569,17 @@ def _bwd_dq_kernel(
 
     # -- the forward's KV tiles: [lo, full_lo) and [full_hi, hi) with the mask, [full_lo, full_hi) without
     last_m = tl.minimum(start_m + BLOCK_M, N_Q) - 1
-    t_hi0 = tl.minimum(N_K, tl.maximum(0, arg_g))
+    t_hi0 = tl.minimum(N_K, tl.maximum(0, arg_g - KV_OFF))
     t_hi0 = tl.where(t_hi0 > 0, t_hi0, 0)
-    t_hi1 = tl.where((N_K > 0) & ((last_m - arg_g <= -1) | (start_m - arg_g <= -1)), N_K, 0)
-    t_lo2 = tl.minimum(N_K, tl.maximum(0, start_m - arg_w + 1))
-    t_hi2 = tl.minimum(N_K, last_m + 1)
-    t_hi2 = tl.where((t_hi2 > t_lo2) & ((last_m > last_m - arg_w) | (start_m > start_m - arg_w)), t_hi2, 0)
-    t_fb0 = tl.minimum(N_K, tl.maximum(0, arg_g))
-    t_fb1 = tl.where((last_m - arg_g <= -1) & (start_m - arg_g <= -1), N_K, 0)
+    t_hi1 = tl.where((N_K > 0) & ((Q_OFF + last_m - arg_g <= -1) | (Q_OFF + start_m - arg_g <= -1)), N_K, 0)
+    t_lo2 = tl.minimum(N_K, tl.maximum(0, Q_OFF - KV_OFF + start_m - arg_w + 1))
+    t_hi2 = tl.minimum(N_K, tl.maximum(0, Q_OFF - KV_OFF + last_m + 1))
+    t_hi2 = tl.where((t_hi2 > t_lo2) & ((Q_OFF - KV_OFF + last_m > Q_OFF - KV_OFF + last_m - arg_w) | (Q_OFF - KV_OFF + start_m > Q_OFF - KV_OFF + start_m - arg_w)), t_hi2, 0)
+    t_fb0 = tl.minimum(N_K, tl.maximum(0, arg_g - KV_OFF))
+    t_fb1 = tl.where((Q_OFF + last_m - arg_g <= -1) & (Q_OFF + start_m - arg_g <= -1), N_K, 0)
     t_ub1 = tl.where((t_fb0 > 0) & (t_fb1 > 0), tl.maximum(t_fb0, t_fb1), tl.where(t_fb0 < t_fb1, t_fb1, t_fb0))
-    t_fa2 = tl.minimum(N_K, tl.maximum(0, last_m - arg_w + 1))
-    t_fb2 = tl.minimum(N_K, start_m + 1)
+    t_fa2 = tl.minimum(N_K, tl.maximum(0, Q_OFF - KV_OFF + last_m - arg_w + 1))
+    t_fb2 = tl.minimum(N_K, tl.maximum(0, Q_OFF - KV_OFF + start_m + 1))
     t_ua2 = tl.where((t_fa2 <= t_ub1) & (t_ub1 > 0) & (t_fa2 < t_fb2), 0, tl.where(t_ub1 < t_fb2 - t_fa2, t_fa2, 0))
     t_ub2 = tl.where((t_fa2 <= t_ub1) & (t_ub1 > 0) & (t_fa2 < t_fb2), tl.maximum(t_fb2, t_ub1), tl.where(t_ub1 < t_fb2 - t_fa2, t_fb2, t_ub1))
     hi = tl.maximum(t_hi0, tl.maximum(t_hi1, t_hi2))
@@ -580,7 +590,7 @@ def _bwd_dq_kernel(
     for start_n in range(lo, full_lo, BLOCK_N):  # partial tiles: mask applied
         b_dq = _bwd_dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
             arg_g, arg_w,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
             MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
@@ -588,7 +598,7 @@ def _bwd_dq_kernel(
     for start_n in range(full_lo, full_hi, BLOCK_N):  # full tiles: no mask
         b_dq = _bwd_dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
             arg_g, arg_w,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
             MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
@@ -596,7 +606,7 @@ def _bwd_dq_kernel(
     for start_n in range(full_hi, hi, BLOCK_N):  # partial tiles: mask applied
         b_dq = _bwd_dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
             arg_g, arg_w,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
             MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
@@ -605,7 +615,7 @@ def _bwd_dq_kernel(
     tl.store(p_dq + o_m[:, None] * stride_dqm + o_d[None, :] * stride_dqd, (b_dq * sm_scale).to(DQ.dtype.element_ty), mask=m_m[:, None])
 
 
-def _backward(q, k, v, o, lse, do, dlse, scale, params):
+def _backward(q, k, v, o, lse, do, dlse, scale, params, q_off=0, kv_off=0):
     b, _, n_q, _ = q.shape
     n_k = k.shape[2]
     dq, dk, dv = _rt.empty_like(q), _rt.empty_like(k), _rt.empty_like(v)
@@ -623,7 +633,7 @@ def _backward(q, k, v, o, lse, do, dlse, scale, params):
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=32, BLOCK_DV=32,
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
     )
-    sizes = (scale * _LOG2E, scale, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), *_rt.kernel_params(params))
+    sizes = (scale * _LOG2E, scale, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), q_off, kv_off, *_rt.kernel_params(params))
     grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * KV_HEADS)  # noqa: E731
     _bwd_dkdv_kernel[grid_kv](
         q, k, v, do, lse, delta, dk, dv,
@@ -643,27 +653,31 @@ def _backward(q, k, v, o, lse, do, dlse, scale, params):
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, params):
-        o, lse = _forward(q, k, v, scale, params)
+    def forward(ctx, q, k, v, scale, params, offsets):
+        o, lse = _forward(q, k, v, scale, params, *offsets)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale = scale
         ctx.params = params
+        ctx.offsets = offsets
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, do, dlse, ctx.scale, ctx.params)
-        return dq, dk, dv, None, None
+        dq, dk, dv = _backward(q, k, v, o, lse, do, dlse, ctx.scale, ctx.params, *ctx.offsets)
+        return dq, dk, dv, None, None, None
 
 
-def attention(q, k, v, *, g=None, w=None, scale=None, return_lse=False, **unknown):
+def attention(q, k, v, *, g=None, w=None, scale=None, return_lse=False, q_offset=0, kv_offset=0, **unknown):
     """Global tokens plus a causal sliding window, g and w at run time. GQA attention, 4 query heads over 2 KV heads, head_dim 32, mask (kv_idx < g) | (q_idx < g) | ((q_idx >= kv_idx) & (-kv_idx + q_idx < w)).
 
     q: [B, 4, Nq, 32]; k: [B, 2, Nk, 32]; v: [B, 2, Nk, 32] (fp16 | bf16, any strides).
     g: int, required: the mask's parameter g.
     w: int, required: the mask's parameter w.
     scale: softmax scale, default 1/sqrt(32).
+    q_offset, kv_offset: int >= 0, default 0: query row i is at position q_offset + i, key row j at
+    kv_offset + j; the mask and score_mod see those positions as q_idx, kv_idx, and q_len, kv_len
+    as q_offset + Nq, kv_offset + Nk (e.g. a chunk of queries of a longer sequence: chunked prefill).
     Returns o [B, 4, Nq, 32] in q's dtype, and with return_lse=True also
     lse [B, 4, Nq] float32 (natural log of the softmax denominator; -inf for a row that sees no key).
     """
@@ -671,11 +685,12 @@ def attention(q, k, v, *, g=None, w=None, scale=None, return_lse=False, **unknow
         NAME, q, k, v, q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, v_head_dim=V_HEAD_DIM, dtypes=DTYPES
     )
     params = _rt.check_params(NAME, PARAMS, {"g": g, "w": w}, unknown, device=q.device)
+    offsets = _rt.check_offsets(NAME, q_offset, kv_offset, q.shape[2], k.shape[2])
     scale = HEAD_DIM ** -0.5 if scale is None else float(scale)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        o, lse = _Attention.apply(q, k, v, scale, params)
+        o, lse = _Attention.apply(q, k, v, scale, params, offsets)
     else:
-        o, lse = _forward(q, k, v, scale, params)
+        o, lse = _forward(q, k, v, scale, params, *offsets)
     return (o, lse) if return_lse else o
 from attngen.kernels import kvcache as _kvcache  # noqa: E402  (after runtime, as every kernel module)
 from attngen.kernels import merge as _merge  # noqa: E402

@@ -5,6 +5,9 @@
 
 Layout (as torch SDPA and FlexAttention): q [B, 4, Nq, 64], k [B, 4, Nk, 64], v [B, 4, Nk, 64]; any strides.
 Query head h reads KV head h // 1. Mask: none (every query sees every key).
+Positions: query row i is at position q_offset + i and key row j at kv_offset + j (attention()'s
+q_offset, kv_offset; default 0); q_idx and kv_idx in the mask and score_mod are those positions, and
+q_len, kv_len are q_offset + Nq and kv_offset + Nk (the sequence up to the last row given).
 Dtypes: fp16, bf16, fp32. Backward: yes.
 
 Tile paths (decided at build time):
@@ -107,8 +110,9 @@ _SPACES = {
     ],
 }
 _KEY = ["N_Q_BUCKET", "N_K_BUCKET"]
-# Sequence lengths are plain runtime integers: a new length never compiles a new kernel variant.
-_LENGTHS = ["N_Q", "N_K", "N_Q_BUCKET", "N_K_BUCKET"]
+# Sequence lengths and offsets are plain runtime integers: a new length or offset never compiles a
+# new kernel variant.
+_LENGTHS = ["N_Q", "N_K", "N_Q_BUCKET", "N_K_BUCKET", "Q_OFF", "KV_OFF"]
 _TUNE_FWD = _rt.TuneCache(f"{NAME}._fwd_kernel@{SPEC_SHA256[:16]}")
 
 _LOG2E = 1.4426950408889634  # host side; kernels spell their constants out (no non-constexpr globals)
@@ -117,12 +121,14 @@ _LOG2E = 1.4426950408889634  # host side; kernels spell their constants out (no 
 @triton.jit
 def _fwd_tile(
     b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-    stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+    stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # one KV tile of the forward: scores, mask, online-softmax update of (m, l, acc)
     o_n = start_n + tl.arange(0, BLOCK_N)
+    pos_m = o_m + Q_OFF
+    pos_n = o_n + KV_OFF
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     p_kt = p_k0 + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd  # [BD, BN]
@@ -166,7 +172,7 @@ def _fwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    qk_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET,
+    qk_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, Q_OFF, KV_OFF,
     H: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -205,14 +211,14 @@ def _fwd_kernel(
     for start_n in range(lo, full_hi, BLOCK_N):  # full tiles: no mask
         b_m, b_l, b_acc = _fwd_tile(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
             MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
         )
     for start_n in range(full_hi, hi, BLOCK_N):  # partial tiles: mask applied
         b_m, b_l, b_acc = _fwd_tile(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
             MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
         )
@@ -227,7 +233,7 @@ def _fwd_kernel(
     tl.store(LSE + i_bh.to(tl.int64) * N_Q + o_m, b_lse, mask=m_m)
 
 
-def _forward(q, k, v, scale, params):
+def _forward(q, k, v, scale, params, q_off=0, kv_off=0):
     b, _, n_q, _ = q.shape
     n_k = k.shape[2]
     o = _rt.empty_like_layout(q, (b, Q_HEADS, n_q, V_HEAD_DIM), dtype=q.dtype)
@@ -240,7 +246,7 @@ def _forward(q, k, v, scale, params):
     _fwd_kernel[grid](
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        scale * _LOG2E, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), *_rt.kernel_params(params),
+        scale * _LOG2E, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), q_off, kv_off, *_rt.kernel_params(params),
         H=Q_HEADS, GROUP=GROUP,
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=64, BLOCK_DV=64,
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
@@ -283,12 +289,14 @@ def _bwd_preprocess(
 @triton.jit
 def _bwd_dkdv_tile(
     b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
-    stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K,
+    stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, Q_OFF, KV_OFF,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # one query tile of dK/dV, transposed ([BN, BM]): p recomputed from lse, dV += p^T dO, dK += ds^T q
     o_m = start_m + tl.arange(0, BLOCK_M)
+    pos_m = o_m + Q_OFF
+    pos_n = o_n + KV_OFF
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     m_m = o_m < N_Q
@@ -325,7 +333,7 @@ def _bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET,
+    qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, Q_OFF, KV_OFF,
     H: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -368,7 +376,7 @@ def _bwd_dkdv_kernel(
         for start_m in range(q_lo, q_hi, BLOCK_M):  # full tiles: no mask
             b_dk, b_dv = _bwd_dkdv_tile(
                 b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
-                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K,
+                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, Q_OFF, KV_OFF,
                 BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
                 MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
             )
@@ -382,12 +390,14 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _bwd_dq_tile(
     b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-    stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+    stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # one KV tile of dQ: p recomputed from lse, dQ += ds k
     o_n = start_n + tl.arange(0, BLOCK_N)
+    pos_m = o_m + Q_OFF
+    pos_n = o_n + KV_OFF
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     p_kt = p_k0 + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd  # [BD, BN]
@@ -422,7 +432,7 @@ def _bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET,
+    qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, Q_OFF, KV_OFF,
     H: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -462,14 +472,14 @@ def _bwd_dq_kernel(
     for start_n in range(lo, full_hi, BLOCK_N):  # full tiles: no mask
         b_dq = _bwd_dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
             MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
         )
     for start_n in range(full_hi, hi, BLOCK_N):  # partial tiles: mask applied
         b_dq = _bwd_dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
             MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
         )
@@ -477,7 +487,7 @@ def _bwd_dq_kernel(
     tl.store(p_dq + o_m[:, None] * stride_dqm + o_d[None, :] * stride_dqd, (b_dq * sm_scale).to(DQ.dtype.element_ty), mask=m_m[:, None])
 
 
-def _backward(q, k, v, o, lse, do, dlse, scale, params):
+def _backward(q, k, v, o, lse, do, dlse, scale, params, q_off=0, kv_off=0):
     b, _, n_q, _ = q.shape
     n_k = k.shape[2]
     dq, dk, dv = _rt.empty_like(q), _rt.empty_like(k), _rt.empty_like(v)
@@ -495,7 +505,7 @@ def _backward(q, k, v, o, lse, do, dlse, scale, params):
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=64, BLOCK_DV=64,
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
     )
-    sizes = (scale * _LOG2E, scale, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), *_rt.kernel_params(params))
+    sizes = (scale * _LOG2E, scale, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), q_off, kv_off, *_rt.kernel_params(params))
     grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * KV_HEADS)  # noqa: E731
     _bwd_dkdv_kernel[grid_kv](
         q, k, v, do, lse, delta, dk, dv,
@@ -515,25 +525,29 @@ def _backward(q, k, v, o, lse, do, dlse, scale, params):
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, params):
-        o, lse = _forward(q, k, v, scale, params)
+    def forward(ctx, q, k, v, scale, params, offsets):
+        o, lse = _forward(q, k, v, scale, params, *offsets)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale = scale
         ctx.params = params
+        ctx.offsets = offsets
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, do, dlse, ctx.scale, ctx.params)
-        return dq, dk, dv, None, None
+        dq, dk, dv = _backward(q, k, v, o, lse, do, dlse, ctx.scale, ctx.params, *ctx.offsets)
+        return dq, dk, dv, None, None, None
 
 
-def attention(q, k, v, *, scale=None, return_lse=False, **unknown):
+def attention(q, k, v, *, scale=None, return_lse=False, q_offset=0, kv_offset=0, **unknown):
     """Multi-head attention, non-causal (encoder style). MHA attention, 4 query heads over 4 KV heads, head_dim 64, mask none.
 
     q: [B, 4, Nq, 64]; k: [B, 4, Nk, 64]; v: [B, 4, Nk, 64] (fp16 | bf16 | fp32, any strides).
     scale: softmax scale, default 1/sqrt(64).
+    q_offset, kv_offset: int >= 0, default 0: query row i is at position q_offset + i, key row j at
+    kv_offset + j; the mask and score_mod see those positions as q_idx, kv_idx, and q_len, kv_len
+    as q_offset + Nq, kv_offset + Nk (e.g. a chunk of queries of a longer sequence: chunked prefill).
     Returns o [B, 4, Nq, 64] in q's dtype, and with return_lse=True also
     lse [B, 4, Nq] float32 (natural log of the softmax denominator; -inf for a row that sees no key).
     """
@@ -541,11 +555,12 @@ def attention(q, k, v, *, scale=None, return_lse=False, **unknown):
         NAME, q, k, v, q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, v_head_dim=V_HEAD_DIM, dtypes=DTYPES
     )
     params = _rt.check_params(NAME, PARAMS, {}, unknown, device=q.device)
+    offsets = _rt.check_offsets(NAME, q_offset, kv_offset, q.shape[2], k.shape[2])
     scale = HEAD_DIM ** -0.5 if scale is None else float(scale)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        o, lse = _Attention.apply(q, k, v, scale, params)
+        o, lse = _Attention.apply(q, k, v, scale, params, offsets)
     else:
-        o, lse = _forward(q, k, v, scale, params)
+        o, lse = _forward(q, k, v, scale, params, *offsets)
     return (o, lse) if return_lse else o
 from attngen.kernels import kvcache as _kvcache  # noqa: E402  (after runtime, as every kernel module)
 from attngen.kernels import merge as _merge  # noqa: E402

@@ -6,12 +6,15 @@
 
 Layout (as torch SDPA and FlexAttention): q [B, 8, Nq, 64], k [B, 2, Nk, 64], v [B, 2, Nk, 64]; any strides.
 Query head h reads KV head h // 4. Mask: expression 8*kv_idx + 15 <= q_idx
+Positions: query row i is at position q_offset + i and key row j at kv_offset + j (attention()'s
+q_offset, kv_offset; default 0); q_idx and kv_idx in the mask and score_mod are those positions, and
+q_len, kv_len are q_offset + Nq and kv_offset + Nk (the sequence up to the last row given).
 Dtypes: bf16, fp16. Backward: yes.
 
 Tile paths (decided at build time):
   mask: closed-form tile bounds (one conjunction of affine inequalities with integer coefficients or floor division).
-  forward and dQ: KV tiles from (0) to (tl.minimum(N_K, tl.maximum(0, (last_m - 15 - (((last_m - 15) % 8) + 8) % 8) // 8 + 1))) are visited; those from (0) to (tl.minimum(N_K, tl.maximum(0, (start_m - 15 - (((start_m - 15) % 8) + 8) % 8) // 8 + 1))) run unmasked.
-  dK/dV: query tiles from (tl.minimum(N_Q, 8 * start_n + 15)) to (N_Q) are visited; those from (tl.minimum(N_Q, 8 * last_n + 15)) to (N_Q) run unmasked.
+  forward and dQ: KV tiles from (0) to (tl.minimum(N_K, tl.maximum(0, (Q_OFF - 8 * KV_OFF + last_m - 15 - (((Q_OFF - 8 * KV_OFF + last_m - 15) % 8) + 8) % 8) // 8 + 1))) are visited; those from (0) to (tl.minimum(N_K, tl.maximum(0, (Q_OFF - 8 * KV_OFF + start_m - 15 - (((Q_OFF - 8 * KV_OFF + start_m - 15) % 8) + 8) % 8) // 8 + 1))) run unmasked.
+  dK/dV: query tiles from (tl.minimum(N_Q, tl.maximum(0, 8 * KV_OFF - Q_OFF + 8 * start_n + 15))) to (N_Q) are visited; those from (tl.minimum(N_Q, tl.maximum(0, 8 * KV_OFF - Q_OFF + 8 * last_n + 15))) to (N_Q) run unmasked.
 """
 
 from attngen import runtime as _rt  # first: selects Triton's interpreter when there is no GPU
@@ -146,8 +149,9 @@ _SPACES = {
     ],
 }
 _KEY = ["N_Q_BUCKET", "N_K_BUCKET"]
-# Sequence lengths are plain runtime integers: a new length never compiles a new kernel variant.
-_LENGTHS = ["N_Q", "N_K", "N_Q_BUCKET", "N_K_BUCKET"]
+# Sequence lengths and offsets are plain runtime integers: a new length or offset never compiles a
+# new kernel variant.
+_LENGTHS = ["N_Q", "N_K", "N_Q_BUCKET", "N_K_BUCKET", "Q_OFF", "KV_OFF"]
 _TUNE_FWD = _rt.TuneCache(f"{NAME}._fwd_kernel@{SPEC_SHA256[:16]}")
 
 _LOG2E = 1.4426950408889634  # host side; kernels spell their constants out (no non-constexpr globals)
@@ -156,12 +160,14 @@ _LOG2E = 1.4426950408889634  # host side; kernels spell their constants out (no 
 @triton.jit
 def _fwd_tile(
     b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-    stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+    stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # one KV tile of the forward: scores, mask, online-softmax update of (m, l, acc)
     o_n = start_n + tl.arange(0, BLOCK_N)
+    pos_m = o_m + Q_OFF
+    pos_n = o_n + KV_OFF
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     p_kt = p_k0 + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd  # [BD, BN]
@@ -177,7 +183,7 @@ def _fwd_tile(
     # -- scores in base-2 units: s = q.k * scale * log2(e)
     b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
     if MASKED:
-        m_s = (o_n[None, :] < N_K) & (8 * (o_n[None, :]) + 15 <= (o_m[:, None]))
+        m_s = (o_n[None, :] < N_K) & (8 * (pos_n[None, :]) + 15 <= (pos_m[:, None]))
         b_s = tl.where(m_s, b_s, float("-inf"))
     # -- update running max m, denominator l and accumulator
     b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
@@ -205,7 +211,7 @@ def _fwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    qk_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET,
+    qk_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, Q_OFF, KV_OFF,
     H: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -236,22 +242,22 @@ def _fwd_kernel(
     # -- KV tiles [lo, full_lo) and [full_hi, hi) are partly visible (mask applied), [full_lo,
     # full_hi) visible to every row of this query tile (no mask evaluated); the rest are skipped
     last_m = tl.minimum(start_m + BLOCK_M, N_Q) - 1
-    hi = tl.minimum(N_K, tl.maximum(0, (last_m - 15 - (((last_m - 15) % 8) + 8) % 8) // 8 + 1))
+    hi = tl.minimum(N_K, tl.maximum(0, (Q_OFF - 8 * KV_OFF + last_m - 15 - (((Q_OFF - 8 * KV_OFF + last_m - 15) % 8) + 8) % 8) // 8 + 1))
     lo = 0
     lo = tl.where((lo < hi), lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
     full_lo = tl.minimum(tl.maximum(tl.cdiv(0, BLOCK_N) * BLOCK_N, lo), hi)
-    full_hi = tl.maximum((tl.minimum(hi, tl.minimum(N_K, tl.maximum(0, (start_m - 15 - (((start_m - 15) % 8) + 8) % 8) // 8 + 1)))) // BLOCK_N * BLOCK_N, full_lo)
+    full_hi = tl.maximum((tl.minimum(hi, tl.minimum(N_K, tl.maximum(0, (Q_OFF - 8 * KV_OFF + start_m - 15 - (((Q_OFF - 8 * KV_OFF + start_m - 15) % 8) + 8) % 8) // 8 + 1)))) // BLOCK_N * BLOCK_N, full_lo)
     for start_n in range(lo, full_hi, BLOCK_N):  # full tiles: no mask
         b_m, b_l, b_acc = _fwd_tile(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
             MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
         )
     for start_n in range(full_hi, hi, BLOCK_N):  # partial tiles: mask applied
         b_m, b_l, b_acc = _fwd_tile(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
             MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
         )
@@ -266,7 +272,7 @@ def _fwd_kernel(
     tl.store(LSE + i_bh.to(tl.int64) * N_Q + o_m, b_lse, mask=m_m)
 
 
-def _forward(q, k, v, scale, params):
+def _forward(q, k, v, scale, params, q_off=0, kv_off=0):
     b, _, n_q, _ = q.shape
     n_k = k.shape[2]
     o = _rt.empty_like_layout(q, (b, Q_HEADS, n_q, V_HEAD_DIM), dtype=q.dtype)
@@ -279,7 +285,7 @@ def _forward(q, k, v, scale, params):
     _fwd_kernel[grid](
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        scale * _LOG2E, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), *_rt.kernel_params(params),
+        scale * _LOG2E, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), q_off, kv_off, *_rt.kernel_params(params),
         H=Q_HEADS, GROUP=GROUP,
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=64, BLOCK_DV=64,
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
@@ -322,12 +328,14 @@ def _bwd_preprocess(
 @triton.jit
 def _bwd_dkdv_tile(
     b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
-    stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K,
+    stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, Q_OFF, KV_OFF,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # one query tile of dK/dV, transposed ([BN, BM]): p recomputed from lse, dV += p^T dO, dK += ds^T q
     o_m = start_m + tl.arange(0, BLOCK_M)
+    pos_m = o_m + Q_OFF
+    pos_n = o_n + KV_OFF
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     m_m = o_m < N_Q
@@ -343,7 +351,7 @@ def _bwd_dkdv_tile(
     b_st = tl.dot(b_k, b_qt, input_precision=DOT_PRECISION) * qk_scale  # [BN, BM]
     b_pt = tl.math.exp2(b_st - b_lse[None, :])
     if MASKED:
-        b_pt = tl.where((8 * (o_n[:, None]) + 15 <= (o_m[None, :])), b_pt, 0.0)
+        b_pt = tl.where((8 * (pos_n[:, None]) + 15 <= (pos_m[None, :])), b_pt, 0.0)
     b_pt_lo = b_pt.to(p_do0.dtype.element_ty)
     if DOT_UPCAST:
         b_pt_lo = b_pt_lo.to(tl.float32)
@@ -366,7 +374,7 @@ def _bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET,
+    qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, Q_OFF, KV_OFF,
     H: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -402,28 +410,28 @@ def _bwd_dkdv_kernel(
         # query tiles [q_lo, q_full) and [q_full_end, q_hi) see this KV tile partly (mask applied),
         # [q_full, q_full_end) see all of it; the rest see none of it
         q_hi = N_Q
-        q_lo = tl.minimum(N_Q, 8 * start_n + 15)
+        q_lo = tl.minimum(N_Q, tl.maximum(0, 8 * KV_OFF - Q_OFF + 8 * start_n + 15))
         q_lo = tl.where((q_lo < q_hi), q_lo // BLOCK_M * BLOCK_M, q_hi)  # no query sees it: visit nothing
-        q_full = tl.minimum(tl.maximum(tl.cdiv(tl.minimum(N_Q, 8 * last_n + 15), BLOCK_M) * BLOCK_M, q_lo), q_hi)
+        q_full = tl.minimum(tl.maximum(tl.cdiv(tl.minimum(N_Q, tl.maximum(0, 8 * KV_OFF - Q_OFF + 8 * last_n + 15)), BLOCK_M) * BLOCK_M, q_lo), q_hi)
         q_full_end = tl.maximum((tl.minimum(q_hi, N_Q)) // BLOCK_M * BLOCK_M, q_full)
         for start_m in range(q_lo, q_full, BLOCK_M):  # partial tiles: mask applied
             b_dk, b_dv = _bwd_dkdv_tile(
                 b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
-                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K,
+                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, Q_OFF, KV_OFF,
                 BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
                 MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
             )
         for start_m in range(q_full, q_full_end, BLOCK_M):  # full tiles: no mask
             b_dk, b_dv = _bwd_dkdv_tile(
                 b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
-                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K,
+                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, Q_OFF, KV_OFF,
                 BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
                 MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
             )
         for start_m in range(q_full_end, q_hi, BLOCK_M):  # partial tiles: mask applied
             b_dk, b_dv = _bwd_dkdv_tile(
                 b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
-                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K,
+                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, Q_OFF, KV_OFF,
                 BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
                 MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
             )
@@ -437,12 +445,14 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _bwd_dq_tile(
     b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-    stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+    stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # one KV tile of dQ: p recomputed from lse, dQ += ds k
     o_n = start_n + tl.arange(0, BLOCK_N)
+    pos_m = o_m + Q_OFF
+    pos_n = o_n + KV_OFF
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     p_kt = p_k0 + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd  # [BD, BN]
@@ -459,7 +469,7 @@ def _bwd_dq_tile(
     b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
     b_p = tl.math.exp2(b_s - b_lse[:, None])
     if MASKED:
-        b_p = tl.where((o_n[None, :] < N_K) & (8 * (o_n[None, :]) + 15 <= (o_m[:, None])), b_p, 0.0)
+        b_p = tl.where((o_n[None, :] < N_K) & (8 * (pos_n[None, :]) + 15 <= (pos_m[:, None])), b_p, 0.0)
     b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PRECISION)  # [BM, BN]
     b_ds = (b_p * (b_dp - b_delta[:, None])).to(p_k0.dtype.element_ty)
     if DOT_UPCAST:
@@ -477,7 +487,7 @@ def _bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET,
+    qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, Q_OFF, KV_OFF,
     H: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -509,22 +519,22 @@ def _bwd_dq_kernel(
 
     # -- the forward's KV tiles: [lo, full_lo) and [full_hi, hi) with the mask, [full_lo, full_hi) without
     last_m = tl.minimum(start_m + BLOCK_M, N_Q) - 1
-    hi = tl.minimum(N_K, tl.maximum(0, (last_m - 15 - (((last_m - 15) % 8) + 8) % 8) // 8 + 1))
+    hi = tl.minimum(N_K, tl.maximum(0, (Q_OFF - 8 * KV_OFF + last_m - 15 - (((Q_OFF - 8 * KV_OFF + last_m - 15) % 8) + 8) % 8) // 8 + 1))
     lo = 0
     lo = tl.where((lo < hi), lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
     full_lo = tl.minimum(tl.maximum(tl.cdiv(0, BLOCK_N) * BLOCK_N, lo), hi)
-    full_hi = tl.maximum((tl.minimum(hi, tl.minimum(N_K, tl.maximum(0, (start_m - 15 - (((start_m - 15) % 8) + 8) % 8) // 8 + 1)))) // BLOCK_N * BLOCK_N, full_lo)
+    full_hi = tl.maximum((tl.minimum(hi, tl.minimum(N_K, tl.maximum(0, (Q_OFF - 8 * KV_OFF + start_m - 15 - (((Q_OFF - 8 * KV_OFF + start_m - 15) % 8) + 8) % 8) // 8 + 1)))) // BLOCK_N * BLOCK_N, full_lo)
     for start_n in range(lo, full_hi, BLOCK_N):  # full tiles: no mask
         b_dq = _bwd_dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
             MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
         )
     for start_n in range(full_hi, hi, BLOCK_N):  # partial tiles: mask applied
         b_dq = _bwd_dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
             MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
         )
@@ -532,7 +542,7 @@ def _bwd_dq_kernel(
     tl.store(p_dq + o_m[:, None] * stride_dqm + o_d[None, :] * stride_dqd, (b_dq * sm_scale).to(DQ.dtype.element_ty), mask=m_m[:, None])
 
 
-def _backward(q, k, v, o, lse, do, dlse, scale, params):
+def _backward(q, k, v, o, lse, do, dlse, scale, params, q_off=0, kv_off=0):
     b, _, n_q, _ = q.shape
     n_k = k.shape[2]
     dq, dk, dv = _rt.empty_like(q), _rt.empty_like(k), _rt.empty_like(v)
@@ -550,7 +560,7 @@ def _backward(q, k, v, o, lse, do, dlse, scale, params):
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=64, BLOCK_DV=64,
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
     )
-    sizes = (scale * _LOG2E, scale, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), *_rt.kernel_params(params))
+    sizes = (scale * _LOG2E, scale, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), q_off, kv_off, *_rt.kernel_params(params))
     grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * KV_HEADS)  # noqa: E731
     _bwd_dkdv_kernel[grid_kv](
         q, k, v, do, lse, delta, dk, dv,
@@ -570,25 +580,29 @@ def _backward(q, k, v, o, lse, do, dlse, scale, params):
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, params):
-        o, lse = _forward(q, k, v, scale, params)
+    def forward(ctx, q, k, v, scale, params, offsets):
+        o, lse = _forward(q, k, v, scale, params, *offsets)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale = scale
         ctx.params = params
+        ctx.offsets = offsets
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, do, dlse, ctx.scale, ctx.params)
-        return dq, dk, dv, None, None
+        dq, dk, dv = _backward(q, k, v, o, lse, do, dlse, ctx.scale, ctx.params, *ctx.offsets)
+        return dq, dk, dv, None, None, None
 
 
-def attention(q, k, v, *, scale=None, return_lse=False, **unknown):
+def attention(q, k, v, *, scale=None, return_lse=False, q_offset=0, kv_offset=0, **unknown):
     """Compression branch of NSA spec nsa_g4_weighted: attention over the compressed keys (blocks of 16 tokens every 8). GQA attention, 8 query heads over 2 KV heads, head_dim 64, mask 8*kv_idx + 15 <= q_idx.
 
     q: [B, 8, Nq, 64]; k: [B, 2, Nk, 64]; v: [B, 2, Nk, 64] (bf16 | fp16, any strides).
     scale: softmax scale, default 1/sqrt(64).
+    q_offset, kv_offset: int >= 0, default 0: query row i is at position q_offset + i, key row j at
+    kv_offset + j; the mask and score_mod see those positions as q_idx, kv_idx, and q_len, kv_len
+    as q_offset + Nq, kv_offset + Nk (e.g. a chunk of queries of a longer sequence: chunked prefill).
     Returns o [B, 8, Nq, 64] in q's dtype, and with return_lse=True also
     lse [B, 8, Nq] float32 (natural log of the softmax denominator; -inf for a row that sees no key).
     """
@@ -596,11 +610,12 @@ def attention(q, k, v, *, scale=None, return_lse=False, **unknown):
         NAME, q, k, v, q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, v_head_dim=V_HEAD_DIM, dtypes=DTYPES
     )
     params = _rt.check_params(NAME, PARAMS, {}, unknown, device=q.device)
+    offsets = _rt.check_offsets(NAME, q_offset, kv_offset, q.shape[2], k.shape[2])
     scale = HEAD_DIM ** -0.5 if scale is None else float(scale)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        o, lse = _Attention.apply(q, k, v, scale, params)
+        o, lse = _Attention.apply(q, k, v, scale, params, offsets)
     else:
-        o, lse = _forward(q, k, v, scale, params)
+        o, lse = _forward(q, k, v, scale, params, *offsets)
     return (o, lse) if return_lse else o
 from attngen.kernels import kvcache as _kvcache  # noqa: E402  (after runtime, as every kernel module)
 from attngen.kernels import merge as _merge  # noqa: E402

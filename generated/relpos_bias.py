@@ -4,12 +4,15 @@
 """relpos_bias: Causal attention with a learnable relative-position bias. GQA attention, 4 query heads over 2 KV heads, head_dim 32, mask causal, score_mod score + rb[h, Min(31, -kv_idx + q_idx)].
 
 Layout (as torch SDPA and FlexAttention): q [B, 4, Nq, 32], k [B, 2, Nk, 32], v [B, 2, Nk, 32]; any strides.
-Query head h reads KV head h // 2. Mask: causal, q_idx >= kv_idx (top-left aligned, as SDPA's is_causal).
+Query head h reads KV head h // 2. Mask: causal, q_idx >= kv_idx (top-left aligned at equal offsets, as SDPA's is_causal).
+Positions: query row i is at position q_offset + i and key row j at kv_offset + j (attention()'s
+q_offset, kv_offset; default 0); q_idx and kv_idx in the mask and score_mod are those positions, and
+q_len, kv_len are q_offset + Nq and kv_offset + Nk (the sequence up to the last row given).
 Dtypes: fp16, bf16. Backward: yes.
 
 Tile paths (decided at build time):
-  forward and dQ: KV tiles below (tl.minimum(start_m + 1, N_K)) run unmasked; tiles up to (tl.minimum(tl.minimum(start_m + BLOCK_M, N_Q), N_K)) apply the mask; later tiles are skipped.
-  dK/dV: query tiles from (start_n // BLOCK_M * BLOCK_M) to (tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M) apply the mask; later ones run unmasked; earlier ones are skipped.
+  forward and dQ: KV tiles below (tl.minimum(tl.maximum(Q_OFF - KV_OFF + start_m + 1, 0), N_K)) run unmasked; tiles up to (tl.minimum(tl.maximum(Q_OFF - KV_OFF + last_m + 1, 0), N_K)) apply the mask; later tiles are skipped.
+  dK/dV: query tiles from (tl.minimum(tl.maximum(KV_OFF - Q_OFF + start_n, 0), N_Q)) to (tl.maximum(KV_OFF - Q_OFF + last_n, 0)) apply the mask; later ones run unmasked; earlier ones are skipped.
   score_mod: applied to q.k * scale (natural units) on every visited tile, before the mask; dQ and dK/dV multiply dL/d(score_mod) by its derivative in score.
   gradients of rb (only when one requires grad): a separate pass over query-row chunks recomputes p and dp for every (query, key) pair and writes each pair's contribution and element index (12 bytes a pair, at most runtime.PARAM_GRAD_ELEMS pairs a chunk), summed per element in index order (runtime.index_sum_): deterministic, no atomics, but about one more dQ pass plus a sort of B * H * Nq * Nk entries, with no tile skipped.
 """
@@ -152,8 +155,9 @@ _SPACES = {
     ],
 }
 _KEY = ["N_Q_BUCKET", "N_K_BUCKET"]
-# Sequence lengths are plain runtime integers: a new length never compiles a new kernel variant.
-_LENGTHS = ["N_Q", "N_K", "N_Q_BUCKET", "N_K_BUCKET", "arg_rb_stride_0", "arg_rb_stride_1", "arg_rb_size_0", "arg_rb_size_1"]
+# Sequence lengths and offsets are plain runtime integers: a new length or offset never compiles a
+# new kernel variant.
+_LENGTHS = ["N_Q", "N_K", "N_Q_BUCKET", "N_K_BUCKET", "Q_OFF", "KV_OFF", "arg_rb_stride_0", "arg_rb_stride_1", "arg_rb_size_0", "arg_rb_size_1"]
 _TUNE_FWD = _rt.TuneCache(f"{NAME}._fwd_kernel@{SPEC_SHA256[:16]}")
 
 _LOG2E = 1.4426950408889634  # host side; kernels spell their constants out (no non-constexpr globals)
@@ -162,13 +166,15 @@ _LOG2E = 1.4426950408889634  # host side; kernels spell their constants out (no 
 @triton.jit
 def _fwd_tile(
     b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-    stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+    stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
     arg_rb_ptr, arg_rb_stride_0, arg_rb_stride_1, arg_rb_size_0, arg_rb_size_1,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # one KV tile of the forward: scores, mask, online-softmax update of (m, l, acc)
     o_n = start_n + tl.arange(0, BLOCK_N)
+    pos_m = o_m + Q_OFF
+    pos_n = o_n + KV_OFF
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     p_kt = p_k0 + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd  # [BD, BN]
@@ -185,9 +191,9 @@ def _fwd_tile(
     b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
     # -- score_mod on the natural-units score q.k * scale, then back to base 2
     b_z = b_s * 0.6931471805599453
-    b_s = (b_z + tl.where((i_h < arg_rb_size_0) & (tl.minimum(31, o_m[:, None] - o_n[None, :]) >= 0) & (tl.minimum(31, o_m[:, None] - o_n[None, :]) < arg_rb_size_1), tl.load(arg_rb_ptr + tl.cast(tl.minimum(i_h, arg_rb_size_0 - 1), tl.int64) * arg_rb_stride_0 + tl.cast(tl.minimum(tl.maximum(tl.minimum(31, o_m[:, None] - o_n[None, :]), 0), arg_rb_size_1 - 1), tl.int64) * arg_rb_stride_1), 0)) * 1.4426950408889634
+    b_s = (b_z + tl.where((i_h < arg_rb_size_0) & (tl.minimum(31, pos_m[:, None] - pos_n[None, :]) >= 0) & (tl.minimum(31, pos_m[:, None] - pos_n[None, :]) < arg_rb_size_1), tl.load(arg_rb_ptr + tl.cast(tl.minimum(i_h, arg_rb_size_0 - 1), tl.int64) * arg_rb_stride_0 + tl.cast(tl.minimum(tl.maximum(tl.minimum(31, pos_m[:, None] - pos_n[None, :]), 0), arg_rb_size_1 - 1), tl.int64) * arg_rb_stride_1), 0)) * 1.4426950408889634
     if MASKED:
-        m_s = (o_n[None, :] < N_K) & (o_m[:, None] >= o_n[None, :])
+        m_s = (o_n[None, :] < N_K) & (pos_m[:, None] >= pos_n[None, :])
         b_s = tl.where(m_s, b_s, float("-inf"))
     # -- update running max m, denominator l and accumulator
     b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
@@ -215,7 +221,7 @@ def _fwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    qk_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET,
+    qk_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, Q_OFF, KV_OFF,
     arg_rb_ptr, arg_rb_stride_0, arg_rb_stride_1, arg_rb_size_0, arg_rb_size_1,
     H: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -247,15 +253,15 @@ def _fwd_kernel(
     # -- KV tiles [lo, full_lo) and [full_hi, hi) are partly visible (mask applied), [full_lo,
     # full_hi) visible to every row of this query tile (no mask evaluated); the rest are skipped
     last_m = tl.minimum(start_m + BLOCK_M, N_Q) - 1
-    hi = tl.minimum(tl.minimum(start_m + BLOCK_M, N_Q), N_K)
+    hi = tl.minimum(tl.maximum(Q_OFF - KV_OFF + last_m + 1, 0), N_K)
     lo = 0
     lo = tl.where(lo < hi, lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
     full_lo = tl.minimum(tl.maximum(tl.cdiv(0, BLOCK_N) * BLOCK_N, lo), hi)
-    full_hi = tl.maximum((tl.minimum(start_m + 1, N_K)) // BLOCK_N * BLOCK_N, full_lo)
+    full_hi = tl.maximum((tl.minimum(tl.maximum(Q_OFF - KV_OFF + start_m + 1, 0), N_K)) // BLOCK_N * BLOCK_N, full_lo)
     for start_n in range(lo, full_hi, BLOCK_N):  # full tiles: no mask
         b_m, b_l, b_acc = _fwd_tile(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
             arg_rb_ptr, arg_rb_stride_0, arg_rb_stride_1, arg_rb_size_0, arg_rb_size_1,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
             MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
@@ -263,7 +269,7 @@ def _fwd_kernel(
     for start_n in range(full_hi, hi, BLOCK_N):  # partial tiles: mask applied
         b_m, b_l, b_acc = _fwd_tile(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
             arg_rb_ptr, arg_rb_stride_0, arg_rb_stride_1, arg_rb_size_0, arg_rb_size_1,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
             MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
@@ -279,7 +285,7 @@ def _fwd_kernel(
     tl.store(LSE + i_bh.to(tl.int64) * N_Q + o_m, b_lse, mask=m_m)
 
 
-def _forward(q, k, v, scale, params):
+def _forward(q, k, v, scale, params, q_off=0, kv_off=0):
     b, _, n_q, _ = q.shape
     n_k = k.shape[2]
     o = _rt.empty_like_layout(q, (b, Q_HEADS, n_q, V_HEAD_DIM), dtype=q.dtype)
@@ -292,7 +298,7 @@ def _forward(q, k, v, scale, params):
     _fwd_kernel[grid](
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        scale * _LOG2E, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), *_rt.kernel_params(params),
+        scale * _LOG2E, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), q_off, kv_off, *_rt.kernel_params(params),
         H=Q_HEADS, GROUP=GROUP,
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=32, BLOCK_DV=32,
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
@@ -335,13 +341,15 @@ def _bwd_preprocess(
 @triton.jit
 def _bwd_dkdv_tile(
     b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
-    stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K,
+    stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, Q_OFF, KV_OFF,
     arg_rb_ptr, arg_rb_stride_0, arg_rb_stride_1, arg_rb_size_0, arg_rb_size_1,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # one query tile of dK/dV, transposed ([BN, BM]): p recomputed from lse, dV += p^T dO, dK += ds^T q
     o_m = start_m + tl.arange(0, BLOCK_M)
+    pos_m = o_m + Q_OFF
+    pos_n = o_n + KV_OFF
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     m_m = o_m < N_Q
@@ -357,10 +365,10 @@ def _bwd_dkdv_tile(
     b_st = tl.dot(b_k, b_qt, input_precision=DOT_PRECISION) * qk_scale  # [BN, BM]
     # -- score_mod on the natural-units score q.k * scale, then back to base 2
     b_zt = b_st * 0.6931471805599453
-    b_st = (b_zt + tl.where((i_h < arg_rb_size_0) & (tl.minimum(31, o_m[None, :] - o_n[:, None]) >= 0) & (tl.minimum(31, o_m[None, :] - o_n[:, None]) < arg_rb_size_1), tl.load(arg_rb_ptr + tl.cast(tl.minimum(i_h, arg_rb_size_0 - 1), tl.int64) * arg_rb_stride_0 + tl.cast(tl.minimum(tl.maximum(tl.minimum(31, o_m[None, :] - o_n[:, None]), 0), arg_rb_size_1 - 1), tl.int64) * arg_rb_stride_1), 0)) * 1.4426950408889634
+    b_st = (b_zt + tl.where((i_h < arg_rb_size_0) & (tl.minimum(31, pos_m[None, :] - pos_n[:, None]) >= 0) & (tl.minimum(31, pos_m[None, :] - pos_n[:, None]) < arg_rb_size_1), tl.load(arg_rb_ptr + tl.cast(tl.minimum(i_h, arg_rb_size_0 - 1), tl.int64) * arg_rb_stride_0 + tl.cast(tl.minimum(tl.maximum(tl.minimum(31, pos_m[None, :] - pos_n[:, None]), 0), arg_rb_size_1 - 1), tl.int64) * arg_rb_stride_1), 0)) * 1.4426950408889634
     b_pt = tl.math.exp2(b_st - b_lse[None, :])
     if MASKED:
-        b_pt = tl.where((o_m[None, :] >= o_n[:, None]), b_pt, 0.0)
+        b_pt = tl.where((pos_m[None, :] >= pos_n[:, None]), b_pt, 0.0)
     b_pt_lo = b_pt.to(p_do0.dtype.element_ty)
     if DOT_UPCAST:
         b_pt_lo = b_pt_lo.to(tl.float32)
@@ -383,7 +391,7 @@ def _bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET,
+    qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, Q_OFF, KV_OFF,
     arg_rb_ptr, arg_rb_stride_0, arg_rb_stride_1, arg_rb_size_0, arg_rb_size_1,
     H: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -420,14 +428,14 @@ def _bwd_dkdv_kernel(
         # query tiles [q_lo, q_full) and [q_full_end, q_hi) see this KV tile partly (mask applied),
         # [q_full, q_full_end) see all of it; the rest see none of it
         q_hi = N_Q
-        q_lo = start_n // BLOCK_M * BLOCK_M
-        q_lo = tl.where(start_n < q_hi, q_lo // BLOCK_M * BLOCK_M, q_hi)  # no query sees it: visit nothing
-        q_full = tl.minimum(tl.maximum(tl.cdiv(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, BLOCK_M) * BLOCK_M, q_lo), q_hi)
+        q_lo = tl.minimum(tl.maximum(KV_OFF - Q_OFF + start_n, 0), N_Q)
+        q_lo = tl.where(q_lo < q_hi, q_lo // BLOCK_M * BLOCK_M, q_hi)  # no query sees it: visit nothing
+        q_full = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(KV_OFF - Q_OFF + last_n, 0), BLOCK_M) * BLOCK_M, q_lo), q_hi)
         q_full_end = tl.maximum(N_Q, q_full)
         for start_m in range(q_lo, q_full, BLOCK_M):  # partial tiles: mask applied
             b_dk, b_dv = _bwd_dkdv_tile(
                 b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
-                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K,
+                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, Q_OFF, KV_OFF,
                 arg_rb_ptr, arg_rb_stride_0, arg_rb_stride_1, arg_rb_size_0, arg_rb_size_1,
                 BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
                 MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
@@ -435,7 +443,7 @@ def _bwd_dkdv_kernel(
         for start_m in range(q_full, q_hi, BLOCK_M):  # full tiles: no mask
             b_dk, b_dv = _bwd_dkdv_tile(
                 b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
-                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K,
+                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, Q_OFF, KV_OFF,
                 arg_rb_ptr, arg_rb_stride_0, arg_rb_stride_1, arg_rb_size_0, arg_rb_size_1,
                 BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
                 MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
@@ -450,13 +458,15 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _bwd_dq_tile(
     b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-    stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+    stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
     arg_rb_ptr, arg_rb_stride_0, arg_rb_stride_1, arg_rb_size_0, arg_rb_size_1,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # one KV tile of dQ: p recomputed from lse, dQ += ds k
     o_n = start_n + tl.arange(0, BLOCK_N)
+    pos_m = o_m + Q_OFF
+    pos_n = o_n + KV_OFF
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     p_kt = p_k0 + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd  # [BD, BN]
@@ -472,10 +482,10 @@ def _bwd_dq_tile(
         b_vt = b_vt.to(tl.float32)
     b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
     b_z = b_s * 0.6931471805599453
-    b_s = (b_z + tl.where((i_h < arg_rb_size_0) & (tl.minimum(31, o_m[:, None] - o_n[None, :]) >= 0) & (tl.minimum(31, o_m[:, None] - o_n[None, :]) < arg_rb_size_1), tl.load(arg_rb_ptr + tl.cast(tl.minimum(i_h, arg_rb_size_0 - 1), tl.int64) * arg_rb_stride_0 + tl.cast(tl.minimum(tl.maximum(tl.minimum(31, o_m[:, None] - o_n[None, :]), 0), arg_rb_size_1 - 1), tl.int64) * arg_rb_stride_1), 0)) * 1.4426950408889634
+    b_s = (b_z + tl.where((i_h < arg_rb_size_0) & (tl.minimum(31, pos_m[:, None] - pos_n[None, :]) >= 0) & (tl.minimum(31, pos_m[:, None] - pos_n[None, :]) < arg_rb_size_1), tl.load(arg_rb_ptr + tl.cast(tl.minimum(i_h, arg_rb_size_0 - 1), tl.int64) * arg_rb_stride_0 + tl.cast(tl.minimum(tl.maximum(tl.minimum(31, pos_m[:, None] - pos_n[None, :]), 0), arg_rb_size_1 - 1), tl.int64) * arg_rb_stride_1), 0)) * 1.4426950408889634
     b_p = tl.math.exp2(b_s - b_lse[:, None])
     if MASKED:
-        b_p = tl.where((o_n[None, :] < N_K) & (o_m[:, None] >= o_n[None, :]), b_p, 0.0)
+        b_p = tl.where((o_n[None, :] < N_K) & (pos_m[:, None] >= pos_n[None, :]), b_p, 0.0)
     b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PRECISION)  # [BM, BN]
     b_ds = (b_p * (b_dp - b_delta[:, None])).to(p_k0.dtype.element_ty)
     if DOT_UPCAST:
@@ -493,7 +503,7 @@ def _bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET,
+    qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, Q_OFF, KV_OFF,
     arg_rb_ptr, arg_rb_stride_0, arg_rb_stride_1, arg_rb_size_0, arg_rb_size_1,
     H: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -526,15 +536,15 @@ def _bwd_dq_kernel(
 
     # -- the forward's KV tiles: [lo, full_lo) and [full_hi, hi) with the mask, [full_lo, full_hi) without
     last_m = tl.minimum(start_m + BLOCK_M, N_Q) - 1
-    hi = tl.minimum(tl.minimum(start_m + BLOCK_M, N_Q), N_K)
+    hi = tl.minimum(tl.maximum(Q_OFF - KV_OFF + last_m + 1, 0), N_K)
     lo = 0
     lo = tl.where(lo < hi, lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
     full_lo = tl.minimum(tl.maximum(tl.cdiv(0, BLOCK_N) * BLOCK_N, lo), hi)
-    full_hi = tl.maximum((tl.minimum(start_m + 1, N_K)) // BLOCK_N * BLOCK_N, full_lo)
+    full_hi = tl.maximum((tl.minimum(tl.maximum(Q_OFF - KV_OFF + start_m + 1, 0), N_K)) // BLOCK_N * BLOCK_N, full_lo)
     for start_n in range(lo, full_hi, BLOCK_N):  # full tiles: no mask
         b_dq = _bwd_dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
             arg_rb_ptr, arg_rb_stride_0, arg_rb_stride_1, arg_rb_size_0, arg_rb_size_1,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
             MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
@@ -542,7 +552,7 @@ def _bwd_dq_kernel(
     for start_n in range(full_hi, hi, BLOCK_N):  # partial tiles: mask applied
         b_dq = _bwd_dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q,
+            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
             arg_rb_ptr, arg_rb_stride_0, arg_rb_stride_1, arg_rb_size_0, arg_rb_size_1,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
             MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
@@ -551,7 +561,7 @@ def _bwd_dq_kernel(
     tl.store(p_dq + o_m[:, None] * stride_dqm + o_d[None, :] * stride_dqd, (b_dq * sm_scale).to(DQ.dtype.element_ty), mask=m_m[:, None])
 
 
-def _backward(q, k, v, o, lse, do, dlse, scale, params, param_grads=False):
+def _backward(q, k, v, o, lse, do, dlse, scale, params, q_off=0, kv_off=0, param_grads=False):
     """dq, dk, dv, and with param_grads=True also the gradients of rb."""
     b, _, n_q, _ = q.shape
     n_k = k.shape[2]
@@ -571,7 +581,7 @@ def _backward(q, k, v, o, lse, do, dlse, scale, params, param_grads=False):
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=32, BLOCK_DV=32,
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
     )
-    sizes = (scale * _LOG2E, scale, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), *_rt.kernel_params(params))
+    sizes = (scale * _LOG2E, scale, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), q_off, kv_off, *_rt.kernel_params(params))
     grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * KV_HEADS)  # noqa: E731
     _bwd_dkdv_kernel[grid_kv](
         q, k, v, do, lse, delta, dk, dv,
@@ -587,27 +597,28 @@ def _backward(q, k, v, o, lse, do, dlse, scale, params, param_grads=False):
     )
     _TUNE_DQ.record(_bwd_dq_kernel)
     if param_grads:
-        return (dq, dk, dv, *_param_grads(q, k, v, do, lse, delta, scale, params))
+        return (dq, dk, dv, *_param_grads(q, k, v, do, lse, delta, scale, params, q_off, kv_off))
     return dq, dk, dv
 
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, params, rb):
-        o, lse = _forward(q, k, v, scale, params)
+    def forward(ctx, q, k, v, scale, params, offsets, rb):
+        o, lse = _forward(q, k, v, scale, params, *offsets)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale = scale
         ctx.params = params
+        ctx.offsets = offsets
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         # the learnable tensors' gradients cost a separate pass: only when one of them asks
-        want = any(ctx.needs_input_grad[5:])
-        grads = _backward(q, k, v, o, lse, do, dlse, ctx.scale, ctx.params, param_grads=want)
+        want = any(ctx.needs_input_grad[6:])
+        grads = _backward(q, k, v, o, lse, do, dlse, ctx.scale, ctx.params, *ctx.offsets, param_grads=want)
         dparams = grads[3:] if want else (None,) * len(_GRAD_PARAMS)
-        return (*grads[:3], None, None, *dparams)
+        return (*grads[:3], None, None, None, *dparams)
 
 
 # ----------------------------------------------------------------------------- learnable tensor parameters
@@ -623,7 +634,7 @@ def _bwd_param_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    qk_scale, N_Q, N_K, ROW0, N_ROWS,
+    qk_scale, N_Q, N_K, ROW0, N_ROWS, Q_OFF, KV_OFF,
     arg_rb_ptr, arg_rb_stride_0, arg_rb_stride_1, arg_rb_size_0, arg_rb_size_1,
     H: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -640,6 +651,8 @@ def _bwd_param_kernel(
     o_r = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_m = ROW0 + o_r
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pos_m = o_m + Q_OFF
+    pos_n = o_n + KV_OFF
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     m_r = o_r < N_ROWS
@@ -663,19 +676,19 @@ def _bwd_param_kernel(
         b_vt = b_vt.to(tl.float32)
     b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
     b_z = b_s * 0.6931471805599453
-    b_s = (b_z + tl.where((i_h < arg_rb_size_0) & (tl.minimum(31, o_m[:, None] - o_n[None, :]) >= 0) & (tl.minimum(31, o_m[:, None] - o_n[None, :]) < arg_rb_size_1), tl.load(arg_rb_ptr + tl.cast(tl.minimum(i_h, arg_rb_size_0 - 1), tl.int64) * arg_rb_stride_0 + tl.cast(tl.minimum(tl.maximum(tl.minimum(31, o_m[:, None] - o_n[None, :]), 0), arg_rb_size_1 - 1), tl.int64) * arg_rb_stride_1), 0)) * 1.4426950408889634
+    b_s = (b_z + tl.where((i_h < arg_rb_size_0) & (tl.minimum(31, pos_m[:, None] - pos_n[None, :]) >= 0) & (tl.minimum(31, pos_m[:, None] - pos_n[None, :]) < arg_rb_size_1), tl.load(arg_rb_ptr + tl.cast(tl.minimum(i_h, arg_rb_size_0 - 1), tl.int64) * arg_rb_stride_0 + tl.cast(tl.minimum(tl.maximum(tl.minimum(31, pos_m[:, None] - pos_n[None, :]), 0), arg_rb_size_1 - 1), tl.int64) * arg_rb_stride_1), 0)) * 1.4426950408889634
     b_p = tl.math.exp2(b_s - b_lse[:, None])
-    b_p = tl.where(m_m[:, None] & m_n[None, :] & (o_m[:, None] >= o_n[None, :]), b_p, 0.0)
+    b_p = tl.where(m_m[:, None] & m_n[None, :] & (pos_m[:, None] >= pos_n[None, :]), b_p, 0.0)
     b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PRECISION)  # [BM, BN]
     b_ds = tl.where(b_p > 0.0, b_p * (b_dp - b_delta[:, None]), 0.0)  # dL/d(score_mod), natural units
     o_out = i_bh.to(tl.int64) * N_ROWS * N_K + o_r[:, None].to(tl.int64) * N_K + o_n[None, :]
     m_out = m_r[:, None] & m_n[None, :]
     b_zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int64)
-    tl.store(GVAL_rb + o_out, tl.where((tl.cast(i_h, tl.int64) >= 0) & (tl.cast(i_h, tl.int64) < arg_rb_size_0) & (tl.cast(tl.minimum(31, o_m[:, None] - o_n[None, :]), tl.int64) >= 0) & (tl.cast(tl.minimum(31, o_m[:, None] - o_n[None, :]), tl.int64) < arg_rb_size_1), b_ds * 1, 0.0), mask=m_out)
-    tl.store(GIDX_rb + o_out, tl.where((tl.cast(i_h, tl.int64) >= 0) & (tl.cast(i_h, tl.int64) < arg_rb_size_0) & (tl.cast(tl.minimum(31, o_m[:, None] - o_n[None, :]), tl.int64) >= 0) & (tl.cast(tl.minimum(31, o_m[:, None] - o_n[None, :]), tl.int64) < arg_rb_size_1), (tl.cast(i_h, tl.int64)) * arg_rb_size_1 + tl.cast(tl.minimum(31, o_m[:, None] - o_n[None, :]), tl.int64), 0) + b_zero, mask=m_out)
+    tl.store(GVAL_rb + o_out, tl.where((tl.cast(i_h, tl.int64) >= 0) & (tl.cast(i_h, tl.int64) < arg_rb_size_0) & (tl.cast(tl.minimum(31, pos_m[:, None] - pos_n[None, :]), tl.int64) >= 0) & (tl.cast(tl.minimum(31, pos_m[:, None] - pos_n[None, :]), tl.int64) < arg_rb_size_1), b_ds * 1, 0.0), mask=m_out)
+    tl.store(GIDX_rb + o_out, tl.where((tl.cast(i_h, tl.int64) >= 0) & (tl.cast(i_h, tl.int64) < arg_rb_size_0) & (tl.cast(tl.minimum(31, pos_m[:, None] - pos_n[None, :]), tl.int64) >= 0) & (tl.cast(tl.minimum(31, pos_m[:, None] - pos_n[None, :]), tl.int64) < arg_rb_size_1), (tl.cast(i_h, tl.int64)) * arg_rb_size_1 + tl.cast(tl.minimum(31, pos_m[:, None] - pos_n[None, :]), tl.int64), 0) + b_zero, mask=m_out)
 
 
-def _param_grads(q, k, v, do, lse, delta, scale, params):
+def _param_grads(q, k, v, do, lse, delta, scale, params, q_off=0, kv_off=0):
     """Gradients of the float tensors the score_mod reads, by query-row chunks: a kernel writes each
     pair's contribution and its element's flat index ([B * H, rows, Nk] float32 and int64, at most
     _rt.PARAM_GRAD_ELEMS pairs per chunk), and _rt.index_sum_ sums them in an order fixed by the
@@ -697,7 +710,7 @@ def _param_grads(q, k, v, do, lse, delta, scale, params):
         _bwd_param_kernel[grid](
             q, k, v, do, lse, delta, *(x for pair in bufs for x in pair),
             *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-            scale * _LOG2E, n_q, n_k, row0, n_rows, *_rt.kernel_params(params),
+            scale * _LOG2E, n_q, n_k, row0, n_rows, q_off, kv_off, *_rt.kernel_params(params),
             H=Q_HEADS, GROUP=GROUP, BLOCK_D=32, BLOCK_DV=32,
             DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
             BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], num_warps=c["num_warps"], num_stages=c["num_stages"],
@@ -707,12 +720,15 @@ def _param_grads(q, k, v, do, lse, delta, scale, params):
     return tuple(total.view(t.shape).to(t.dtype) for total, t in zip(sums, tensors))
 
 
-def attention(q, k, v, *, rb=None, scale=None, return_lse=False, **unknown):
+def attention(q, k, v, *, rb=None, scale=None, return_lse=False, q_offset=0, kv_offset=0, **unknown):
     """Causal attention with a learnable relative-position bias. GQA attention, 4 query heads over 2 KV heads, head_dim 32, mask causal, score_mod score + rb[h, Min(31, -kv_idx + q_idx)].
 
     q: [B, 4, Nq, 32]; k: [B, 2, Nk, 32]; v: [B, 2, Nk, 32] (fp16 | bf16, any strides).
     rb: fp32 tensor with 2 dims on q's device, required: the score_mod's parameter rb; learnable: receives a gradient.
     scale: softmax scale, default 1/sqrt(32).
+    q_offset, kv_offset: int >= 0, default 0: query row i is at position q_offset + i, key row j at
+    kv_offset + j; the mask and score_mod see those positions as q_idx, kv_idx, and q_len, kv_len
+    as q_offset + Nq, kv_offset + Nk (e.g. a chunk of queries of a longer sequence: chunked prefill).
     Returns o [B, 4, Nq, 32] in q's dtype, and with return_lse=True also
     lse [B, 4, Nq] float32 (natural log of the softmax denominator; -inf for a row that sees no key).
     """
@@ -720,11 +736,12 @@ def attention(q, k, v, *, rb=None, scale=None, return_lse=False, **unknown):
         NAME, q, k, v, q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, v_head_dim=V_HEAD_DIM, dtypes=DTYPES
     )
     params = _rt.check_params(NAME, PARAMS, {"rb": rb}, unknown, device=q.device)
+    offsets = _rt.check_offsets(NAME, q_offset, kv_offset, q.shape[2], k.shape[2])
     scale = HEAD_DIM ** -0.5 if scale is None else float(scale)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or rb.requires_grad):
-        o, lse = _Attention.apply(q, k, v, scale, params, rb)
+        o, lse = _Attention.apply(q, k, v, scale, params, offsets, rb)
     else:
-        o, lse = _forward(q, k, v, scale, params)
+        o, lse = _forward(q, k, v, scale, params, *offsets)
     return (o, lse) if return_lse else o
 from attngen.kernels import kvcache as _kvcache  # noqa: E402  (after runtime, as every kernel module)
 from attngen.kernels import merge as _merge  # noqa: E402

@@ -17,10 +17,11 @@ def rule_for(mask: str, params=()) -> MaskRule:
     return expr_rule(parse_expr(mask, kind="mask", params=decls))
 
 
-def tile_counts(mask: str, n_q: int, n_k: int, block_m: int, block_n: int, params=None) -> dict[str, int]:
+def tile_counts(mask: str, n_q: int, n_k: int, block_m: int, block_n: int, params=None, *,
+                q_offset: int = 0, kv_offset: int = 0) -> dict[str, int]:
     """How many (query tile, KV tile) pairs the forward kernel visits, split into full (mask
     skipped) and partial (mask applied), for one (batch, head); `params` gives int parameters'
-    values (name -> value)."""
+    values (name -> value); the offsets are attention()'s (query row i at position q_offset + i)."""
     params = dict(params or {})
     rule = rule_for(mask, tuple((n, "int") for n in params))
-    return classify_tiles(rule, n_q, n_k, block_m, block_n, params).counts("fwd")
+    return classify_tiles(rule, n_q, n_k, block_m, block_n, params, q_offset=q_offset, kv_offset=kv_offset).counts("fwd")

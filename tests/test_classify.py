@@ -44,6 +44,9 @@ CASES = [(s.mask, {n: _DRAW.get(n, INTS) for n, _ in s.params}) for s in SCALAR_
     ("not (kv_idx > q_idx or q_idx - kv_idx >= w)", {"w": INTS}),
 ]
 TILES = st.sampled_from([16, 32, 64, 128])
+# attention()'s q_offset / kv_offset (query row i at position offset + i): 0, or up to well past
+# the lengths drawn
+OFFSETS = st.one_of(st.just(0), st.integers(0, 700))
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,13 +58,15 @@ def _rule(mask, names):
     return _rule_cached(mask, tuple(names))
 
 
-def _visible(mask, names, params, n_q, n_k, h):
-    qi = torch.arange(n_q).view(-1, 1)
-    ki = torch.arange(n_k).view(1, -1)
+def _visible(mask, names, params, n_q, n_k, h, q_offset=0, kv_offset=0):
+    """Per (query row, key row): visible, the mask read at positions offset + row (q_len, kv_len:
+    offset + length), as attention(q_offset=, kv_offset=) defines them."""
+    qi = torch.arange(n_q).view(-1, 1) + q_offset
+    ki = torch.arange(n_k).view(1, -1) + kv_offset
     if mask in MASK_RULES:
         return torch.ones(n_q, n_k, dtype=torch.bool) if mask == "none" else (qi >= ki)
     fn = to_torch(parse_expr(mask, kind="mask", params=parse_params({n: "int" for n in names})))
-    return torch.as_tensor(fn(0, h, qi, ki, n_q, n_k, **params), dtype=torch.bool).expand(n_q, n_k)
+    return torch.as_tensor(fn(0, h, qi, ki, q_offset + n_q, kv_offset + n_k, **params), dtype=torch.bool).expand(n_q, n_k)
 
 
 def brute_tiles(vis, block_m, block_n):
@@ -84,19 +89,24 @@ def brute_tiles(vis, block_m, block_n):
     block_m=TILES,
     block_n=TILES,
     h=st.integers(0, 3),
+    q_offset=OFFSETS,
+    kv_offset=OFFSETS,
 )
-@example(case=(("kv_idx * 16 + 31 <= q_idx", {}), {}), n_q=129, n_k=77, block_m=16, block_n=64, h=0)
-@example(case=(("chunked(c)", {"c": DIVISORS}), {"c": 5}), n_q=250, n_k=41, block_m=128, block_n=16, h=0)
-@example(case=(("prefix_lm(p)", {"p": INTS}), {"p": 0}), n_q=33, n_k=250, block_m=32, block_n=16, h=0)
-def test_tiles_never_skip_a_visible_pair_and_full_tiles_are_all_visible(case, n_q, n_k, block_m, block_n, h):
+@example(case=(("kv_idx * 16 + 31 <= q_idx", {}), {}), n_q=129, n_k=77, block_m=16, block_n=64, h=0, q_offset=0, kv_offset=0)
+@example(case=(("chunked(c)", {"c": DIVISORS}), {"c": 5}), n_q=250, n_k=41, block_m=128, block_n=16, h=0, q_offset=0, kv_offset=0)
+@example(case=(("prefix_lm(p)", {"p": INTS}), {"p": 0}), n_q=33, n_k=250, block_m=32, block_n=16, h=0, q_offset=0, kv_offset=0)
+@example(case=(("causal", {}), {}), n_q=40, n_k=300, block_m=16, block_n=32, h=0, q_offset=260, kv_offset=0)
+@example(case=(("chunked(c)", {"c": DIVISORS}), {"c": 24}), n_q=50, n_k=100, block_m=16, block_n=32, h=0, q_offset=613, kv_offset=517)
+def test_tiles_never_skip_a_visible_pair_and_full_tiles_are_all_visible(case, n_q, n_k, block_m, block_n, h, q_offset, kv_offset):
     (mask, strategies), params = case
     rule = _rule(mask, strategies)
-    vis = _visible(mask, strategies, params, n_q, n_k, h)
+    vis = _visible(mask, strategies, params, n_q, n_k, h, q_offset, kv_offset)
     any_vis, all_vis = brute_tiles(vis, block_m, block_n)
-    classes = classify_tiles(rule, n_q, n_k, block_m, block_n, params, h=h)  # raises on a tile visited twice
+    # raises on a tile visited twice
+    classes = classify_tiles(rule, n_q, n_k, block_m, block_n, params, h=h, q_offset=q_offset, kv_offset=kv_offset)
     for kernel, grid in (("fwd", classes.fwd), ("dkdv", classes.dkdv)):
         cls = torch.tensor([[{"empty": 0, "partial": 1, "full": 2}[c] for c in row] for row in grid])
-        where = f"{kernel} {mask} {params}"
+        where = f"{kernel} {mask} {params} offsets ({q_offset}, {kv_offset})"
         assert not (any_vis & (cls == 0)).any(), f"{where}: a skipped tile holds a visible pair"
         assert not ((cls == 2) & ~all_vis).any(), f"{where}: a tile run unmasked holds a hidden pair"
         if rule.tight:
@@ -127,25 +137,37 @@ def test_tensor_reads_take_the_safe_path():
     assert c.path.startswith("closed-form visited range") and c.fwd.end != "N_K" and c.fwd.full_end == "0"
 
 
-@pytest.mark.parametrize("mask, params", [
-    ("chunked(c)", {"c": 64}),
-    ("chunked(c)", {"c": 40}),
-    ("prefix_lm(p)", {"p": 100}),
-    ("kv_idx * 16 + 31 <= q_idx", {}),
-    ("dilated(w, d)", {"w": 32, "d": 2}),
-    ("abs(q_idx // W - kv_idx // W) <= r and abs(q_idx % W - kv_idx % W) <= r", {"W": 16, "r": 1}),
+_NATTEN_ROWS = "abs(q_idx // W - kv_idx // W) <= r"
+
+
+@pytest.mark.parametrize("mask, params, bounded", [
+    ("causal", {}, None),
+    ("sliding_window(w)", {"w": 40}, None),
+    ("chunked(c)", {"c": 64}, None),
+    ("chunked(c)", {"c": 40}, None),
+    ("prefix_lm(p)", {"p": 100}, None),
+    ("kv_idx * 16 + 31 <= q_idx", {}, None),
+    ("dilated(w, d)", {"w": 32, "d": 2}, "sliding_window(w)"),
+    (_NATTEN_ROWS, {"W": 16, "r": 1}, None),
+    (_NATTEN_ROWS + " and abs(q_idx % W - kv_idx % W) <= r", {"W": 16, "r": 1}, _NATTEN_ROWS),
 ])
-def test_closed_forms_are_exact_on_these_masks(mask, params):
+@pytest.mark.parametrize("q_offset, kv_offset", [(0, 0), (37, 5), (5, 37), (1000, 990), (20, 300), (513, 0)])
+def test_closed_forms_are_exact_on_these_masks(mask, params, bounded, q_offset, kv_offset):
     """Not vacuous: here the bounds visit exactly the tiles holding a visible pair, and run unmasked
-    exactly the tiles whose pairs are all visible (none where a modulo condition remains)."""
+    exactly the tiles whose pairs are all visible, with the positions shifted by runtime offsets
+    too (tiles are over rows, not aligned to positions; floor division stays exact). Where a modulo
+    condition remains (`bounded`: the mask without it), nothing runs unmasked and the visited tiles
+    are exactly those of the bounded part (with offsets, tiles no longer align to the grid width,
+    so some of them hold no pair passing the modulo condition)."""
     n, bm, bn = 256, 16, 16
-    any_vis, all_vis = brute_tiles(_visible(mask, params, params, n, n, 0), bm, bn)
-    c = classify_tiles(_rule(mask, params), n, n, bm, bn, params)
-    modulo = "%" in mask or "dilated" in mask
+    any_vis, all_vis = brute_tiles(_visible(mask, params, params, n, n, 0, q_offset, kv_offset), bm, bn)
+    if bounded:
+        any_vis, _ = brute_tiles(_visible(bounded, params, params, n, n, 0, q_offset, kv_offset), bm, bn)
+    c = classify_tiles(_rule(mask, params), n, n, bm, bn, params, q_offset=q_offset, kv_offset=kv_offset)
     for kernel in ("fwd", "dkdv"):
         counts = c.counts(kernel)
-        assert counts["visited"] == int(any_vis.sum()) < counts["total"], kernel
-        assert counts["full"] == (0 if modulo else int(all_vis.sum())), kernel
+        assert counts["visited"] == int(any_vis.sum()), kernel
+        assert counts["full"] == (0 if bounded else int(all_vis.sum())), kernel
 
 
 @pytest.mark.parametrize("c", [0, -1, -16])
@@ -181,6 +203,10 @@ def test_extreme_parameters_do_not_overflow_the_bounds(mask, params):
 def test_tile_counts_of_expressions():
     assert tile_counts("causal", 64, 64, 16, 16) == {"full": 6, "partial": 4, "visited": 10, "total": 16}
     assert tile_counts("chunked(c)", 64, 64, 16, 16, {"c": 32}) == {"full": 2, "partial": 4, "visited": 6, "total": 16}
+    # a chunk of 16 queries at position 48 over keys 0..63: three full KV tiles and the diagonal one
+    assert tile_counts("causal", 16, 64, 16, 16, q_offset=48) == {"full": 3, "partial": 1, "visited": 4, "total": 4}
+    # the same queries with a window of 20 keys: tiles from key 29 on, none of them whole
+    assert tile_counts("sliding_window(w)", 16, 64, 16, 16, {"w": 20}, q_offset=48) == {"full": 0, "partial": 3, "visited": 3, "total": 4}
 
 
 def test_mirror_uses_triton_integer_semantics_and_refuses_other_text():
@@ -257,13 +283,13 @@ _MASKS = st.recursive(
 
 @settings(max_examples=40, deadline=None)
 @given(mask=_MASKS, p=DIVISORS, s=st.integers(-20, 60), n_q=st.integers(1, 200), n_k=st.integers(1, 200),
-       block_m=TILES, block_n=TILES)
-def test_random_masks_are_classified_soundly(mask, p, s, n_q, n_k, block_m, block_n):
+       block_m=TILES, block_n=TILES, q_offset=OFFSETS, kv_offset=OFFSETS)
+def test_random_masks_are_classified_soundly(mask, p, s, n_q, n_k, block_m, block_n, q_offset, kv_offset):
     params = {"p": p, "s": s}
     rule = _rule(mask, ("p", "s"))
-    vis = _visible(mask, ("p", "s"), params, n_q, n_k, 0)
+    vis = _visible(mask, ("p", "s"), params, n_q, n_k, 0, q_offset, kv_offset)
     any_vis, all_vis = brute_tiles(vis, block_m, block_n)
-    classes = classify_tiles(rule, n_q, n_k, block_m, block_n, params)
+    classes = classify_tiles(rule, n_q, n_k, block_m, block_n, params, q_offset=q_offset, kv_offset=kv_offset)
     for kernel, grid in (("fwd", classes.fwd), ("dkdv", classes.dkdv)):
         cls = torch.tensor([[{"empty": 0, "partial": 1, "full": 2}[c] for c in row] for row in grid])
         assert not (any_vis & (cls == 0)).any(), f"{kernel} {mask} {params}: a skipped tile holds a visible pair"

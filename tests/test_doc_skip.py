@@ -133,6 +133,18 @@ def test_skip_is_sound_and_skips_every_disjoint_tile(case, bm, bn):
     assert torch.equal(skip, disjoint), "the ranges from id_ranges differ from the tiles' true ranges"
 
 
+@pytest.mark.parametrize("offset", [0, 5, 37, 130])
+def test_id_ranges_read_the_ids_at_positions(offset):
+    """With an offset, row i of a side reads ids[b, offset + i] (0 past the tensor): each entry is
+    the [min, max] over its 16 rows, rows past n repeating row n - 1."""
+    ids, batch, n = _sorted_docs(2, 150, (3, 9), 5), 3, 70
+    lo, hi = runtime.id_ranges(ids, batch, n, offset)
+    at = _effective(ids, batch, offset + n)[:, offset:]  # [batch, n]: row i's id
+    for c in range(lo.shape[1]):
+        rows = torch.arange(c * runtime.ID_CHUNK, (c + 1) * runtime.ID_CHUNK).clamp(max=n - 1)
+        assert torch.equal(lo[:, c].long(), at[:, rows].amin(1)) and torch.equal(hi[:, c].long(), at[:, rows].amax(1)), c
+
+
 def test_many_short_documents_skip_most_causal_tiles():
     ids, batch, n_q, n_k = _id_cases()["many short sorted"]
     skip = _skips(ids, batch, n_q, n_k, 16, 16)

@@ -50,6 +50,8 @@ def test_planned_loops_walk_the_same_tiles_as_the_three_loops(name):
             "N_Q": rng.randint(1, 300), "N_K": rng.randint(1, 300),
             "BLOCK_M": rng.choice([16, 32, 64]), "BLOCK_N": rng.choice([16, 32, 64]),
             "i_b": rng.randint(0, 3), "i_h": rng.randint(0, 7),
+            # the runtime offsets (query row i at position Q_OFF + i): 0, or up to past the lengths
+            "Q_OFF": rng.choice([0, rng.randint(0, 400)]), "KV_OFF": rng.choice([0, rng.randint(0, 400)]),
             **{f"arg_{n}": rng.choice([rng.randint(-2, 8), rng.randint(0, 200)]) for n in ints},
         }
         for kernel in ("fwd", "dkdv"):
@@ -67,10 +69,11 @@ def test_empty_loops_are_left_out(mask, fwd, dkdv):
     rule = rule_for(mask)
     assert [x.masked for x in tile_loops(rule, "fwd")] == fwd
     assert [x.masked for x in tile_loops(rule, "dkdv")] == dkdv
-    env0 = {"N_Q": 97, "N_K": 130, "BLOCK_M": 16, "BLOCK_N": 32, "i_b": 0, "i_h": 0}
-    for kernel in ("fwd", "dkdv"):
-        for three, planned in _walks(rule, kernel, env0):
-            assert planned == three
+    for q_off, kv_off in ((0, 0), (40, 3), (5, 77)):
+        env0 = {"N_Q": 97, "N_K": 130, "BLOCK_M": 16, "BLOCK_N": 32, "i_b": 0, "i_h": 0, "Q_OFF": q_off, "KV_OFF": kv_off}
+        for kernel in ("fwd", "dkdv"):
+            for three, planned in _walks(rule, kernel, env0):
+                assert planned == three
 
 
 @pytest.mark.parametrize("name", sorted(DENSE))

@@ -12,13 +12,20 @@ lengths and the runtime parameters, and prints them as Triton statements (`range
 that the templates print as they are and that `classify_tiles` evaluates in Python with Triton's
 integer semantics: what the tests check of the mirror, they check of the kernels' own bounds.
 
+Expressions speak of positions, kernels of rows: query row i is at position Q_OFF + i and key row
+j at KV_OFF + j, both offsets runtime integers of the kernels (attention()'s q_offset and
+kv_offset). Each atom is bounded after writing q_idx as q_row + Q_OFF (and kv_idx, q_len, kv_len
+alike), so the bounds are over rows and exact for every offset; an offset is an integer shift like
+any parameter, and inside a floor division ``(row + Q_OFF) // W`` the bound stays exact.
+
 How (a bound may be loose, never too tight):
   * the mask is put in disjunctive normal form whose atoms are ``d >= 0`` (``abs`` of an index
     expression is split into its two sides);
   * an atom that decomposes as a * F(var) + c * G(other) + rest, with var the walked index, other
-    the tile's index, a and c integers, F and G the identity or floor division by a W free of the
-    indices, is a lower bound on var (a > 0) or an upper bound (a < 0), exact through floor
-    division, and monotone in other, so its extremes over the tile lie at the tile's ends; with
+    the tile's index, a and c integers, F and G the identity or floor division of the index plus
+    a shift (an offset) by a W, shift and W free of the indices, is a lower bound on var (a > 0) or
+    an upper bound (a < 0), exact through floor division, and monotone in other, so its extremes
+    over the tile lie at the tile's ends; with
     a = 0 it is a condition on other alone, which holds on the whole tile iff at both ends. A W
     that is not a positive literal is guarded by ``W > 0`` at run time (else the range is [0, N)
     and nothing is full);
@@ -58,6 +65,19 @@ _EXPR_NAMES = {"b": "i_b", "h": "i_h", "q_len": "N_Q", "kv_len": "N_K"}
 def _var(name: str) -> sympy.Symbol:
     # Kernel variables carry a '__' prefix in sympy: no parameter name has '__', so none collides.
     return sympy.Symbol("__" + name, integer=True, nonnegative=True)
+
+
+# The kernels' runtime offsets (attention()'s q_offset, kv_offset): query row i is at position
+# Q_OFF + i, key row j at KV_OFF + j. An expression speaks of positions (q_idx, kv_idx; q_len and
+# kv_len are the positions past the last rows, Q_OFF + N_Q and KV_OFF + N_K), the kernels walk rows:
+# the bounds are derived from the expression with each position written as row + offset.
+Q_OFF, KV_OFF = _var("Q_OFF"), _var("KV_OFF")
+_TO_ROWS = {Q: Q + Q_OFF, KV: KV + KV_OFF, _LEN[Q]: _LEN[Q] + Q_OFF, _LEN[KV]: _LEN[KV] + KV_OFF}
+
+
+def _rows(d):
+    """An atom's value in row space (q_idx, kv_idx, q_len, kv_len now the rows and row counts)."""
+    return None if d is None else d.xreplace(_TO_ROWS)
 
 
 # --------------------------------------------------------------------------- normal form
@@ -127,7 +147,8 @@ def _abs_split(d: sympy.Expr):
 
 @dataclass(frozen=True)
 class _Linear:
-    """d = terms[q] + terms[kv] + rest, terms[i] = (a, W): a * i (W None) or a * (i // W)."""
+    """d = terms[q] + terms[kv] + rest, terms[i] = (a, W, s): a * i (W None, s 0) or
+    a * ((i + s) // W), s an integer free of the indices (a row's offset: its position is i + s)."""
 
     terms: dict
     rest: sympy.Expr
@@ -136,10 +157,16 @@ class _Linear:
 def _decompose(d) -> _Linear | None:
     if d is None or d.has(sympy.Indexed):  # a tensor's contents bound nothing at build time
         return None
-    reps = {}
+    reps, floors = {}, []
     for node in sympy.preorder_traversal(d):
-        if isinstance(node, FloorDiv) and node.args[0] in (Q, KV) and node.args[1].is_integer and not node.args[1].has(Q, KV):
-            reps.setdefault(node, sympy.Dummy(integer=True))
+        if isinstance(node, FloorDiv) and node.args[1].is_integer and not node.args[1].has(Q, KV) and node not in reps:
+            x = node.args[0]
+            for index in (Q, KV):
+                shift = sympy.expand(x - index)
+                if shift.is_integer and not shift.has(Q, KV):  # (index + shift) // W
+                    reps[node] = sympy.Dummy(integer=True)
+                    floors.append((index, node.args[1], shift))
+                    break
     gens = [Q, KV, *reps.values()]
     try:
         poly = sympy.Poly(d.xreplace(reps), *gens)
@@ -150,14 +177,14 @@ def _decompose(d) -> _Linear | None:
     rest = poly.coeff_monomial(1)
     if not rest.is_integer or rest.has(Q, KV):
         return None  # float parameters: floor bounds would not be exact
-    terms = {Q: (0, None), KV: (0, None)}
-    for g, (index, w) in zip(gens, [(Q, None), (KV, None), *((f.args[0], f.args[1]) for f in reps)]):
+    terms = {Q: (0, None, 0), KV: (0, None, 0)}
+    for g, (index, w, s) in zip(gens, [(Q, None, 0), (KV, None, 0), *floors]):
         a = poly.coeff_monomial(g)
         if a == 0:
             continue
         if not a.is_Integer or terms[index][0] != 0:
             return None  # a parameter coefficient, or both i and i // W
-        terms[index] = (int(a), w)
+        terms[index] = (int(a), w, s)
     return _Linear(terms, rest)
 
 
@@ -186,15 +213,16 @@ def _pos(w):
     return w if w.is_positive else sympy.Max(w, 1)
 
 
-def _scaled(k, w, n):
-    """k * w clipped into [0, n], without the product leaving 32 bits (a large radius times a
-    large width): monotone in k, as the bound it replaces."""
+def _scaled(k, w, n, s=0):
+    """k * w - s clipped into [0, n] (the first index i with (i + s) // w >= k), without the product
+    leaving 32 bits (a large radius times a large width): monotone in k, as the bound it replaces.
+    s >= 0 (an offset) and n + s (a position) fit in 32 bits."""
     w = _pos(w)
-    return sympy.Piecewise((0, k <= 0), (n, k > FloorDiv(n, w)), (k * w, True))
+    return sympy.Piecewise((0, k <= FloorDiv(s, w)), (n, k > FloorDiv(n + s, w)), (k * w - s, True))
 
 
-def _apply(w, x):
-    return x if w is None else FloorDiv(x, _pos(w))
+def _apply(w, x, s=0):
+    return x if w is None else FloorDiv(x + s, _pos(w))
 
 
 @dataclass
@@ -214,15 +242,15 @@ def _conj(atoms, dr: _Dir) -> _Conj:
     lows, highs, visit, full, opaque = [], [], [], [], []
     tight = True
     for atom in atoms:
-        lin = None if atom.strict else _decompose(atom.d)
+        lin = None if atom.strict else _decompose(_rows(atom.d))
         if lin is None:
             opaque.append(str(atom))
             full.append(sympy.false)
             tight = False
             continue
-        (a, wv), (c, wo) = lin.terms[dr.var], lin.terms[dr.other]
+        (a, wv, sv), (c, wo, so) = lin.terms[dr.var], lin.terms[dr.other]
         guard = sympy.And(*(w > 0 for w in (wv, wo) if w is not None and not w.is_positive))
-        ends = (_apply(wo, dr.first), _apply(wo, dr.last))
+        ends = (_apply(wo, dr.first, so), _apply(wo, dr.last, so))
         if a == 0:  # a condition on the tile's index alone, monotone over the tile
             holds = [c * g + lin.rest >= 0 for g in ends]
             visit.append(sympy.Or(sympy.Not(guard), *holds))
@@ -231,11 +259,11 @@ def _conj(atoms, dr: _Dir) -> _Conj:
             continue
         if a > 0:  # F(var) >= ceil(-(c G + rest) / a)
             k = [-FloorDiv(c * g + lin.rest, a) for g in ends]
-            b = [x if wv is None else _scaled(x, wv, dr.n) for x in k]
+            b = [x if wv is None else _scaled(x, wv, dr.n, sv) for x in k]
             rising = c <= 0
         else:  # F(var) <= floor((c G + rest) / -a)
             k = [FloorDiv(c * g + lin.rest, -a) for g in ends]
-            b = [x + 1 if wv is None else _scaled(x + 1, wv, dr.n) for x in k]
+            b = [x + 1 if wv is None else _scaled(x + 1, wv, dr.n, sv) for x in k]
             rising = c >= 0
         at_min, at_max = (b[0], b[1]) if rising else (b[1], b[0])
         if guard != sympy.true:
@@ -511,15 +539,20 @@ class TileClasses:
         return {"full": full, "partial": partial, "visited": full + partial, "total": len(cells)}
 
 
-def classify_tiles(rule, n_q: int, n_k: int, block_m: int, block_n: int, params=None, b: int = 0, h: int = 0) -> TileClasses:
+def classify_tiles(rule, n_q: int, n_k: int, block_m: int, block_n: int, params=None, b: int = 0, h: int = 0,
+                   q_offset: int = 0, kv_offset: int = 0) -> TileClasses:
     """The tile classes the generated kernels' loops give, computed from the same statements
-    (`range_statements`) with Python integers. Raises ValueError if the loops would visit a tile
+    (`range_statements`) with Python integers, for queries at positions q_offset + [0, n_q) and keys
+    at kv_offset + [0, n_k) (tiles are over rows). Raises ValueError if the loops would visit a tile
     twice or outside the sequences (a wrong bound)."""
     for name, v in (("n_q", n_q), ("n_k", n_k), ("block_m", block_m), ("block_n", block_n)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+    for name, v in (("q_offset", q_offset), ("kv_offset", kv_offset)):
+        if not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
     env0 = {"BLOCK_M": block_m, "BLOCK_N": block_n, "N_Q": n_q, "N_K": n_k, "i_b": b, "i_h": h,
-            **{"arg_" + k: v for k, v in (params or {}).items()}}
+            "Q_OFF": q_offset, "KV_OFF": kv_offset, **{"arg_" + k: v for k, v in (params or {}).items()}}
     tiles_m, tiles_n = -(-n_q // block_m), -(-n_k // block_n)
     grids = {}
     for kernel, (t, _, _, _, names, _, _) in _KERNELS.items():

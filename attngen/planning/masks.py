@@ -20,7 +20,8 @@ class MaskRule:
 
     `fwd` and `dkdv` are classify.Bounds: Triton expressions over the tile start and last index
     (`start_m` / `last_m` for a query tile, `start_n` / `last_n` for a KV tile), BLOCK_M, BLOCK_N,
-    N_Q, N_K, i_b, i_h and the parameters (`arg_NAME`):
+    N_Q, N_K, the offsets Q_OFF and KV_OFF (query row i is at position Q_OFF + i, key row j at
+    KV_OFF + j), i_b, i_h and the parameters (`arg_NAME`); tiles and ranges are over rows:
       fwd.start, fwd.end          the KV range [start, end) a query tile visits (no visible key
                                   outside it); fwd.full_start, fwd.full_end: keys every row of the
                                   query tile sees (rounded inward to whole KV tiles by the kernel):
@@ -34,7 +35,7 @@ class MaskRule:
     Every kernel runs three tile loops (partial, full, partial) over these;
     classify.range_statements prints them as the statements the templates print and
     `classify_tiles` evaluates. `predicate` is the visibility test over `{q}` and `{kv}` index
-    grids, or None. `tight`: every visited tile holds a visible pair. `path` and `notes` say, for
+    grids (positions), or None. `tight`: every visited tile holds a visible pair. `path` and `notes` say, for
     an expression mask, how its tiles were classified (module docstrings).
     """
 
@@ -53,23 +54,26 @@ MASK_RULES = {
         fwd=Bounds(prelude=(), start="0", end="N_K", visit="lo < hi", full_start="0", full_end="N_K", note=""),
         dkdv=Bounds(prelude=(), start="0", end="N_Q", visit="q_lo < q_hi", full_start="0", full_end="N_Q", note=""),
     ),
+    # causal over positions: key row j is visible to query row i iff j <= i + Q_OFF - KV_OFF
     "causal": MaskRule(
-        doc="causal, q_idx >= kv_idx (top-left aligned, as SDPA's is_causal).",
+        doc="causal, q_idx >= kv_idx (top-left aligned at equal offsets, as SDPA's is_causal).",
         predicate="({q} >= {kv})",
         fwd=Bounds(
-            prelude=(), start="0", end="tl.minimum(tl.minimum(start_m + BLOCK_M, N_Q), N_K)", visit="lo < hi",
-            full_start="0", full_end="tl.minimum(start_m + 1, N_K)", note="",
+            prelude=(), start="0", end="tl.minimum(tl.maximum(Q_OFF - KV_OFF + last_m + 1, 0), N_K)", visit="lo < hi",
+            full_start="0", full_end="tl.minimum(tl.maximum(Q_OFF - KV_OFF + start_m + 1, 0), N_K)", note="",
         ),
         dkdv=Bounds(
-            prelude=(), start="start_n // BLOCK_M * BLOCK_M", end="N_Q",
-            visit="start_n < q_hi",  # a KV tile past the last query is seen by none
-            full_start="tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M", full_end="N_Q", note="",
+            prelude=(), start="tl.minimum(tl.maximum(KV_OFF - Q_OFF + start_n, 0), N_Q)", end="N_Q",
+            visit="q_lo < q_hi",  # a KV tile past the last query is seen by none
+            full_start="tl.maximum(KV_OFF - Q_OFF + last_n, 0)", full_end="N_Q", note="",
         ),
     ),
 }
 
-# Source names of the expression symbols in the kernels (bounds and predicates).
-_RANGE_NAMES = {"b": "i_b", "h": "i_h", "q_len": "N_Q", "kv_len": "N_K"}
+# Source names of the expression symbols in the kernels' predicates and score_mods: positions, not
+# rows (the kernels define pos_m = o_m + Q_OFF and pos_n = o_n + KV_OFF beside the rows o_m, o_n);
+# q_len / kv_len are the positions past the last rows.
+_RANGE_NAMES = {"b": "i_b", "h": "i_h", "q_len": "(N_Q + Q_OFF)", "kv_len": "(N_K + KV_OFF)"}
 
 PARAM_PREFIX = "arg_"
 

@@ -57,8 +57,9 @@ def score_mod_plan(mod: Expr | None, decls: dict[str, ParamDecl], backward: bool
         return None
     text = mod.text.strip()
     base = {**_RANGE_NAMES, **{n: PARAM_PREFIX + n for n in decls}}
-    fwd_names = {**base, "q_idx": "o_m[:, None]", "kv_idx": "o_n[None, :]", "score": "b_z"}
-    t_names = {**base, "q_idx": "o_m[None, :]", "kv_idx": "o_n[:, None]", "score": "b_zt"}
+    # positions, not rows: the kernels define pos_m = o_m + Q_OFF and pos_n = o_n + KV_OFF
+    fwd_names = {**base, "q_idx": "pos_m[:, None]", "kv_idx": "pos_n[None, :]", "score": "b_z"}
+    t_names = {**base, "q_idx": "pos_m[None, :]", "kv_idx": "pos_n[:, None]", "score": "b_zt"}
 
     def show(e, names, full):
         out = to_triton(e, names)

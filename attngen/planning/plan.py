@@ -72,7 +72,8 @@ class Plan:
     dkdv_ranges: tuple[tuple[str, str, str], ...]
     fwd_loops: tuple[TileLoop, ...]
     dkdv_loops: tuple[TileLoop, ...]
-    # -- mask: the predicate over a [BM, BN] tile (o_m[:, None], o_n[None, :]) and over a
+    # -- mask: the predicate over a [BM, BN] tile of positions (pos_m[:, None], pos_n[None, :]:
+    # rows o_m, o_n plus the offsets Q_OFF, KV_OFF) and over a
     # transposed [BN, BM] one; "" for no mask
     mask_fwd: str
     mask_t: str
@@ -143,8 +144,8 @@ def make_plan(spec: Spec) -> Plan:
         dkdv_ranges=ranges[1],
         fwd_loops=loops[0],
         dkdv_loops=loops[1],
-        mask_fwd=pred.format(q="o_m[:, None]", kv="o_n[None, :]") if pred else "",
-        mask_t=pred.format(q="o_m[None, :]", kv="o_n[:, None]") if pred else "",
+        mask_fwd=pred.format(q="pos_m[:, None]", kv="pos_n[None, :]") if pred else "",
+        mask_t=pred.format(q="pos_m[None, :]", kv="pos_n[:, None]") if pred else "",
         **_load_masks(spec),
         id_skip=list(decls).index(id_name) if id_name else None,
         id_skip_name=id_name or "",
