@@ -754,7 +754,9 @@ def _decode_kernel(
     last_m = N_K - N_QR + tl.where(wraps, N_QR - 1, r_last % N_QR)
     # -- key tiles [lo, full_lo) and [full_hi, hi) apply the mask, [full_lo, full_hi) are seen whole
     # by every row; the forward tile bounds of the mask (closed-form visited range from the conditions that bound it, every visited tile partial (not bounded: -doc[b, kv_idx] + doc[b, q_idx] == 0)) over the positions of the tile's rows: key tiles outside them are not read
-    hi = tl.minimum(N_K, last_m + 1)
+    Q_OFF = 0  # the rows here are positions
+    KV_OFF = 0
+    hi = tl.minimum(N_K, tl.maximum(0, Q_OFF - KV_OFF + last_m + 1))
     lo = 0
     lo = tl.where((lo < hi), lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
     full_lo = tl.minimum(tl.maximum(tl.cdiv(0, BLOCK_N) * BLOCK_N, lo), hi)

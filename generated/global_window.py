@@ -808,17 +808,19 @@ def _decode_kernel(
     last_m = N_K - N_QR + tl.where(wraps, N_QR - 1, r_last % N_QR)
     # -- key tiles [lo, full_lo) and [full_hi, hi) apply the mask, [full_lo, full_hi) are seen whole
     # by every row; the forward tile bounds of the mask (closed-form tile bounds for a disjunction of 3 conjunctions) over the positions of the tile's rows: key tiles outside them are not read
-    t_hi0 = tl.minimum(N_K, tl.maximum(0, arg_g))
+    Q_OFF = 0  # the rows here are positions
+    KV_OFF = 0
+    t_hi0 = tl.minimum(N_K, tl.maximum(0, arg_g - KV_OFF))
     t_hi0 = tl.where(t_hi0 > 0, t_hi0, 0)
-    t_hi1 = tl.where((N_K > 0) & ((last_m - arg_g <= -1) | (start_m - arg_g <= -1)), N_K, 0)
-    t_lo2 = tl.minimum(N_K, tl.maximum(0, start_m - arg_w + 1))
-    t_hi2 = tl.minimum(N_K, last_m + 1)
-    t_hi2 = tl.where((t_hi2 > t_lo2) & ((last_m > last_m - arg_w) | (start_m > start_m - arg_w)), t_hi2, 0)
-    t_fb0 = tl.minimum(N_K, tl.maximum(0, arg_g))
-    t_fb1 = tl.where((last_m - arg_g <= -1) & (start_m - arg_g <= -1), N_K, 0)
+    t_hi1 = tl.where((N_K > 0) & ((Q_OFF + last_m - arg_g <= -1) | (Q_OFF + start_m - arg_g <= -1)), N_K, 0)
+    t_lo2 = tl.minimum(N_K, tl.maximum(0, Q_OFF - KV_OFF + start_m - arg_w + 1))
+    t_hi2 = tl.minimum(N_K, tl.maximum(0, Q_OFF - KV_OFF + last_m + 1))
+    t_hi2 = tl.where((t_hi2 > t_lo2) & ((Q_OFF - KV_OFF + last_m > Q_OFF - KV_OFF + last_m - arg_w) | (Q_OFF - KV_OFF + start_m > Q_OFF - KV_OFF + start_m - arg_w)), t_hi2, 0)
+    t_fb0 = tl.minimum(N_K, tl.maximum(0, arg_g - KV_OFF))
+    t_fb1 = tl.where((Q_OFF + last_m - arg_g <= -1) & (Q_OFF + start_m - arg_g <= -1), N_K, 0)
     t_ub1 = tl.where((t_fb0 > 0) & (t_fb1 > 0), tl.maximum(t_fb0, t_fb1), tl.where(t_fb0 < t_fb1, t_fb1, t_fb0))
-    t_fa2 = tl.minimum(N_K, tl.maximum(0, last_m - arg_w + 1))
-    t_fb2 = tl.minimum(N_K, start_m + 1)
+    t_fa2 = tl.minimum(N_K, tl.maximum(0, Q_OFF - KV_OFF + last_m - arg_w + 1))
+    t_fb2 = tl.minimum(N_K, tl.maximum(0, Q_OFF - KV_OFF + start_m + 1))
     t_ua2 = tl.where((t_fa2 <= t_ub1) & (t_ub1 > 0) & (t_fa2 < t_fb2), 0, tl.where(t_ub1 < t_fb2 - t_fa2, t_fa2, 0))
     t_ub2 = tl.where((t_fa2 <= t_ub1) & (t_ub1 > 0) & (t_fa2 < t_fb2), tl.maximum(t_fb2, t_ub1), tl.where(t_ub1 < t_fb2 - t_fa2, t_fb2, t_ub1))
     hi = tl.maximum(t_hi0, tl.maximum(t_hi1, t_hi2))

@@ -721,10 +721,12 @@ def _decode_kernel(
     last_m = N_K - N_QR + tl.where(wraps, N_QR - 1, r_last % N_QR)
     # -- key tiles [lo, full_lo) and [full_hi, hi) apply the mask, [full_lo, full_hi) are seen whole
     # by every row; the forward tile bounds of the mask (closed-form visited range from the conditions that bound it, every visited tile partial (not bounded: r + Mod(kv_idx, width) - Mod(q_idx, width) >= 0; r - Mod(kv_idx, width) + Mod(q_idx, width) >= 0)) over the positions of the tile's rows: key tiles outside them are not read
-    hi = tl.minimum(N_K, tl.maximum(0, tl.where(arg_width > 0, tl.where(arg_r + last_m // tl.maximum(1, arg_width) <= -1, 0, tl.where(N_K // tl.maximum(1, arg_width) < arg_r + last_m // tl.maximum(1, arg_width) + 1, N_K, (arg_r + last_m // tl.maximum(1, arg_width) + 1) * tl.maximum(1, arg_width))), N_K)))
-    lo = tl.minimum(N_K, tl.maximum(0, tl.where(arg_width > 0, tl.where(arg_r - start_m // tl.maximum(1, arg_width) >= 0, 0, tl.where(N_K // tl.maximum(1, arg_width) < start_m // tl.maximum(1, arg_width) - arg_r, N_K, (start_m // tl.maximum(1, arg_width) - arg_r) * tl.maximum(1, arg_width))), 0)))
+    Q_OFF = 0  # the rows here are positions
+    KV_OFF = 0
+    hi = tl.minimum(N_K, tl.maximum(0, tl.where(arg_width > 0, tl.where(KV_OFF // tl.maximum(1, arg_width) >= arg_r + (Q_OFF + last_m) // tl.maximum(1, arg_width) + 1, 0, tl.where((KV_OFF + N_K) // tl.maximum(1, arg_width) < arg_r + (Q_OFF + last_m) // tl.maximum(1, arg_width) + 1, N_K, (arg_r + (Q_OFF + last_m) // tl.maximum(1, arg_width) + 1) * tl.maximum(1, arg_width) - KV_OFF)), N_K)))
+    lo = tl.minimum(N_K, tl.maximum(0, tl.where(arg_width > 0, tl.where(KV_OFF // tl.maximum(1, arg_width) >= (Q_OFF + start_m) // tl.maximum(1, arg_width) - arg_r, 0, tl.where((KV_OFF + N_K) // tl.maximum(1, arg_width) < (Q_OFF + start_m) // tl.maximum(1, arg_width) - arg_r, N_K, ((Q_OFF + start_m) // tl.maximum(1, arg_width) - arg_r) * tl.maximum(1, arg_width) - KV_OFF)), 0)))
     lo = tl.where((lo < hi), lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
-    full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.minimum(N_K, tl.maximum(0, tl.where(arg_width > 0, tl.where(arg_r - last_m // tl.maximum(1, arg_width) >= 0, 0, tl.where(N_K // tl.maximum(1, arg_width) < last_m // tl.maximum(1, arg_width) - arg_r, N_K, (last_m // tl.maximum(1, arg_width) - arg_r) * tl.maximum(1, arg_width))), 0))), BLOCK_N) * BLOCK_N, lo), hi)
+    full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.minimum(N_K, tl.maximum(0, tl.where(arg_width > 0, tl.where(KV_OFF // tl.maximum(1, arg_width) >= (Q_OFF + last_m) // tl.maximum(1, arg_width) - arg_r, 0, tl.where((KV_OFF + N_K) // tl.maximum(1, arg_width) < (Q_OFF + last_m) // tl.maximum(1, arg_width) - arg_r, N_K, ((Q_OFF + last_m) // tl.maximum(1, arg_width) - arg_r) * tl.maximum(1, arg_width) - KV_OFF)), 0))), BLOCK_N) * BLOCK_N, lo), hi)
     full_hi = tl.maximum((0) // BLOCK_N * BLOCK_N, full_lo)
     hi = tl.where(last_m >= 0, hi, 0)  # every row before the sequence's start: nothing to visit
     lo = tl.minimum(lo, hi)

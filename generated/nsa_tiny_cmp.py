@@ -655,11 +655,13 @@ def _decode_kernel(
     last_m = N_K - N_QR + tl.where(wraps, N_QR - 1, r_last % N_QR)
     # -- key tiles [lo, full_lo) and [full_hi, hi) apply the mask, [full_lo, full_hi) are seen whole
     # by every row; the forward tile bounds of the mask (closed-form tile bounds (one conjunction of affine inequalities with integer coefficients or floor division)) over the positions of the tile's rows: key tiles outside them are not read
-    hi = tl.minimum(N_K, tl.maximum(0, (last_m - 7 - (((last_m - 7) % 4) + 4) % 4) // 4 + 1))
+    Q_OFF = 0  # the rows here are positions
+    KV_OFF = 0
+    hi = tl.minimum(N_K, tl.maximum(0, (Q_OFF - 4 * KV_OFF + last_m - 7 - (((Q_OFF - 4 * KV_OFF + last_m - 7) % 4) + 4) % 4) // 4 + 1))
     lo = 0
     lo = tl.where((lo < hi), lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
     full_lo = tl.minimum(tl.maximum(tl.cdiv(0, BLOCK_N) * BLOCK_N, lo), hi)
-    full_hi = tl.maximum((tl.minimum(hi, tl.minimum(N_K, tl.maximum(0, (start_m - 7 - (((start_m - 7) % 4) + 4) % 4) // 4 + 1)))) // BLOCK_N * BLOCK_N, full_lo)
+    full_hi = tl.maximum((tl.minimum(hi, tl.minimum(N_K, tl.maximum(0, (Q_OFF - 4 * KV_OFF + start_m - 7 - (((Q_OFF - 4 * KV_OFF + start_m - 7) % 4) + 4) % 4) // 4 + 1)))) // BLOCK_N * BLOCK_N, full_lo)
     hi = tl.where(last_m >= 0, hi, 0)  # every row before the sequence's start: nothing to visit
     lo = tl.minimum(lo, hi)
     full_lo = tl.minimum(full_lo, hi)

@@ -773,12 +773,14 @@ def _decode_kernel(
     last_m = N_K - N_QR + tl.where(wraps, N_QR - 1, r_last % N_QR)
     # -- key tiles [lo, full_lo) and [full_hi, hi) apply the mask, [full_lo, full_hi) are seen whole
     # by every row; the forward tile bounds of the mask (closed-form tile bounds for a disjunction of 2 conjunctions) over the positions of the tile's rows: key tiles outside them are not read
-    t_hi0 = tl.minimum(N_K, last_m + 1)
+    Q_OFF = 0  # the rows here are positions
+    KV_OFF = 0
+    t_hi0 = tl.minimum(N_K, tl.maximum(0, Q_OFF - KV_OFF + last_m + 1))
     t_hi0 = tl.where(t_hi0 > 0, t_hi0, 0)
-    t_hi1 = tl.minimum(N_K, tl.maximum(0, arg_p))
+    t_hi1 = tl.minimum(N_K, tl.maximum(0, arg_p - KV_OFF))
     t_hi1 = tl.where(t_hi1 > 0, t_hi1, 0)
-    t_fb0 = tl.minimum(N_K, start_m + 1)
-    t_fb1 = tl.minimum(N_K, tl.maximum(0, arg_p))
+    t_fb0 = tl.minimum(N_K, tl.maximum(0, Q_OFF - KV_OFF + start_m + 1))
+    t_fb1 = tl.minimum(N_K, tl.maximum(0, arg_p - KV_OFF))
     t_ub1 = tl.where((t_fb0 > 0) & (t_fb1 > 0), tl.maximum(t_fb0, t_fb1), tl.where(t_fb0 < t_fb1, t_fb1, t_fb0))
     hi = tl.maximum(t_hi0, t_hi1)
     lo = tl.minimum(tl.where(t_hi0 > 0, 0, N_K), tl.where(t_hi1 > 0, 0, N_K))

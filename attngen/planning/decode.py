@@ -16,6 +16,7 @@ sound rule "every key tile in [0, L), mask applied". Nothing here imports torch 
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -57,8 +58,12 @@ class DecodePlan:
 
 def _statements(b: Bounds) -> tuple[tuple[str, str, str], ...]:
     """classify.range_statements's forward statements, less the tile's last row (the decode kernel
-    computes start_m and last_m from its rows' positions)."""
+    computes start_m and last_m from its rows' positions). The bounds are in row space with the
+    runtime offsets Q_OFF and KV_OFF (attention()'s q_offset, kv_offset); a decode tile's rows are
+    positions already, so both are 0."""
     return (
+        ("Q_OFF", "0", "the rows here are positions"),
+        ("KV_OFF", "0", ""),
         *((name, text, "") for name, text in b.prelude),
         ("hi", b.end, ""),
         ("lo", b.start, ""),
@@ -74,13 +79,19 @@ def _usable(statements, params: tuple[str, ...]) -> bool:
     return all(set(_IDENT.findall(text)) <= allowed for _, text, _ in statements)
 
 
+@functools.lru_cache(maxsize=1)
+def _causal() -> Expr:
+    """The causal mask as an expression (the other kernels use the hand-written rule)."""
+    return parse_expr("q_idx >= kv_idx", kind="mask")
+
+
 def decode_plan(spec: Spec) -> DecodePlan:
     decls = spec.param_decls
     names = {**_NAMES, **{n: PARAM_PREFIX + n for n in decls}}
     if spec.mask_expr is not None:
         mask: Expr | None = spec.mask_expr
     elif spec.mask == "causal":
-        mask = parse_expr("q_idx >= kv_idx", kind="mask")
+        mask = _causal()
     else:
         mask = None
     if mask is None:
