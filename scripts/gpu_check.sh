@@ -10,7 +10,8 @@
 # order of importance, each only when its minimum time is left: llama3_gqa against SDPA, flex and
 # flash-attn; sliding_window (w = 1024) at N = 16k against dense causal attention of the same heads
 # and dims (SDPA flash and attngen's own causal kernel) and FlexAttention; the other dense specs;
-# nsa_paper against SDPA flash causal at 8k..64k; compile times.
+# nsa_paper against SDPA flash causal at 8k..64k; llama3_gqa KV-cache decoding against SDPA on the
+# padded cache (decode/: latency, achieved GB/s and the fraction of the card's peak); compile times.
 # One failing step does not stop the others. Exit status: 1 when the tests failed or did not finish,
 # 2 when only a benchmark step failed, 0 otherwise.
 # Environment: PYTHON (interpreter, default python, else python3), TOTAL_S (budget, default 470),
@@ -134,6 +135,22 @@ nsa_step() {
         --seconds-per-measure 0.5 --csv "$OUT/nsa_model/nsa.csv" || bench_rc=1
 }
 
+# decode_step MIN_S MAX_S: KV-cache decoding of llama3_gqa against SDPA on the padded cache, when at
+# least MIN_S seconds are left
+decode_step() {
+    local min_s=$1 max_s=$2 avail limit
+    avail=$(($(left) - 10))
+    if [ "$avail" -lt "$min_s" ]; then
+        echo "== decode: skipped, ${avail}s left" | tee -a "$SUMMARY"
+        return 0
+    fi
+    limit=$((avail < max_s ? avail : max_s))
+    mkdir -p "$OUT/decode"
+    step "decode" "$OUT/decode/log.txt" "$limit" "$PY" benchmarks/decode.py --gpu \
+        --module generated/llama3_gqa.py --lengths 4k,16k,64k --batch 1,16 --rep-ms 50 \
+        --csv "$OUT/decode/decode.csv" || bench_rc=1
+}
+
 bench bench_llama3_gqa 90 200 --specs specs/llama3_gqa.yaml --lengths 1k,2k,4k,8k,16k \
     --sections timing --max-configs 6 --warmup 2 --seconds-per-measure 1
 # sliding window (w = 1024, the row's params column) against dense causal of the same shape
@@ -142,6 +159,7 @@ bench bench_sliding_window 60 100 --specs specs/sliding_window.yaml --lengths 16
 bench bench_other_specs 45 100 --specs specs/mha.yaml specs/mqa.yaml specs/gqa_hd80.yaml --lengths 1k,4k,16k \
     --sections timing --max-configs 4 --warmup 2 --seconds-per-measure 0.5
 nsa_step 45 90
+decode_step 30 60
 bench bench_compile 45 80 --specs specs/llama3_gqa.yaml --sections tiles,compile --max-configs 6 \
     --lengths 1k,4k,16k --probe-timeout 70
 
