@@ -21,7 +21,7 @@ from attngen.reference.dense import attention_reference
 from attngen.runtime import DEVICE, TORCH_DTYPES
 from attngen.testing import compare
 
-from helpers import generated
+from helpers import SPEC_PATHS, generated
 
 # Shipped specs across GQA groups (G = Hq / Hkv): llama3_gqa 4, mqa 8, mha 1, sliding_window 2,
 # alibi 2 (score_mod reading a per-head tensor), document 2 (an int tensor mask), softcap 2 (a
@@ -380,3 +380,17 @@ def test_no_query_appends_and_returns_empty_outputs():
     for i, length in enumerate([5, 2]):
         assert torch.equal(cache_positions(case, i, length), case["full_k"][i])
         assert torch.equal(cache_positions(case, i, length, "v_cache"), case["full_v"][i])
+
+
+# every shipped dense spec through the entry point once (the property tests above draw from SPECS)
+ALL_DENSE = sorted(p.stem for p in SPEC_PATHS if "sparse:" not in p.read_text())
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("name", [n for n in ALL_DENSE if n not in SPECS])
+def test_every_shipped_dense_spec_decodes(name):
+    mod = generated(name)
+    dtype = TORCH_DTYPES[mod.DTYPES[0]]
+    case = make_case(mod, batch=2, n_q=3, seqlens=[70, 21], n_new=1, capacity=80, dtype=dtype, paged=True,
+                     page_size=16, bnhd=False, seed=1)
+    run_and_check(mod, case, params=params_for(mod, 2, 80), num_splits=2)

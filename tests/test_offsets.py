@@ -14,7 +14,7 @@ from attngen import runtime
 from attngen.param_values import check_values
 from attngen.testing import ULP, check_module, random_inputs
 
-from helpers import assert_all_ok, generated
+from helpers import SPEC_PATHS, assert_all_ok, generated
 
 # (spec, scalar parameters drawn): causal + GQA, the scalar-mask families, a tensor indexed by
 # position (document), score_mods that read positions (alibi, relpos_bias)
@@ -194,3 +194,19 @@ def test_document_id_skip_reads_ids_at_positions(q_offset, kv_offset):
     q, k, v = random_inputs(mod, batch=2, n_q=n_q, n_k=n_k, dtype=torch.float16, seed=q_offset)
     results = check_module(mod, q, k, v, params={"doc": doc}, q_offset=q_offset, kv_offset=kv_offset)
     assert_all_ok(results, f"offsets ({q_offset}, {kv_offset})")
+
+
+# every other shipped dense spec through the offsets once, forward and backward
+ALL_DENSE = sorted(p.stem for p in SPEC_PATHS if "sparse:" not in p.read_text())
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("name", [n for n in ALL_DENSE if n not in SPECS])
+def test_every_shipped_dense_spec_takes_offsets(name):
+    mod = generated(name)
+    n_q, n_k, q_offset, kv_offset = 29, 37, 45, 19
+    params = _params(mod, {}, n_q, n_k, q_offset, kv_offset)
+    dtype = runtime.TORCH_DTYPES[mod.DTYPES[0]]
+    q, k, v = random_inputs(mod, batch=2, n_q=n_q, n_k=n_k, dtype=dtype, seed=3)
+    results = check_module(mod, q, k, v, params=params, q_offset=q_offset, kv_offset=kv_offset)
+    assert_all_ok(results, f"{name} offsets ({q_offset}, {kv_offset})")
