@@ -567,6 +567,9 @@ from attngen.kernels import merge as _merge  # noqa: E402
 
 _DECODE_BLOCK_N = 64  # keys per tile of the decode kernel
 _DECODE_MAX_ROWS = 64  # rows (query heads of a KV group x queries) per decode tile at most
+# warps of the decode kernel: 8 for head dims padded above 128 (with 4, Triton 3.6 spills 28 bytes at
+# sm_90 for head_dim 192, nsa_paper_win; Triton 3.9 does not), else 4
+_DECODE_WARPS = 4
 
 
 @triton.jit
@@ -761,7 +764,7 @@ def _decode_forward(q, k_cache, v_cache, cache_seqlens, block_table, n_new, scal
         H_KV=KV_HEADS, GROUP=GROUP, PAGED=paged, PAGE_SIZE=page_size if paged else 16,
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=64, BLOCK_DV=64,
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
-        BLOCK_M=block_m, BLOCK_N=_DECODE_BLOCK_N, num_warps=4, num_stages=2,
+        BLOCK_M=block_m, BLOCK_N=_DECODE_BLOCK_N, num_warps=_DECODE_WARPS, num_stages=2,
     )
     if splits == 1:
         return o, lse
