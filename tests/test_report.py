@@ -37,7 +37,10 @@ def kernel_names(spec) -> tuple[str, ...]:
         topn = "nsa_topn.token_kernel" if spec.sparse.per == "token" else "nsa_topn.block_kernel"
         return (topn, "nsa_selected.fwd_kernel", "nsa_selected.bwd_dq_kernel", "nsa_selected.bwd_dkdv_kernel",
                 "nsa_decode.cmp_decode_kernel")
-    return ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_decode_kernel")
+    # each dense kernel but the row-local preprocess also compiles as its packed-sequence
+    # (attention_varlen) instantiation, reported as KERNEL[varlen]
+    return ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_fwd_kernel[varlen]",
+            "_bwd_dkdv_kernel[varlen]", "_bwd_dq_kernel[varlen]", "_decode_kernel")
 
 
 @pytest.fixture(scope="module")
