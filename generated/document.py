@@ -175,17 +175,10 @@ def _id_args(params, b, n_q, n_k, q_off, kv_off):
 
 
 @triton.jit
-def _id_range(P_MIN, P_MAX, off, CHUNKS: tl.constexpr, VARLEN: tl.constexpr):
-    # a tile's [min, max] of ids: its CHUNKS entries (16 positions each) of runtime.id_ranges; packed
-    # sequences (VARLEN) have no id ranges: the widest range, so no tile is skipped
-    if VARLEN:
-        lo = tl.full([], -(2**62), tl.int64)
-        hi = tl.full([], 2**62, tl.int64)
-    else:
-        o_c = off + tl.arange(0, CHUNKS)
-        lo = tl.min(tl.load(P_MIN + o_c), 0)
-        hi = tl.max(tl.load(P_MAX + o_c), 0)
-    return lo, hi
+def _id_range(P_MIN, P_MAX, off, CHUNKS: tl.constexpr):
+    # a tile's [min, max] of ids: its CHUNKS entries (16 positions each) of runtime.id_ranges
+    o_c = off + tl.arange(0, CHUNKS)
+    return tl.min(tl.load(P_MIN + o_c), 0), tl.max(tl.load(P_MAX + o_c), 0)
 
 
 @triton.jit
@@ -298,9 +291,9 @@ def _fwd_kernel(
     full_hi = tl.maximum((0) // BLOCK_N * BLOCK_N, full_lo)
     # -- this query tile's [min, max] of doc: a KV tile whose range is disjoint from it holds
     # no pair with equal ids, so no visible pair (the mask implies the equality), and is skipped
-    q_min, q_max = _id_range(ID_QMIN, ID_QMAX, i_b.to(tl.int64) * N_QC + start_m // 16, BLOCK_M // 16, VARLEN)
+    q_min, q_max = _id_range(ID_QMIN, ID_QMAX, i_b.to(tl.int64) * N_QC + start_m // 16, BLOCK_M // 16)
     for start_n in range(lo, hi, BLOCK_N):  # partial tiles: mask applied
-        k_min, k_max = _id_range(ID_KMIN, ID_KMAX, i_b.to(tl.int64) * N_KC + start_n // 16, BLOCK_N // 16, VARLEN)
+        k_min, k_max = _id_range(ID_KMIN, ID_KMAX, i_b.to(tl.int64) * N_KC + start_n // 16, BLOCK_N // 16)
         if (k_min <= q_max) & (k_max >= q_min):
             b_m, b_l, b_acc = _fwd_tile(
                 b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
@@ -348,9 +341,11 @@ def _forward(q, k, v, scale, params, q_off=0, kv_off=0):
     return o, lse
 
 
-def _varlen_id_args(cu_q):
-    # the id-range arguments are unused with VARLEN (no id skip for packed sequences): placeholders
-    return (cu_q, cu_q, cu_q, cu_q, 0, 0)
+def _varlen_id_args(params, n_seq, max_q, max_k):
+    # packed sequences: sequence b's rows are positions 0..len - 1 reading doc[b, :], so its
+    # ranges are those of a padded batch of max_seqlen rows; the rows of a chunk past a shorter
+    # sequence's end only widen its range (fewer tiles skipped, never a visible one)
+    return _id_args(params, n_seq, max_q, max_k, 0, 0)
 
 
 def _forward_varlen(q, k, v, scale, params, cu_q, cu_k, max_q, max_k):
@@ -368,7 +363,7 @@ def _forward_varlen(q, k, v, scale, params, cu_q, cu_k, max_q, max_k):
         q, k, v, o, lse,
         *_rt.packed_strides(q), *_rt.packed_strides(k), *_rt.packed_strides(v), *_rt.packed_strides(o),
         scale * _LOG2E, 0, 0, _rt.seq_bucket(max_q), _rt.seq_bucket(max_k), 0, 0, *_rt.kernel_params(params),
-        *_varlen_id_args(cu_q),
+        *_varlen_id_args(params, n_seq, max_q, max_k),
         cu_q, cu_k, total_q,
         H=Q_HEADS, GROUP=GROUP,
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=32, BLOCK_DV=32,
@@ -507,7 +502,7 @@ def _bwd_dkdv_kernel(
     last_n = tl.minimum(start_n + BLOCK_N, N_K) - 1
     # this KV tile's [min, max] of doc: a query tile whose range is disjoint from it holds no
     # pair with equal ids, so no visible pair (the mask implies the equality), and is skipped
-    k_min, k_max = _id_range(ID_KMIN, ID_KMAX, i_b.to(tl.int64) * N_KC + start_n // 16, BLOCK_N // 16, VARLEN)
+    k_min, k_max = _id_range(ID_KMIN, ID_KMAX, i_b.to(tl.int64) * N_KC + start_n // 16, BLOCK_N // 16)
     for g in range(GROUP):
         i_h = i_hk * GROUP + g
         p_q0 = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
@@ -528,7 +523,7 @@ def _bwd_dkdv_kernel(
         q_full = tl.minimum(tl.maximum(tl.cdiv(tl.minimum(N_Q, tl.maximum(0, KV_OFF - Q_OFF + last_n)), BLOCK_M) * BLOCK_M, q_lo), q_hi)
         q_full_end = tl.maximum((0) // BLOCK_M * BLOCK_M, q_full)
         for start_m in range(q_lo, q_hi, BLOCK_M):  # partial tiles: mask applied
-            q_min, q_max = _id_range(ID_QMIN, ID_QMAX, i_b.to(tl.int64) * N_QC + start_m // 16, BLOCK_M // 16, VARLEN)
+            q_min, q_max = _id_range(ID_QMIN, ID_QMAX, i_b.to(tl.int64) * N_QC + start_m // 16, BLOCK_M // 16)
             if (q_min <= k_max) & (q_max >= k_min):
                 b_dk, b_dv = _bwd_dkdv_tile(
                     b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
@@ -653,9 +648,9 @@ def _bwd_dq_kernel(
     lo = tl.where((lo < hi), lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
     full_lo = tl.minimum(tl.maximum(tl.cdiv(0, BLOCK_N) * BLOCK_N, lo), hi)
     full_hi = tl.maximum((0) // BLOCK_N * BLOCK_N, full_lo)
-    q_min, q_max = _id_range(ID_QMIN, ID_QMAX, i_b.to(tl.int64) * N_QC + start_m // 16, BLOCK_M // 16, VARLEN)
+    q_min, q_max = _id_range(ID_QMIN, ID_QMAX, i_b.to(tl.int64) * N_QC + start_m // 16, BLOCK_M // 16)
     for start_n in range(lo, hi, BLOCK_N):  # partial tiles: mask applied
-        k_min, k_max = _id_range(ID_KMIN, ID_KMAX, i_b.to(tl.int64) * N_KC + start_n // 16, BLOCK_N // 16, VARLEN)
+        k_min, k_max = _id_range(ID_KMIN, ID_KMAX, i_b.to(tl.int64) * N_KC + start_n // 16, BLOCK_N // 16)
         if (k_min <= q_max) & (k_max >= q_min):
             b_dq = _bwd_dq_tile(
                 b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
@@ -745,7 +740,7 @@ def _backward_varlen(q, k, v, o, lse, do, dlse, scale, params, cu_q, cu_k, max_q
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype), VARLEN=True,
     )
     sizes = (scale * _LOG2E, scale, 0, 0, _rt.seq_bucket(max_q), _rt.seq_bucket(max_k), 0, 0, *_rt.kernel_params(params))
-    sizes += (*_varlen_id_args(cu_q), cu_q, cu_k, total_q)
+    sizes += (*_varlen_id_args(params, n_seq, max_q, max_k), cu_q, cu_k, total_q)
     grid_kv = lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), n_seq * KV_HEADS)  # noqa: E731
     _bwd_dkdv_kernel[grid_kv](
         q, k, v, do, lse, delta, dk, dv,

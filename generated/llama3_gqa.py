@@ -272,9 +272,8 @@ def _forward(q, k, v, scale, params, q_off=0, kv_off=0):
     return o, lse
 
 
-def _varlen_id_args(cu_q):
-    # the id-range arguments are unused with VARLEN (no id skip for packed sequences): placeholders
-    return ()
+def _varlen_id_args(params, n_seq, max_q, max_k):
+    return ()  # no id-range skip in this module
 
 
 def _forward_varlen(q, k, v, scale, params, cu_q, cu_k, max_q, max_k):
@@ -292,7 +291,7 @@ def _forward_varlen(q, k, v, scale, params, cu_q, cu_k, max_q, max_k):
         q, k, v, o, lse,
         *_rt.packed_strides(q), *_rt.packed_strides(k), *_rt.packed_strides(v), *_rt.packed_strides(o),
         scale * _LOG2E, 0, 0, _rt.seq_bucket(max_q), _rt.seq_bucket(max_k), 0, 0, *_rt.kernel_params(params),
-        *_varlen_id_args(cu_q),
+        *_varlen_id_args(params, n_seq, max_q, max_k),
         cu_q, cu_k, total_q,
         H=Q_HEADS, GROUP=GROUP,
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=128, BLOCK_DV=128,
@@ -666,7 +665,7 @@ def _backward_varlen(q, k, v, o, lse, do, dlse, scale, params, cu_q, cu_k, max_q
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype), VARLEN=True,
     )
     sizes = (scale * _LOG2E, scale, 0, 0, _rt.seq_bucket(max_q), _rt.seq_bucket(max_k), 0, 0, *_rt.kernel_params(params))
-    sizes += (*_varlen_id_args(cu_q), cu_q, cu_k, total_q)
+    sizes += (*_varlen_id_args(params, n_seq, max_q, max_k), cu_q, cu_k, total_q)
     grid_kv = lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), n_seq * KV_HEADS)  # noqa: E731
     _bwd_dkdv_kernel[grid_kv](
         q, k, v, do, lse, delta, dk, dv,

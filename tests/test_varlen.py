@@ -265,3 +265,18 @@ def test_varlen_rejects_bad_input(change, match):
     mod = generated("llama3_gqa")
     with pytest.raises(ValueError, match=match):
         mod.attention_varlen(**_bad_args(mod, change))
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("lengths", [[(40, 40), (33, 37), (0, 4), (17, 9)], [(48, 48), (1, 30)]])
+def test_varlen_document_skip_per_sequence(lengths):
+    """Sorted document ids of a different length per sequence (doc[b, i] = i // (5 + 3 b)): the
+    id-range skip drops whole tiles of earlier documents, and its ranges must be those of the
+    program's own sequence (b) and rows within it."""
+    mod = generated("document")
+    lens_q, lens_k = [a for a, _ in lengths], [b for _, b in lengths]
+    n = max(lens_q + lens_k)
+    doc = torch.stack([torch.arange(n) // (5 + 3 * b) for b in range(len(lengths))]).to(runtime.DEVICE, torch.int32)
+    dtype = runtime.TORCH_DTYPES[mod.DTYPES[0]]
+    results = check_varlen(mod, lens_q, lens_k, dtype, {"doc": doc}, seed=7)
+    assert_all_ok(results, f"lengths {lengths}")
