@@ -454,3 +454,84 @@ def id_ranges(ids: torch.Tensor, batch: int, n: int, offset: int = 0) -> tuple[t
     pos = torch.arange(padded, device=ids.device).clamp_(max=n - 1)
     chunks = full[:, pos].view(batch, padded // ID_CHUNK, ID_CHUNK)
     return chunks.amin(-1).contiguous(), chunks.amax(-1).contiguous()
+
+
+# ----------------------------------------------------------------------------- packed sequences
+
+def check_varlen(
+    name: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    *,
+    q_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    v_head_dim: int,
+    dtypes: tuple[str, ...],
+) -> int:
+    """attention_varlen()'s inputs: q [total_q, Hq, D], k [total_k, Hkv, D], v [total_k, Hkv, Dv];
+    cu_seqlens_* int32 [B + 1] on q's device, starting at 0, non-decreasing, ending at the total;
+    max_seqlen_* ints at least every sequence's length (and at most POSITION_MAX). Returns B;
+    ValueError naming the argument. Reads cu_seqlens once on the host."""
+    import numbers
+
+    for tname, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: {tname} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name}: {tname} must be 3-D [total, H, D] (packed sequences), got shape {tuple(t.shape)}")
+    # the [B, H, N, D] checks on the packed tensors seen as one batch of [1, H, total, D]
+    check_inputs(
+        name, *(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)),
+        q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, v_head_dim=v_head_dim, dtypes=dtypes,
+    )
+    cus = []
+    for arg, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+        if not isinstance(cu, torch.Tensor):
+            raise ValueError(f"{name}: {arg} must be an int32 torch.Tensor, got {type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise ValueError(f"{name}: {arg} must have dtype torch.int32, got {cu.dtype}")
+        if cu.dim() != 1 or cu.shape[0] < 1:
+            raise ValueError(f"{name}: {arg} must be 1-D [B + 1], got shape {tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"{name}: {arg} is on {cu.device}, expected {q.device} (where q is)")
+        vals = cu.tolist()
+        if vals[0] != 0:
+            raise ValueError(f"{name}: {arg} must start at 0, got {vals[0]}")
+        for i in range(len(vals) - 1):
+            if vals[i + 1] < vals[i]:
+                raise ValueError(f"{name}: {arg} must be non-decreasing, got {vals[i]} then {vals[i + 1]} at index {i}")
+        if vals[-1] != total:
+            raise ValueError(f"{name}: {arg} ends at {vals[-1]}, but {'q' if arg == 'cu_seqlens_q' else 'k'} has {total} rows")
+        cus.append(vals)
+    if len(cus[0]) != len(cus[1]):
+        raise ValueError(
+            f"{name}: cu_seqlens_q has {len(cus[0]) - 1} sequences but cu_seqlens_k has {len(cus[1]) - 1}"
+        )
+    for arg, m, vals in (("max_seqlen_q", max_seqlen_q, cus[0]), ("max_seqlen_k", max_seqlen_k, cus[1])):
+        if isinstance(m, bool) or not isinstance(m, numbers.Integral):
+            raise ValueError(f"{name}: {arg} must be an int, got {type(m).__name__}")
+        longest = max((b - a for a, b in zip(vals, vals[1:])), default=0)
+        if int(m) < longest:
+            raise ValueError(f"{name}: {arg} = {int(m)} is smaller than a sequence's length ({longest})")
+        if int(m) > POSITION_MAX:
+            raise ValueError(f"{name}: {arg} = {int(m)} exceeds {POSITION_MAX} (32-bit positions)")
+    return len(cus[0]) - 1
+
+
+def packed_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """The [B, H, N, D] strides under which the kernels address a packed [total, H, D] tensor: batch
+    stride 0 (a program finds its sequence's first row from cu_seqlens), then head, row, column."""
+    return 0, t.stride(1), t.stride(0), t.stride(2)
+
+
+def packed_rows(t: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Rows [start, end) of a packed [total, H, D] tensor as a [1, H, end - start, D] view with batch
+    stride 0 (no copy)."""
+    s = t[start:end]
+    return s.as_strided((1, s.shape[1], s.shape[0], s.shape[2]), packed_strides(s), s.storage_offset())

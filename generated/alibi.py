@@ -158,6 +158,9 @@ _KEY = ["N_Q_BUCKET", "N_K_BUCKET"]
 # Sequence lengths and offsets are plain runtime integers: a new length or offset never compiles a
 # new kernel variant.
 _LENGTHS = ["N_Q", "N_K", "N_Q_BUCKET", "N_K_BUCKET", "Q_OFF", "KV_OFF", "arg_slopes_stride_0", "arg_slopes_size_0"]
+# the packed-sequence arguments of the forward, dK/dV and dQ kernels (cu_seqlens pointers are None
+# and TOTAL_Q is 0 for the padded layout, where VARLEN=False compiles them out)
+_VARLEN_ARGS = ["TOTAL_Q"]
 _TUNE_FWD = _rt.TuneCache(f"{NAME}._fwd_kernel@{SPEC_SHA256[:16]}")
 
 _LOG2E = 1.4426950408889634  # host side; kernels spell their constants out (no non-constexpr globals)
@@ -214,7 +217,7 @@ def _fwd_tile(
 
 
 @triton.autotune(configs=_rt.configs(_SPACES["_fwd_kernel"]), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_FWD.prune})
-@triton.jit(do_not_specialize=_LENGTHS)
+@triton.jit(do_not_specialize=_LENGTHS + _VARLEN_ARGS)
 def _fwd_kernel(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -223,9 +226,10 @@ def _fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     qk_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, Q_OFF, KV_OFF,
     arg_slopes_ptr, arg_slopes_stride_0, arg_slopes_size_0,
+    CU_Q, CU_K, TOTAL_Q,
     H: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_m = tl.program_id(0)
@@ -234,6 +238,20 @@ def _fwd_kernel(
     i_h = i_bh % H
     i_hk = i_h // GROUP
     start_m = i_m * BLOCK_M
+    if VARLEN:
+        # packed sequences: sequence i_b is rows [q_start, q_start + N_Q) of the query side and
+        # [k_start, k_start + N_K) of the key side
+        q_start = tl.load(CU_Q + i_b)
+        N_Q = tl.load(CU_Q + i_b + 1) - q_start
+        k_start = tl.load(CU_K + i_b)
+        N_K = tl.load(CU_K + i_b + 1) - k_start
+        if start_m >= N_Q:
+            return
+        Q += q_start.to(tl.int64) * stride_qm
+        O += q_start.to(tl.int64) * stride_om
+        K += k_start.to(tl.int64) * stride_kn
+        V += k_start.to(tl.int64) * stride_vn
+
     o_m = start_m + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
@@ -282,7 +300,11 @@ def _fwd_kernel(
     b_lse = tl.where(m_any, (b_m + tl.math.log2(tl.where(m_any, b_l, 1.0))) * 0.6931471805599453, float("-inf"))
     p_o = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
     tl.store(p_o + o_m[:, None] * stride_om + o_dv[None, :] * stride_od, b_o.to(O.dtype.element_ty), mask=m_m[:, None])
-    tl.store(LSE + i_bh.to(tl.int64) * N_Q + o_m, b_lse, mask=m_m)
+    if VARLEN:
+        p_lse = LSE + i_h.to(tl.int64) * TOTAL_Q + q_start
+    else:
+        p_lse = LSE + i_bh.to(tl.int64) * N_Q
+    tl.store(p_lse + o_m, b_lse, mask=m_m)
 
 
 def _forward(q, k, v, scale, params, q_off=0, kv_off=0):
@@ -299,9 +321,39 @@ def _forward(q, k, v, scale, params, q_off=0, kv_off=0):
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         scale * _LOG2E, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), q_off, kv_off, *_rt.kernel_params(params),
+        None, None, 0,
         H=Q_HEADS, GROUP=GROUP,
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=32, BLOCK_DV=32,
-        DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
+        DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype), VARLEN=False,
+    )
+    _TUNE_FWD.record(_fwd_kernel)
+    return o, lse
+
+
+def _varlen_id_args(params, n_seq, max_q, max_k):
+    return ()  # no id-range skip in this module
+
+
+def _forward_varlen(q, k, v, scale, params, cu_q, cu_k, max_q, max_k):
+    """Packed sequences (attention_varlen): q [total_q, H, D], k, v [total_k, Hkv, D / Dv]; o
+    [total_q, H, Dv] and lse [H, total_q]. One program per (query tile of the longest sequence,
+    sequence x head); a program past its sequence's end returns at once. Shares _fwd_kernel's
+    autotuning (same key) with the padded layout."""
+    total_q, n_seq = q.shape[0], cu_q.shape[0] - 1
+    o = _rt.empty((total_q, Q_HEADS, V_HEAD_DIM), dtype=q.dtype, device=q.device)
+    lse = _rt.empty((Q_HEADS, total_q), dtype=torch.float32, device=q.device)
+    if n_seq == 0 or total_q == 0:
+        return o, lse
+    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_seq * Q_HEADS)  # noqa: E731
+    _fwd_kernel[grid](
+        q, k, v, o, lse,
+        *_rt.packed_strides(q), *_rt.packed_strides(k), *_rt.packed_strides(v), *_rt.packed_strides(o),
+        scale * _LOG2E, 0, 0, _rt.seq_bucket(max_q), _rt.seq_bucket(max_k), 0, 0, *_rt.kernel_params(params),
+        *_varlen_id_args(params, n_seq, max_q, max_k),
+        cu_q, cu_k, total_q,
+        H=Q_HEADS, GROUP=GROUP,
+        HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=32, BLOCK_DV=32,
+        DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype), VARLEN=True,
     )
     _TUNE_FWD.record(_fwd_kernel)
     return o, lse
@@ -382,7 +434,7 @@ def _bwd_dkdv_tile(
 
 
 @triton.autotune(configs=_rt.configs(_SPACES["_bwd_dkdv_kernel"]), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_DKDV.prune})
-@triton.jit(do_not_specialize=_LENGTHS)
+@triton.jit(do_not_specialize=_LENGTHS + _VARLEN_ARGS)
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -393,9 +445,10 @@ def _bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, Q_OFF, KV_OFF,
     arg_slopes_ptr, arg_slopes_stride_0, arg_slopes_size_0,
+    CU_Q, CU_K, TOTAL_Q,
     H: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # one program per (KV tile, batch, KV head); dK and dV sum over the GROUP query heads in-kernel
@@ -404,6 +457,22 @@ def _bwd_dkdv_kernel(
     i_b = i_bh // H_KV
     i_hk = i_bh % H_KV
     start_n = i_n * BLOCK_N
+    if VARLEN:
+        # packed sequences: sequence i_b is rows [q_start, q_start + N_Q) of the query side and
+        # [k_start, k_start + N_K) of the key side
+        q_start = tl.load(CU_Q + i_b)
+        N_Q = tl.load(CU_Q + i_b + 1) - q_start
+        k_start = tl.load(CU_K + i_b)
+        N_K = tl.load(CU_K + i_b + 1) - k_start
+        if start_n >= N_K:
+            return
+        Q += q_start.to(tl.int64) * stride_qm
+        DO += q_start.to(tl.int64) * stride_dom
+        K += k_start.to(tl.int64) * stride_kn
+        V += k_start.to(tl.int64) * stride_vn
+        DK += k_start.to(tl.int64) * stride_dkn
+        DV += k_start.to(tl.int64) * stride_dvn
+
     o_n = start_n + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
@@ -423,8 +492,14 @@ def _bwd_dkdv_kernel(
         i_h = i_hk * GROUP + g
         p_q0 = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
         p_do0 = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
-        p_lse0 = LSE + (i_b * H + i_h).to(tl.int64) * N_Q
-        p_delta0 = DELTA + (i_b * H + i_h).to(tl.int64) * N_Q
+        if VARLEN:
+            p_lse0 = LSE + i_h.to(tl.int64) * TOTAL_Q + q_start
+        else:
+            p_lse0 = LSE + (i_b * H + i_h).to(tl.int64) * N_Q
+        if VARLEN:
+            p_delta0 = DELTA + i_h.to(tl.int64) * TOTAL_Q + q_start
+        else:
+            p_delta0 = DELTA + (i_b * H + i_h).to(tl.int64) * N_Q
         # query tiles [q_lo, q_full) and [q_full_end, q_hi) see this KV tile partly (mask applied),
         # [q_full, q_full_end) see all of it; the rest see none of it
         q_hi = N_Q
@@ -495,7 +570,7 @@ def _bwd_dq_tile(
 
 
 @triton.autotune(configs=_rt.configs(_SPACES["_bwd_dq_kernel"]), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_DQ.prune})
-@triton.jit(do_not_specialize=_LENGTHS)
+@triton.jit(do_not_specialize=_LENGTHS + _VARLEN_ARGS)
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -505,9 +580,10 @@ def _bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, Q_OFF, KV_OFF,
     arg_slopes_ptr, arg_slopes_stride_0, arg_slopes_size_0,
+    CU_Q, CU_K, TOTAL_Q,
     H: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_m = tl.program_id(0)
@@ -516,6 +592,21 @@ def _bwd_dq_kernel(
     i_h = i_bh % H
     i_hk = i_h // GROUP
     start_m = i_m * BLOCK_M
+    if VARLEN:
+        # packed sequences: sequence i_b is rows [q_start, q_start + N_Q) of the query side and
+        # [k_start, k_start + N_K) of the key side
+        q_start = tl.load(CU_Q + i_b)
+        N_Q = tl.load(CU_Q + i_b + 1) - q_start
+        k_start = tl.load(CU_K + i_b)
+        N_K = tl.load(CU_K + i_b + 1) - k_start
+        if start_m >= N_Q:
+            return
+        Q += q_start.to(tl.int64) * stride_qm
+        DO += q_start.to(tl.int64) * stride_dom
+        DQ += q_start.to(tl.int64) * stride_dqm
+        K += k_start.to(tl.int64) * stride_kn
+        V += k_start.to(tl.int64) * stride_vn
+
     o_m = start_m + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
@@ -524,9 +615,17 @@ def _bwd_dq_kernel(
     p_do = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
     b_q = tl.load(p_q + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd, mask=m_m[:, None], other=0.0)  # [BM, BD]
     b_do = tl.load(p_do + o_m[:, None] * stride_dom + o_dv[None, :] * stride_dod, mask=m_m[:, None], other=0.0)  # [BM, BDV]
-    b_lse = tl.load(LSE + i_bh.to(tl.int64) * N_Q + o_m, mask=m_m, other=float("inf"))
+    if VARLEN:
+        p_lse = LSE + i_h.to(tl.int64) * TOTAL_Q + q_start
+    else:
+        p_lse = LSE + i_bh.to(tl.int64) * N_Q
+    if VARLEN:
+        p_delta = DELTA + i_h.to(tl.int64) * TOTAL_Q + q_start
+    else:
+        p_delta = DELTA + i_bh.to(tl.int64) * N_Q
+    b_lse = tl.load(p_lse + o_m, mask=m_m, other=float("inf"))
     b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse) * 1.4426950408889634  # base 2
-    b_delta = tl.load(DELTA + i_bh.to(tl.int64) * N_Q + o_m, mask=m_m, other=0.0)
+    b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
     if DOT_UPCAST:
         b_q = b_q.to(tl.float32)
         b_do = b_do.to(tl.float32)
@@ -579,9 +678,10 @@ def _backward(q, k, v, o, lse, do, dlse, scale, params, q_off=0, kv_off=0, param
     )
     common = dict(
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=32, BLOCK_DV=32,
-        DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
+        DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype), VARLEN=False,
     )
     sizes = (scale * _LOG2E, scale, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), q_off, kv_off, *_rt.kernel_params(params))
+    sizes += (None, None, 0)
     grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * KV_HEADS)  # noqa: E731
     _bwd_dkdv_kernel[grid_kv](
         q, k, v, do, lse, delta, dk, dv,
@@ -621,31 +721,106 @@ class _Attention(torch.autograd.Function):
         return (*grads[:3], None, None, None, *dparams)
 
 
+def _backward_varlen(q, k, v, o, lse, do, dlse, scale, params, cu_q, cu_k, max_q, max_k, param_grads=False):
+    """Packed sequences: dq [total_q, H, D], dk, dv [total_k, Hkv, D / Dv], and with param_grads=True the learnable tensors' gradients.
+    The same kernels as _backward with VARLEN: one dK/dV program per (KV tile of the longest
+    sequence, sequence x KV head), one dQ program per (query tile, sequence x head)."""
+    total_q, total_k, n_seq = q.shape[0], k.shape[0], cu_q.shape[0] - 1
+    dq, dk, dv = _rt.empty_like(q), _rt.empty_like(k), _rt.empty_like(v)
+    if n_seq == 0 or total_q == 0 or total_k == 0:
+        zeros = tuple(torch.zeros_like(params[i]) for i in _GRAD_PARAMS.values()) if param_grads else ()
+        return (dq.zero_(), dk.zero_(), dv.zero_(), *zeros)
+    if do is None:
+        do = torch.zeros_like(o)
+    dlse = torch.zeros_like(lse) if dlse is None else dlse.to(torch.float32).contiguous()
+    delta = _rt.empty((Q_HEADS, total_q), dtype=torch.float32, device=q.device)
+    # delta is row-local: the packed rows as one sequence of total_q rows
+    _bwd_preprocess[(triton.cdiv(total_q, 64), Q_HEADS)](
+        o, do, dlse, delta, *_rt.packed_strides(o), *_rt.packed_strides(do), total_q,
+        H=Q_HEADS, V_HEAD_DIM=V_HEAD_DIM, BLOCK_DV=32, BLOCK_M=64,
+    )
+    common = dict(
+        HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=32, BLOCK_DV=32,
+        DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype), VARLEN=True,
+    )
+    sizes = (scale * _LOG2E, scale, 0, 0, _rt.seq_bucket(max_q), _rt.seq_bucket(max_k), 0, 0, *_rt.kernel_params(params))
+    sizes += (*_varlen_id_args(params, n_seq, max_q, max_k), cu_q, cu_k, total_q)
+    grid_kv = lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), n_seq * KV_HEADS)  # noqa: E731
+    _bwd_dkdv_kernel[grid_kv](
+        q, k, v, do, lse, delta, dk, dv,
+        *(s for t in (q, k, v, do, dk, dv) for s in _rt.packed_strides(t)),
+        *sizes, H=Q_HEADS, H_KV=KV_HEADS, GROUP=GROUP, **common,
+    )
+    _TUNE_DKDV.record(_bwd_dkdv_kernel)
+    grid_q = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_seq * Q_HEADS)  # noqa: E731
+    _bwd_dq_kernel[grid_q](
+        q, k, v, do, lse, delta, dq,
+        *(s for t in (q, k, v, do, dq) for s in _rt.packed_strides(t)),
+        *sizes, H=Q_HEADS, GROUP=GROUP, **common,
+    )
+    _TUNE_DQ.record(_bwd_dq_kernel)
+    if param_grads:
+        # sequence by sequence (each a batch of one at batch index b, so b-indexed tensors work),
+        # in a fixed order: deterministic
+        tensors = [params[i] for i in _GRAD_PARAMS.values()]
+        sums = [torch.zeros(t.numel(), dtype=torch.float32, device=q.device) for t in tensors]
+        cq, ck = cu_q.tolist(), cu_k.tolist()
+        for i in range(n_seq):
+            (q0, q1), (k0, k1) = cq[i:i + 2], ck[i:i + 2]
+            if q1 > q0 and k1 > k0:
+                _param_grad_sums(
+                    sums, *(_rt.packed_rows(t, q0, q1) if t is not k and t is not v else _rt.packed_rows(t, k0, k1) for t in (q, k, v, do)),
+                    lse[:, q0:q1].unsqueeze(0).contiguous(), delta[:, q0:q1].unsqueeze(0).contiguous(), scale, params, b0=i,
+                )
+        return (dq, dk, dv, *(total.view(t.shape).to(t.dtype) for total, t in zip(sums, tensors)))
+    return dq, dk, dv
+
+
+class _AttentionVarlen(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, params, seqs, slopes):
+        o, lse = _forward_varlen(q, k, v, scale, params, *seqs)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+        ctx.params = params
+        ctx.seqs = seqs
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        want = any(ctx.needs_input_grad[6:])
+        grads = _backward_varlen(q, k, v, o, lse, do, dlse, ctx.scale, ctx.params, *ctx.seqs, param_grads=want)
+        dparams = grads[3:] if want else (None,) * len(_GRAD_PARAMS)
+        return (*grads[:3], None, None, None, *dparams)
+
+
 # ----------------------------------------------------------------------------- learnable tensor parameters
 
 # name -> position in the parameter tuple, of each float tensor the score_mod reads
 _GRAD_PARAMS = {"slopes": 0}
 
 
-@triton.jit(do_not_specialize=_LENGTHS + ["ROW0", "N_ROWS"])
+@triton.jit(do_not_specialize=_LENGTHS + ["ROW0", "N_ROWS", "B0"])
 def _bwd_param_kernel(
     Q, K, V, DO, LSE, DELTA, GVAL_slopes, GIDX_slopes,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    qk_scale, N_Q, N_K, ROW0, N_ROWS, Q_OFF, KV_OFF,
+    qk_scale, N_Q, N_K, ROW0, N_ROWS, Q_OFF, KV_OFF, B0,
     arg_slopes_ptr, arg_slopes_stride_0, arg_slopes_size_0,
     H: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # one program per (query tile of the chunk ROW0 + [0, N_ROWS), KV tile, batch x head): per pair,
-    # dL/d(element) = p * (dp - delta) * d(score_mod)/d(element) and the element's flat index
+    # dL/d(element) = p * (dp - delta) * d(score_mod)/d(element) and the element's flat index;
+    # the batch index i_b starts at B0 (a packed sequence's index, passed as a batch of one)
     i_m = tl.program_id(0)
     i_n = tl.program_id(1)
     i_bh = tl.program_id(2)
-    i_b = i_bh // H
+    i_b = B0 + i_bh // H
     i_h = i_bh % H
     i_hk = i_h // GROUP
     o_r = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -693,10 +868,17 @@ def _param_grads(q, k, v, do, lse, delta, scale, params, q_off=0, kv_off=0):
     pair's contribution and its element's flat index ([B * H, rows, Nk] float32 and int64, at most
     _rt.PARAM_GRAD_ELEMS pairs per chunk), and _rt.index_sum_ sums them in an order fixed by the
     indices (deterministic, no float atomics)."""
-    b, _, n_q, _ = q.shape
-    n_k = k.shape[2]
     tensors = [params[i] for i in _GRAD_PARAMS.values()]
     sums = [torch.zeros(t.numel(), dtype=torch.float32, device=q.device) for t in tensors]
+    _param_grad_sums(sums, q, k, v, do, lse, delta, scale, params, q_off, kv_off)
+    return tuple(total.view(t.shape).to(t.dtype) for total, t in zip(sums, tensors))
+
+
+def _param_grad_sums(sums, q, k, v, do, lse, delta, scale, params, q_off=0, kv_off=0, b0=0):
+    """Adds the learnable tensors' gradients over batches b0 + [0, B) of [B, H, N, D] q ... into
+    `sums` (flat float32, one per tensor)."""
+    b, _, n_q, _ = q.shape
+    n_k = k.shape[2]
     rows = max(1, min(n_q, _rt.PARAM_GRAD_ELEMS // (b * Q_HEADS * n_k)))
     c = _SPACES["_bwd_dq_kernel"][0]
     for row0 in range(0, n_q, rows):
@@ -704,20 +886,19 @@ def _param_grads(q, k, v, do, lse, delta, scale, params, q_off=0, kv_off=0):
         bufs = [
             (torch.empty((b * Q_HEADS, n_rows, n_k), dtype=torch.float32, device=q.device),
              torch.empty((b * Q_HEADS, n_rows, n_k), dtype=torch.int64, device=q.device))
-            for _ in tensors
+            for _ in sums
         ]
         grid = (triton.cdiv(n_rows, c["block_m"]), triton.cdiv(n_k, c["block_n"]), b * Q_HEADS)
         _bwd_param_kernel[grid](
             q, k, v, do, lse, delta, *(x for pair in bufs for x in pair),
             *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-            scale * _LOG2E, n_q, n_k, row0, n_rows, q_off, kv_off, *_rt.kernel_params(params),
+            scale * _LOG2E, n_q, n_k, row0, n_rows, q_off, kv_off, b0, *_rt.kernel_params(params),
             H=Q_HEADS, GROUP=GROUP, BLOCK_D=32, BLOCK_DV=32,
             DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
             BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], num_warps=c["num_warps"], num_stages=c["num_stages"],
         )
         for total, (val, idx) in zip(sums, bufs):
             _rt.index_sum_(total, idx, val)
-    return tuple(total.view(t.shape).to(t.dtype) for total, t in zip(sums, tensors))
 
 
 def attention(q, k, v, *, slopes=None, scale=None, return_lse=False, q_offset=0, kv_offset=0, **unknown):
@@ -742,6 +923,35 @@ def attention(q, k, v, *, slopes=None, scale=None, return_lse=False, q_offset=0,
         o, lse = _Attention.apply(q, k, v, scale, params, offsets, slopes)
     else:
         o, lse = _forward(q, k, v, scale, params, *offsets)
+    return (o, lse) if return_lse else o
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, slopes=None, scale=None, return_lse=False, **unknown):
+    """Causal attention with ALiBi, slopes at run time. GQA attention, 4 query heads over 2 KV heads, head_dim 32, mask causal, score_mod score - Abs(kv_idx - q_idx)*slopes[h]., over packed sequences of different lengths (FlashAttention-2's varlen layout).
+
+    q: [total_q, 4, 32]; k: [total_k, 2, 32]; v: [total_k, 2, 32] (fp16 | bf16, any strides):
+    the B sequences one after another. cu_seqlens_q, cu_seqlens_k: int32 [B + 1] on q's device, from 0,
+    non-decreasing, ending at total_q / total_k: sequence b is q rows [cu_seqlens_q[b], cu_seqlens_q[b + 1])
+    and k, v rows [cu_seqlens_k[b], cu_seqlens_k[b + 1]) (empty sequences allowed). max_seqlen_q,
+    max_seqlen_k: ints, at least the longest sequence (they size the grid).
+    Per sequence, q_idx and kv_idx start at 0, q_len and kv_len are its lengths and b is its index
+    (tensor parameters indexed by b work); causal is top-left, as in attention().
+    slopes: fp32 tensor with 1 dim on q's device, required: the score_mod's parameter slopes; learnable: receives a gradient.
+    scale: softmax scale, default 1/sqrt(32).
+    Returns o [total_q, 4, 32] in q's dtype, and with return_lse=True also lse
+    [4, total_q] float32 (natural log; -inf for a row that sees no key).
+    """
+    _rt.check_varlen(
+        NAME, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, v_head_dim=V_HEAD_DIM, dtypes=DTYPES,
+    )
+    params = _rt.check_params(NAME, PARAMS, {"slopes": slopes}, unknown, device=q.device)
+    scale = HEAD_DIM ** -0.5 if scale is None else float(scale)
+    seqs = (cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or slopes.requires_grad):
+        o, lse = _AttentionVarlen.apply(q, k, v, scale, params, seqs, slopes)
+    else:
+        o, lse = _forward_varlen(q, k, v, scale, params, *seqs)
     return (o, lse) if return_lse else o
 from attngen.kernels import kvcache as _kvcache  # noqa: E402  (after runtime, as every kernel module)
 from attngen.kernels import merge as _merge  # noqa: E402

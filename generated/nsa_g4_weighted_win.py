@@ -152,6 +152,9 @@ _KEY = ["N_Q_BUCKET", "N_K_BUCKET"]
 # Sequence lengths and offsets are plain runtime integers: a new length or offset never compiles a
 # new kernel variant.
 _LENGTHS = ["N_Q", "N_K", "N_Q_BUCKET", "N_K_BUCKET", "Q_OFF", "KV_OFF"]
+# the packed-sequence arguments of the forward, dK/dV and dQ kernels (cu_seqlens pointers are None
+# and TOTAL_Q is 0 for the padded layout, where VARLEN=False compiles them out)
+_VARLEN_ARGS = ["TOTAL_Q"]
 _TUNE_FWD = _rt.TuneCache(f"{NAME}._fwd_kernel@{SPEC_SHA256[:16]}")
 
 _LOG2E = 1.4426950408889634  # host side; kernels spell their constants out (no non-constexpr globals)
@@ -204,7 +207,7 @@ def _fwd_tile(
 
 
 @triton.autotune(configs=_rt.configs(_SPACES["_fwd_kernel"]), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_FWD.prune})
-@triton.jit(do_not_specialize=_LENGTHS)
+@triton.jit(do_not_specialize=_LENGTHS + _VARLEN_ARGS)
 def _fwd_kernel(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -212,9 +215,10 @@ def _fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     qk_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, Q_OFF, KV_OFF,
+    CU_Q, CU_K, TOTAL_Q,
     H: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_m = tl.program_id(0)
@@ -223,6 +227,20 @@ def _fwd_kernel(
     i_h = i_bh % H
     i_hk = i_h // GROUP
     start_m = i_m * BLOCK_M
+    if VARLEN:
+        # packed sequences: sequence i_b is rows [q_start, q_start + N_Q) of the query side and
+        # [k_start, k_start + N_K) of the key side
+        q_start = tl.load(CU_Q + i_b)
+        N_Q = tl.load(CU_Q + i_b + 1) - q_start
+        k_start = tl.load(CU_K + i_b)
+        N_K = tl.load(CU_K + i_b + 1) - k_start
+        if start_m >= N_Q:
+            return
+        Q += q_start.to(tl.int64) * stride_qm
+        O += q_start.to(tl.int64) * stride_om
+        K += k_start.to(tl.int64) * stride_kn
+        V += k_start.to(tl.int64) * stride_vn
+
     o_m = start_m + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
@@ -276,7 +294,11 @@ def _fwd_kernel(
     b_lse = tl.where(m_any, (b_m + tl.math.log2(tl.where(m_any, b_l, 1.0))) * 0.6931471805599453, float("-inf"))
     p_o = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
     tl.store(p_o + o_m[:, None] * stride_om + o_dv[None, :] * stride_od, b_o.to(O.dtype.element_ty), mask=m_m[:, None])
-    tl.store(LSE + i_bh.to(tl.int64) * N_Q + o_m, b_lse, mask=m_m)
+    if VARLEN:
+        p_lse = LSE + i_h.to(tl.int64) * TOTAL_Q + q_start
+    else:
+        p_lse = LSE + i_bh.to(tl.int64) * N_Q
+    tl.store(p_lse + o_m, b_lse, mask=m_m)
 
 
 def _forward(q, k, v, scale, params, q_off=0, kv_off=0):
@@ -293,9 +315,39 @@ def _forward(q, k, v, scale, params, q_off=0, kv_off=0):
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         scale * _LOG2E, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), q_off, kv_off, *_rt.kernel_params(params),
+        None, None, 0,
         H=Q_HEADS, GROUP=GROUP,
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=64, BLOCK_DV=64,
-        DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
+        DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype), VARLEN=False,
+    )
+    _TUNE_FWD.record(_fwd_kernel)
+    return o, lse
+
+
+def _varlen_id_args(params, n_seq, max_q, max_k):
+    return ()  # no id-range skip in this module
+
+
+def _forward_varlen(q, k, v, scale, params, cu_q, cu_k, max_q, max_k):
+    """Packed sequences (attention_varlen): q [total_q, H, D], k, v [total_k, Hkv, D / Dv]; o
+    [total_q, H, Dv] and lse [H, total_q]. One program per (query tile of the longest sequence,
+    sequence x head); a program past its sequence's end returns at once. Shares _fwd_kernel's
+    autotuning (same key) with the padded layout."""
+    total_q, n_seq = q.shape[0], cu_q.shape[0] - 1
+    o = _rt.empty((total_q, Q_HEADS, V_HEAD_DIM), dtype=q.dtype, device=q.device)
+    lse = _rt.empty((Q_HEADS, total_q), dtype=torch.float32, device=q.device)
+    if n_seq == 0 or total_q == 0:
+        return o, lse
+    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_seq * Q_HEADS)  # noqa: E731
+    _fwd_kernel[grid](
+        q, k, v, o, lse,
+        *_rt.packed_strides(q), *_rt.packed_strides(k), *_rt.packed_strides(v), *_rt.packed_strides(o),
+        scale * _LOG2E, 0, 0, _rt.seq_bucket(max_q), _rt.seq_bucket(max_k), 0, 0, *_rt.kernel_params(params),
+        *_varlen_id_args(params, n_seq, max_q, max_k),
+        cu_q, cu_k, total_q,
+        H=Q_HEADS, GROUP=GROUP,
+        HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=64, BLOCK_DV=64,
+        DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype), VARLEN=True,
     )
     _TUNE_FWD.record(_fwd_kernel)
     return o, lse
@@ -372,7 +424,7 @@ def _bwd_dkdv_tile(
 
 
 @triton.autotune(configs=_rt.configs(_SPACES["_bwd_dkdv_kernel"]), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_DKDV.prune})
-@triton.jit(do_not_specialize=_LENGTHS)
+@triton.jit(do_not_specialize=_LENGTHS + _VARLEN_ARGS)
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -382,9 +434,10 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, Q_OFF, KV_OFF,
+    CU_Q, CU_K, TOTAL_Q,
     H: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # one program per (KV tile, batch, KV head); dK and dV sum over the GROUP query heads in-kernel
@@ -393,6 +446,22 @@ def _bwd_dkdv_kernel(
     i_b = i_bh // H_KV
     i_hk = i_bh % H_KV
     start_n = i_n * BLOCK_N
+    if VARLEN:
+        # packed sequences: sequence i_b is rows [q_start, q_start + N_Q) of the query side and
+        # [k_start, k_start + N_K) of the key side
+        q_start = tl.load(CU_Q + i_b)
+        N_Q = tl.load(CU_Q + i_b + 1) - q_start
+        k_start = tl.load(CU_K + i_b)
+        N_K = tl.load(CU_K + i_b + 1) - k_start
+        if start_n >= N_K:
+            return
+        Q += q_start.to(tl.int64) * stride_qm
+        DO += q_start.to(tl.int64) * stride_dom
+        K += k_start.to(tl.int64) * stride_kn
+        V += k_start.to(tl.int64) * stride_vn
+        DK += k_start.to(tl.int64) * stride_dkn
+        DV += k_start.to(tl.int64) * stride_dvn
+
     o_n = start_n + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
@@ -412,8 +481,14 @@ def _bwd_dkdv_kernel(
         i_h = i_hk * GROUP + g
         p_q0 = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
         p_do0 = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
-        p_lse0 = LSE + (i_b * H + i_h).to(tl.int64) * N_Q
-        p_delta0 = DELTA + (i_b * H + i_h).to(tl.int64) * N_Q
+        if VARLEN:
+            p_lse0 = LSE + i_h.to(tl.int64) * TOTAL_Q + q_start
+        else:
+            p_lse0 = LSE + (i_b * H + i_h).to(tl.int64) * N_Q
+        if VARLEN:
+            p_delta0 = DELTA + i_h.to(tl.int64) * TOTAL_Q + q_start
+        else:
+            p_delta0 = DELTA + (i_b * H + i_h).to(tl.int64) * N_Q
         # query tiles [q_lo, q_full) and [q_full_end, q_hi) see this KV tile partly (mask applied),
         # [q_full, q_full_end) see all of it; the rest see none of it
         q_hi = tl.minimum(N_Q, tl.maximum(0, KV_OFF - Q_OFF + last_n + 64))
@@ -486,7 +561,7 @@ def _bwd_dq_tile(
 
 
 @triton.autotune(configs=_rt.configs(_SPACES["_bwd_dq_kernel"]), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_DQ.prune})
-@triton.jit(do_not_specialize=_LENGTHS)
+@triton.jit(do_not_specialize=_LENGTHS + _VARLEN_ARGS)
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -495,9 +570,10 @@ def _bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     qk_scale, sm_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, Q_OFF, KV_OFF,
+    CU_Q, CU_K, TOTAL_Q,
     H: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_m = tl.program_id(0)
@@ -506,6 +582,21 @@ def _bwd_dq_kernel(
     i_h = i_bh % H
     i_hk = i_h // GROUP
     start_m = i_m * BLOCK_M
+    if VARLEN:
+        # packed sequences: sequence i_b is rows [q_start, q_start + N_Q) of the query side and
+        # [k_start, k_start + N_K) of the key side
+        q_start = tl.load(CU_Q + i_b)
+        N_Q = tl.load(CU_Q + i_b + 1) - q_start
+        k_start = tl.load(CU_K + i_b)
+        N_K = tl.load(CU_K + i_b + 1) - k_start
+        if start_m >= N_Q:
+            return
+        Q += q_start.to(tl.int64) * stride_qm
+        DO += q_start.to(tl.int64) * stride_dom
+        DQ += q_start.to(tl.int64) * stride_dqm
+        K += k_start.to(tl.int64) * stride_kn
+        V += k_start.to(tl.int64) * stride_vn
+
     o_m = start_m + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
@@ -514,9 +605,17 @@ def _bwd_dq_kernel(
     p_do = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
     b_q = tl.load(p_q + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd, mask=m_m[:, None], other=0.0)  # [BM, BD]
     b_do = tl.load(p_do + o_m[:, None] * stride_dom + o_dv[None, :] * stride_dod, mask=m_m[:, None], other=0.0)  # [BM, BDV]
-    b_lse = tl.load(LSE + i_bh.to(tl.int64) * N_Q + o_m, mask=m_m, other=float("inf"))
+    if VARLEN:
+        p_lse = LSE + i_h.to(tl.int64) * TOTAL_Q + q_start
+    else:
+        p_lse = LSE + i_bh.to(tl.int64) * N_Q
+    if VARLEN:
+        p_delta = DELTA + i_h.to(tl.int64) * TOTAL_Q + q_start
+    else:
+        p_delta = DELTA + i_bh.to(tl.int64) * N_Q
+    b_lse = tl.load(p_lse + o_m, mask=m_m, other=float("inf"))
     b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse) * 1.4426950408889634  # base 2
-    b_delta = tl.load(DELTA + i_bh.to(tl.int64) * N_Q + o_m, mask=m_m, other=0.0)
+    b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
     if DOT_UPCAST:
         b_q = b_q.to(tl.float32)
         b_do = b_do.to(tl.float32)
@@ -572,9 +671,10 @@ def _backward(q, k, v, o, lse, do, dlse, scale, params, q_off=0, kv_off=0):
     )
     common = dict(
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=64, BLOCK_DV=64,
-        DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype),
+        DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype), VARLEN=False,
     )
     sizes = (scale * _LOG2E, scale, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), q_off, kv_off, *_rt.kernel_params(params))
+    sizes += (None, None, 0)
     grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * KV_HEADS)  # noqa: E731
     _bwd_dkdv_kernel[grid_kv](
         q, k, v, do, lse, delta, dk, dv,
@@ -609,6 +709,63 @@ class _Attention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+def _backward_varlen(q, k, v, o, lse, do, dlse, scale, params, cu_q, cu_k, max_q, max_k):
+    """Packed sequences: dq [total_q, H, D], dk, dv [total_k, Hkv, D / Dv].
+    The same kernels as _backward with VARLEN: one dK/dV program per (KV tile of the longest
+    sequence, sequence x KV head), one dQ program per (query tile, sequence x head)."""
+    total_q, total_k, n_seq = q.shape[0], k.shape[0], cu_q.shape[0] - 1
+    dq, dk, dv = _rt.empty_like(q), _rt.empty_like(k), _rt.empty_like(v)
+    if n_seq == 0 or total_q == 0 or total_k == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if do is None:
+        do = torch.zeros_like(o)
+    dlse = torch.zeros_like(lse) if dlse is None else dlse.to(torch.float32).contiguous()
+    delta = _rt.empty((Q_HEADS, total_q), dtype=torch.float32, device=q.device)
+    # delta is row-local: the packed rows as one sequence of total_q rows
+    _bwd_preprocess[(triton.cdiv(total_q, 64), Q_HEADS)](
+        o, do, dlse, delta, *_rt.packed_strides(o), *_rt.packed_strides(do), total_q,
+        H=Q_HEADS, V_HEAD_DIM=V_HEAD_DIM, BLOCK_DV=64, BLOCK_M=64,
+    )
+    common = dict(
+        HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=64, BLOCK_DV=64,
+        DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype), VARLEN=True,
+    )
+    sizes = (scale * _LOG2E, scale, 0, 0, _rt.seq_bucket(max_q), _rt.seq_bucket(max_k), 0, 0, *_rt.kernel_params(params))
+    sizes += (*_varlen_id_args(params, n_seq, max_q, max_k), cu_q, cu_k, total_q)
+    grid_kv = lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), n_seq * KV_HEADS)  # noqa: E731
+    _bwd_dkdv_kernel[grid_kv](
+        q, k, v, do, lse, delta, dk, dv,
+        *(s for t in (q, k, v, do, dk, dv) for s in _rt.packed_strides(t)),
+        *sizes, H=Q_HEADS, H_KV=KV_HEADS, GROUP=GROUP, **common,
+    )
+    _TUNE_DKDV.record(_bwd_dkdv_kernel)
+    grid_q = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_seq * Q_HEADS)  # noqa: E731
+    _bwd_dq_kernel[grid_q](
+        q, k, v, do, lse, delta, dq,
+        *(s for t in (q, k, v, do, dq) for s in _rt.packed_strides(t)),
+        *sizes, H=Q_HEADS, GROUP=GROUP, **common,
+    )
+    _TUNE_DQ.record(_bwd_dq_kernel)
+    return dq, dk, dv
+
+
+class _AttentionVarlen(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, params, seqs):
+        o, lse = _forward_varlen(q, k, v, scale, params, *seqs)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+        ctx.params = params
+        ctx.seqs = seqs
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward_varlen(q, k, v, o, lse, do, dlse, ctx.scale, ctx.params, *ctx.seqs)
+        return dq, dk, dv, None, None, None
+
+
 def attention(q, k, v, *, scale=None, return_lse=False, q_offset=0, kv_offset=0, **unknown):
     """Window branch of NSA spec nsa_g4_weighted: the last 64 keys, the query's own included. GQA attention, 8 query heads over 2 KV heads, head_dim 64, mask (kv_idx <= q_idx) & (kv_idx > q_idx - 64).
 
@@ -630,6 +787,34 @@ def attention(q, k, v, *, scale=None, return_lse=False, q_offset=0, kv_offset=0,
         o, lse = _Attention.apply(q, k, v, scale, params, offsets)
     else:
         o, lse = _forward(q, k, v, scale, params, *offsets)
+    return (o, lse) if return_lse else o
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale=None, return_lse=False, **unknown):
+    """Window branch of NSA spec nsa_g4_weighted: the last 64 keys, the query's own included. GQA attention, 8 query heads over 2 KV heads, head_dim 64, mask (kv_idx <= q_idx) & (kv_idx > q_idx - 64)., over packed sequences of different lengths (FlashAttention-2's varlen layout).
+
+    q: [total_q, 8, 64]; k: [total_k, 2, 64]; v: [total_k, 2, 64] (bf16 | fp16, any strides):
+    the B sequences one after another. cu_seqlens_q, cu_seqlens_k: int32 [B + 1] on q's device, from 0,
+    non-decreasing, ending at total_q / total_k: sequence b is q rows [cu_seqlens_q[b], cu_seqlens_q[b + 1])
+    and k, v rows [cu_seqlens_k[b], cu_seqlens_k[b + 1]) (empty sequences allowed). max_seqlen_q,
+    max_seqlen_k: ints, at least the longest sequence (they size the grid).
+    Per sequence, q_idx and kv_idx start at 0, q_len and kv_len are its lengths and b is its index
+    (tensor parameters indexed by b work); causal is top-left, as in attention().
+    scale: softmax scale, default 1/sqrt(64).
+    Returns o [total_q, 8, 64] in q's dtype, and with return_lse=True also lse
+    [8, total_q] float32 (natural log; -inf for a row that sees no key).
+    """
+    _rt.check_varlen(
+        NAME, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, v_head_dim=V_HEAD_DIM, dtypes=DTYPES,
+    )
+    params = _rt.check_params(NAME, PARAMS, {}, unknown, device=q.device)
+    scale = HEAD_DIM ** -0.5 if scale is None else float(scale)
+    seqs = (cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        o, lse = _AttentionVarlen.apply(q, k, v, scale, params, seqs)
+    else:
+        o, lse = _forward_varlen(q, k, v, scale, params, *seqs)
     return (o, lse) if return_lse else o
 from attngen.kernels import kvcache as _kvcache  # noqa: E402  (after runtime, as every kernel module)
 from attngen.kernels import merge as _merge  # noqa: E402

@@ -37,7 +37,10 @@ def kernel_names(spec) -> tuple[str, ...]:
         topn = "nsa_topn.token_kernel" if spec.sparse.per == "token" else "nsa_topn.block_kernel"
         return (topn, "nsa_selected.fwd_kernel", "nsa_selected.bwd_dq_kernel", "nsa_selected.bwd_dkdv_kernel",
                 "nsa_decode.cmp_decode_kernel")
-    return ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_decode_kernel")
+    # each dense kernel but the row-local preprocess also compiles as its packed-sequence
+    # (attention_varlen) instantiation, reported as KERNEL[varlen]
+    return ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_fwd_kernel[varlen]",
+            "_bwd_dkdv_kernel[varlen]", "_bwd_dq_kernel[varlen]", "_decode_kernel")
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +111,10 @@ def test_fp16_forward_with_64_row_tiles_uses_wgmma_at_sm90(tmp_path, triton_cach
     [(module, _)] = build_spec(tmp_path, causal_spec(
         "tc64", head_dim=64, backward=False, tiles={"block_m": [64], "block_n": [64], "num_warps": [4], "num_stages": [2]},
     ))
-    # the forward kernel (the module also launches the decode kernel, with its own fixed tiles)
-    [row] = [r for r in report.run_report([module], ["sm_90"], jobs=1) if r.kernel == "_fwd_kernel"]
+    rows = report.run_report([module], ["sm_90"], jobs=1)
+    # forward only: the forward, its packed-sequence instantiation (attention_varlen), decoding
+    assert sorted(r.kernel for r in rows) == ["_decode_kernel", "_fwd_kernel", "_fwd_kernel[varlen]"]
+    [row] = [r for r in rows if r.kernel == "_fwd_kernel"]
     assert row.compile_s > 0
     assert (row.kernel, row.dtype, row.config) == (
         "_fwd_kernel", "fp16", {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}

@@ -44,6 +44,15 @@ class Launch:
     options: dict  # launch options given at the call (num_warps, ...)
 
 
+VARLEN_SUFFIX = "[varlen]"
+"""Report name suffix of a dense kernel's packed-sequence instantiation (attention_varlen)."""
+
+
+def base_name(name: str) -> str:
+    """The kernel a report name stands for (without VARLEN_SUFFIX)."""
+    return name.removesuffix(VARLEN_SUFFIX)
+
+
 _MODULES: dict[str, object] = {}
 
 
@@ -102,7 +111,10 @@ def _record_launches(mod, dtype: str) -> dict[str, Launch]:
             self.name = name
 
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: calls.setdefault(self.name, (args, kwargs))
+            # the packed-sequence instantiation (VARLEN=True) of a dense kernel is a kernel of its own
+            return lambda *args, **kwargs: calls.setdefault(
+                self.name + VARLEN_SUFFIX * bool(kwargs.get("VARLEN")), (args, kwargs)
+            )
 
     try:
         for name, (home, attr, _) in found.items():
@@ -114,7 +126,7 @@ def _record_launches(mod, dtype: str) -> dict[str, Launch]:
 
     launches = {}
     for name, (args, kwargs) in calls.items():
-        obj = kernels[name]
+        obj = kernels[base_name(name)]
         fn = _jit_function(obj)
         values = dict(zip(fn.arg_names, args))
         values.update({a: x for a, x in kwargs.items() if a in fn.arg_names})
@@ -151,8 +163,23 @@ def _run_dense(mod, dtype: str) -> None:
     o, lse = mod._forward(q, k, v, scale, params)
     if hasattr(mod, "_backward"):
         mod._backward(q, k, v, o, lse, torch.empty_like(o), torch.zeros_like(lse), scale, params)
+    if hasattr(mod, "_forward_varlen"):
+        _run_varlen(mod, q, k, v, scale, params)
     if hasattr(mod, "_decode_forward"):
         _run_decode(mod, q, k, v, scale, params)
+
+
+def _run_varlen(mod, q, k, v, scale, params) -> None:
+    """Packed sequences as attention_varlen calls them: the [1, H, n, D] inputs' rows as two
+    sequences of n / 2 rows each (the kernels' VARLEN instantiation, recorded as KERNEL[varlen])."""
+    import torch
+
+    n = q.shape[2]
+    cu = torch.tensor([0, n // 2, n], dtype=torch.int32)
+    q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))
+    o, lse = mod._forward_varlen(q, k, v, scale, params, cu, cu, n // 2, n // 2)
+    if hasattr(mod, "_backward_varlen"):
+        mod._backward_varlen(q, k, v, o, lse, torch.empty_like(o), torch.zeros_like(lse), scale, params, cu, cu, n // 2, n // 2)
 
 
 def _run_decode(mod, q, k, v, scale, params) -> None:
@@ -211,7 +238,7 @@ def describe(path: str) -> dict:
         launches = recorded_launches(path, mod.DTYPES[0])
         kernels = []
         for name, launch in launches.items():
-            space = list(getattr(mod, "_SPACES", {}).get(name, ())) if launch.configs is not None else []
+            space = list(getattr(mod, "_SPACES", {}).get(base_name(name), ())) if launch.configs is not None else []
             if launch.configs is None:
                 kernels.append((name, [None]))
             elif len(launch.configs) != len(space):
