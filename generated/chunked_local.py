@@ -812,7 +812,7 @@ def attention(q, k, v, *, c=None, scale=None, return_lse=False, q_offset=0, kv_o
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, c=None, scale=None, return_lse=False, **unknown):
-    """Chunked local attention, chunk size c at run time. GQA attention, 4 query heads over 2 KV heads, head_dim 32, mask (q_idx >= kv_idx) & Eq(FloorDiv(q_idx, c), FloorDiv(kv_idx, c))., over packed sequences of different lengths (FlashAttention-2's varlen layout).
+    """Chunked local attention, chunk size c at run time. GQA attention, 4 query heads over 2 KV heads, head_dim 32, mask (q_idx >= kv_idx) & Eq(FloorDiv(q_idx, c), FloorDiv(kv_idx, c)); over packed sequences of different lengths (FlashAttention-2's varlen layout).
 
     q: [total_q, 4, 32]; k: [total_k, 2, 32]; v: [total_k, 2, 32] (fp16 | bf16, any strides):
     the B sequences one after another. cu_seqlens_q, cu_seqlens_k: int32 [B + 1] on q's device, from 0,
@@ -838,6 +838,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     else:
         o, lse = _forward_varlen(q, k, v, scale, params, *seqs)
     return (o, lse) if return_lse else o
+
+
 from attngen.kernels import kvcache as _kvcache  # noqa: E402  (after runtime, as every kernel module)
 from attngen.kernels import merge as _merge  # noqa: E402
 

@@ -734,7 +734,7 @@ def attention(q, k, v, *, scale=None, return_lse=False, q_offset=0, kv_offset=0,
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale=None, return_lse=False, **unknown):
-    """Grouped-query attention with head_dim 80 and v_head_dim 48. GQA attention, 6 query heads over 2 KV heads, head_dim 80 (v 48), mask causal., over packed sequences of different lengths (FlashAttention-2's varlen layout).
+    """Grouped-query attention with head_dim 80 and v_head_dim 48. GQA attention, 6 query heads over 2 KV heads, head_dim 80 (v 48), mask causal; over packed sequences of different lengths (FlashAttention-2's varlen layout).
 
     q: [total_q, 6, 80]; k: [total_k, 2, 80]; v: [total_k, 2, 48] (fp16 | bf16 | fp32, any strides):
     the B sequences one after another. cu_seqlens_q, cu_seqlens_k: int32 [B + 1] on q's device, from 0,
@@ -759,6 +759,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     else:
         o, lse = _forward_varlen(q, k, v, scale, params, *seqs)
     return (o, lse) if return_lse else o
+
+
 from attngen.kernels import kvcache as _kvcache  # noqa: E402  (after runtime, as every kernel module)
 from attngen.kernels import merge as _merge  # noqa: E402
 

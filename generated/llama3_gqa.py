@@ -725,7 +725,7 @@ def attention(q, k, v, *, scale=None, return_lse=False, q_offset=0, kv_offset=0,
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale=None, return_lse=False, **unknown):
-    """Llama-3 grouped-query attention. GQA attention, 32 query heads over 8 KV heads, head_dim 128, mask causal., over packed sequences of different lengths (FlashAttention-2's varlen layout).
+    """Llama-3 grouped-query attention. GQA attention, 32 query heads over 8 KV heads, head_dim 128, mask causal; over packed sequences of different lengths (FlashAttention-2's varlen layout).
 
     q: [total_q, 32, 128]; k: [total_k, 8, 128]; v: [total_k, 8, 128] (bf16 | fp16, any strides):
     the B sequences one after another. cu_seqlens_q, cu_seqlens_k: int32 [B + 1] on q's device, from 0,
@@ -750,6 +750,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     else:
         o, lse = _forward_varlen(q, k, v, scale, params, *seqs)
     return (o, lse) if return_lse else o
+
+
 from attngen.kernels import kvcache as _kvcache  # noqa: E402  (after runtime, as every kernel module)
 from attngen.kernels import merge as _merge  # noqa: E402
 

@@ -791,7 +791,7 @@ def attention(q, k, v, *, scale=None, return_lse=False, q_offset=0, kv_offset=0,
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale=None, return_lse=False, **unknown):
-    """Window branch of NSA spec nsa_g4_weighted: the last 64 keys, the query's own included. GQA attention, 8 query heads over 2 KV heads, head_dim 64, mask (kv_idx <= q_idx) & (kv_idx > q_idx - 64)., over packed sequences of different lengths (FlashAttention-2's varlen layout).
+    """Window branch of NSA spec nsa_g4_weighted: the last 64 keys, the query's own included. GQA attention, 8 query heads over 2 KV heads, head_dim 64, mask (kv_idx <= q_idx) & (kv_idx > q_idx - 64); over packed sequences of different lengths (FlashAttention-2's varlen layout).
 
     q: [total_q, 8, 64]; k: [total_k, 2, 64]; v: [total_k, 2, 64] (bf16 | fp16, any strides):
     the B sequences one after another. cu_seqlens_q, cu_seqlens_k: int32 [B + 1] on q's device, from 0,
@@ -816,6 +816,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     else:
         o, lse = _forward_varlen(q, k, v, scale, params, *seqs)
     return (o, lse) if return_lse else o
+
+
 from attngen.kernels import kvcache as _kvcache  # noqa: E402  (after runtime, as every kernel module)
 from attngen.kernels import merge as _merge  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""benchmarks/decode.py: the bytes-moved model by hand, and the compared implementations computing
+"""benchmarks/decode.py and varlen.py: their models by hand, and decode.py's compared implementations computing
 the same decode step (so a GPU run times like against like)."""
 
 import importlib.util
@@ -65,3 +65,21 @@ def test_cli_prints_the_model_and_writes_csv(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "bytes-moved model, llama3_gqa" in text and out.read_text().count("\n") == 3
     assert d.main(["--n-q", "0"]) == 2
+
+
+def _varlen_module():
+    spec = importlib.util.spec_from_file_location("varlen_bench", ROOT / "benchmarks" / "varlen.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["varlen_bench"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_varlen_pair_model_by_hand():
+    vb = _varlen_module()
+    assert vb.pairs(3, 3, causal=True) == 6 and vb.pairs(3, 2, causal=True) == 5 and vb.pairs(3, 2, causal=False) == 6
+    m = vb.model([1, 3], causal=True)
+    # packed: 1 + 6 pairs; padded: 2 sequences of 3 x 3 causal = 12
+    assert (m["pairs_packed"], m["pairs_padded"], m["tokens"], m["max_len"]) == (7, 12, 4, 3)
+    lengths = vb.draw_lengths(50, 5, 9, seed=3)
+    assert lengths == vb.draw_lengths(50, 5, 9, seed=3) and min(lengths) >= 5 and max(lengths) <= 9
