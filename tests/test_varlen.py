@@ -13,7 +13,7 @@ from attngen.param_values import check_values
 from attngen.reference.dense import attention_reference
 from attngen.testing import _loss, compare, learnable_params, reference_mask, reference_score_mod
 
-from helpers import assert_all_ok, build_and_import, dense_spec, generated
+from helpers import SPEC_PATHS, assert_all_ok, build_and_import, dense_spec, generated
 
 
 def _packed(lengths, h, d, dtype, g):
@@ -280,3 +280,16 @@ def test_varlen_document_skip_per_sequence(lengths):
     dtype = runtime.TORCH_DTYPES[mod.DTYPES[0]]
     results = check_varlen(mod, lens_q, lens_k, dtype, {"doc": doc}, seed=7)
     assert_all_ok(results, f"lengths {lengths}")
+
+
+# every other shipped dense spec once, forward and backward (the property test draws from SPECS)
+ALL_DENSE = sorted(p.stem for p in SPEC_PATHS if "sparse:" not in p.read_text())
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("name", [n for n in ALL_DENSE if n not in SPECS])
+def test_every_shipped_dense_spec_packs(name):
+    mod = generated(name)
+    lens_q, lens_k = [23, 0, 37], [31, 4, 19]
+    dtype = runtime.TORCH_DTYPES[mod.DTYPES[0]]
+    assert_all_ok(check_varlen(mod, lens_q, lens_k, dtype, _params(mod, lens_q, lens_k), seed=5), name)
