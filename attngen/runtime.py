@@ -395,15 +395,21 @@ def check_nsa_inputs(
     wanted = [("gates", gates, (b, q_heads, n, 3))]
     if k_cmp is not None:
         wanted += [("k_cmp", k_cmp, (b, kv_heads, c, head_dim)), ("v_cmp", v_cmp, (b, kv_heads, c, v_head_dim))]
+    check_like_q(name, q, wanted)
+
+
+def check_like_q(fn: str, q, wanted) -> None:
+    """Each (name, tensor, shape) of `wanted` is a tensor of exactly that shape with q's dtype and
+    device; else a ValueError naming it (`fn` prefixes the message)."""
     for tname, t, shape in wanted:
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name}: {tname} must be a torch.Tensor, got {type(t).__name__}")
+            raise ValueError(f"{fn}: {tname} must be a torch.Tensor, got {type(t).__name__}")
         if tuple(t.shape) != shape:
-            raise ValueError(f"{name}: {tname} has shape {tuple(t.shape)}; expected {shape}")
+            raise ValueError(f"{fn}: {tname} has shape {tuple(t.shape)}; expected {shape}")
         if t.dtype != q.dtype:
-            raise ValueError(f"{name}: {tname} has dtype {t.dtype}; expected q's dtype {q.dtype}")
+            raise ValueError(f"{fn}: {tname} has dtype {t.dtype}; expected q's dtype {q.dtype}")
         if t.device != q.device:
-            raise ValueError(f"{name}: {tname} is on {t.device}; expected q's device {q.device}")
+            raise ValueError(f"{fn}: {tname} is on {t.device}; expected q's device {q.device}")
 
 
 def index_sum_(total: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+for _p in (ROOT, ROOT / "benchmarks"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+from bench_harness.cli import parse_lengths  # noqa: E402
 DEFAULT_SPEC = ROOT / "generated" / "llama3_gqa.py"
 DEFAULT_LENGTHS = "1k,4k,16k,64k"
 DEFAULT_BATCH = "1,16"
@@ -67,22 +72,8 @@ def _q_o_lse(s: Shape) -> int:
 
 
 def parse_list(text: str) -> list[int]:
-    out = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        if not part:
-            continue
-        mult = 1024 if part.endswith("k") else 1
-        try:
-            value = int(part[:-1] if part.endswith("k") else part) * mult
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {part!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"must be >= 1: {part!r}")
-        out.append(value)
-    if not out:
-        raise argparse.ArgumentTypeError("empty list")
-    return out
+    """'1,16' or '1k,64k' -> whole numbers >= 1 (k = 1024): the benchmark harness's length parser."""
+    return parse_lengths(text)
 
 
 def load_module(path: str | Path):

@@ -831,9 +831,7 @@ from attngen.kernels import merge as _merge  # noqa: E402
 
 _DECODE_BLOCK_N = 64  # keys per tile of the decode kernel
 _DECODE_MAX_ROWS = 64  # rows (query heads of a KV group x queries) per decode tile at most
-# warps of the decode kernel: 8 for head dims padded above 128 (with 4, Triton 3.6 spills 28 bytes at
-# sm_90 for head_dim 192, nsa_paper_win; Triton 3.9 does not), else 4
-_DECODE_WARPS = 4
+_DECODE_WARPS = 4  # attngen.planning.decode says why
 
 
 @triton.jit

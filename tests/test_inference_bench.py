@@ -11,12 +11,17 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _decode_module():
-    spec = importlib.util.spec_from_file_location("decode_bench", ROOT / "benchmarks" / "decode.py")
+def _script(name: str):
+    """benchmarks/NAME.py imported as a module."""
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["decode_bench"] = mod
+    sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def _decode_module():
+    return _script("decode")
 
 
 def test_bytes_model_by_hand():
@@ -68,11 +73,7 @@ def test_cli_prints_the_model_and_writes_csv(tmp_path, capsys):
 
 
 def _varlen_module():
-    spec = importlib.util.spec_from_file_location("varlen_bench", ROOT / "benchmarks" / "varlen.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["varlen_bench"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return _script("varlen")
 
 
 def test_varlen_pair_model_by_hand():

@@ -249,15 +249,7 @@ def check_nsa_kvcache(fn: str, q, gates, k_cmp_cache, v_cmp_cache, q_block_cache
         wanted.append(("q_block_cache", q_block_cache, (b, hq, select_block, head_dim)))
     elif q_block_cache is not None:
         raise ValueError(f"{fn}: q_block_cache is only used with per='block' selection; this module selects per token")
-    for name, t, shape in wanted:
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{fn}: {name} has shape {tuple(t.shape)}; expected {shape}")
-        if t.dtype != q.dtype:
-            raise ValueError(f"{fn}: {name} has dtype {t.dtype}; expected q's dtype {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{fn}: {name} is on {t.device}; expected q's device {q.device}")
+    _rt.check_like_q(fn, q, wanted)
     cap = k_cmp_cache.shape[2]
     for i, n in enumerate(lengths):
         need = num_compressed(n, block, stride)

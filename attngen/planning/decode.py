@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 from attngen.language.expr import Expr, parse_expr, to_triton
 from attngen.language.spec import Spec
-from attngen.planning.classify import Bounds, classify
+from attngen.planning.autotune import next_pow2
+from attngen.planning.classify import Bounds
+from attngen.planning.masks import expr_rule
 
 PARAM_PREFIX = "arg_"  # as attngen.planning.masks: the kernels' names of the parameters
 
@@ -51,6 +53,9 @@ class DecodePlan:
     a sentence for the module docstring."""
 
     ranges: tuple[tuple[str, str, str], ...]
+    block_n: int  # keys per tile: 64, or 32 for head dims padded above 128
+    num_warps: int  # 8 for head dims padded above 128 (with 4, Triton 3.6 spills 28 bytes at sm_90 for
+    # head_dim 192, nsa_paper_win; Triton 3.9 does not), else 4
     predicate: str
     score_mod: str
     rule: str
@@ -99,7 +104,7 @@ def decode_plan(spec: Spec) -> DecodePlan:
         rule = "every key tile of [0, L) is visited; all but the last run unmasked"
         predicate = ""
     else:
-        c = classify(mask.sympy, tuple(d.name for d in mask.decls))
+        c = expr_rule(mask)  # memoised: the same classification the other kernels' plan made
         ranges = _statements(c.fwd)
         if _usable(ranges, tuple(decls)):
             rule = (f"the forward tile bounds of the mask ({c.path}) over the positions of the tile's rows: "
@@ -114,4 +119,6 @@ def decode_plan(spec: Spec) -> DecodePlan:
         score_mod = to_triton(mod, {**names, "score": "b_z"})
         if "score" not in mod.symbols:
             score_mod = f"({score_mod} + 0.0 * b_z)"  # a whole tile even when it reads no score
-    return DecodePlan(ranges=ranges, predicate=predicate, score_mod=score_mod, rule=rule)
+    wide = next_pow2(spec.head_dim) > 128
+    return DecodePlan(ranges=ranges, block_n=32 if wide else 64, num_warps=8 if wide else 4,
+                      predicate=predicate, score_mod=score_mod, rule=rule)

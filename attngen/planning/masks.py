@@ -5,6 +5,7 @@ loops a kernel prints, and the runtime tile skip of an id-equality mask."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass
 
@@ -77,6 +78,7 @@ _RANGE_NAMES = {"b": "i_b", "h": "i_h", "q_len": "(N_Q + Q_OFF)", "kv_len": "(N_
 
 PARAM_PREFIX = "arg_"
 
+@functools.lru_cache(maxsize=64)
 def expr_rule(expr: Expr) -> MaskRule:
     """The MaskRule of a parsed mask expression, with tile bounds from attngen.planning.classify:
     closed-form where the mask's conditions bound the indices (affine inequalities with integer
