@@ -4,8 +4,9 @@ This module needs torch and triton only (never jinja2 or sympy), so a generated 
 wherever those two are installed alongside attngen.
 
 Importing it on a machine without a CUDA device selects Triton's CPU interpreter (by setting
-TRITON_INTERPRET=1 unless the caller has set it), which must happen before any @triton.jit function
-is defined: generated modules import this module first for that reason.
+TRITON_INTERPRET=1 unless the caller has set it), which must happen before the kernels' @triton.jit
+functions are defined: generated modules and attngen.kernels import this module first for that
+reason. Whether triton itself was imported earlier does not matter (see _interpret_triton_stdlib).
 """
 
 from __future__ import annotations
@@ -29,24 +30,47 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 """True when kernels run in Triton's interpreter (on the CPU) rather than compiled for a GPU."""
 
 
-def _check_triton_stdlib() -> None:
-    # triton.language's own helpers (tl.zeros, tl.sum, ...) are @triton.jit functions built when
-    # triton is first imported. If that happened before the interpreter was selected they are
-    # compiled-mode functions, and every interpreted kernel would fail with an obscure error.
+def _interpret_triton_stdlib() -> None:
+    """Make triton.language's own @triton.jit helpers (tl.sum, tl.max, tl.cdiv, ...) interpreted.
+
+    They are built when triton is first imported: if that happened before the interpreter was
+    selected (a user or a library imported triton first), they are compiled-mode functions, which an
+    interpreted kernel cannot call. Each such helper is swapped for its interpreted twin, built from
+    the same Python function, wherever triton.language binds it (its modules and tensor methods), so
+    the import order does not matter. Only triton's own helpers are touched.
+    """
     if not INTERPRET:
         return
-    from triton.language import standard
+    import triton.language as tl
+    from triton.language import core, standard
+    from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    if isinstance(getattr(standard, "zeros", None), JITFunction):
+    if not isinstance(getattr(standard, "zeros", None), JITFunction):
+        return  # triton was first imported with the interpreter selected: nothing to do
+    spaces = [vars(tl), vars(standard), vars(core)]
+    for extra in ("random", "math"):
+        mod = getattr(tl, extra, None)
+        if mod is not None:
+            spaces.append(vars(mod))
+    twins: dict[int, object] = {}
+    for space in spaces:
+        for name, obj in list(space.items()):
+            if isinstance(obj, JITFunction):
+                twin = twins.setdefault(id(obj), InterpretedFunction(obj.fn))
+                space[name] = twin  # module dicts are the helpers' globals: their calls follow too
+    for name, obj in list(vars(core.tensor).items()):
+        if isinstance(obj, JITFunction):
+            setattr(core.tensor, name, twins.setdefault(id(obj), InterpretedFunction(obj.fn)))
+    if isinstance(getattr(standard, "zeros", None), JITFunction):  # a Triton laid out differently
         raise ImportError(
             "attngen: Triton was imported before attngen selected its CPU interpreter (there is no "
-            "CUDA device). Import the generated module (or attngen.runtime) before triton, or set "
-            "TRITON_INTERPRET=1 in the environment before starting Python."
+            "CUDA device), and this Triton's helpers could not be switched to it. Import the generated "
+            "module (or attngen.runtime) before triton, or set TRITON_INTERPRET=1 in the environment."
         )
 
 
-_check_triton_stdlib()
+_interpret_triton_stdlib()
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 """Where generated modules expect their tensors in this process."""

@@ -1,8 +1,8 @@
 import os
 from pathlib import Path
 
-# First, before any test module imports triton: on a machine without CUDA this selects Triton's
-# interpreter, which must happen before triton builds its own @jit helpers.
+# First: on a machine without CUDA this selects Triton's interpreter (TRITON_INTERPRET=1), which the
+# kernels the tests define themselves need before they are decorated.
 import attngen.runtime  # noqa: F401
 
 import pytest

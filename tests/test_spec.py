@@ -207,3 +207,25 @@ def test_bad_sparse_section_is_located(old, new, expected):
 def test_sparse_spec_rejects_other_masks_and_params(tail, expected):
     text = NSA + tail if tail else NSA[: NSA.index("sparse:")] + "sparse: nsa\n"
     assert expected in error_of(text)
+
+
+def test_torch_dtype_spellings_read_as_the_short_names():
+    # torch's names for the floating dtypes are accepted wherever a spec names a dtype, and a spec
+    # written with them is the same spec as one written with the short names
+    tail = "params:\n  rb: {tensor: float32, dims: 2}\nmask: causal\nscore_mod: score + rb[h, q_idx - kv_idx]\n"
+    torch_names = GOOD.replace("[fp16, bf16]", "[float16, bfloat16, float32]").replace("mask: causal\n", tail)
+    short_names = GOOD.replace("[fp16, bf16]", "[fp16, bf16, fp32]").replace("mask: causal\n", tail.replace("float32", "fp32"))
+    a, b = parse_spec(torch_names, "demo.yaml"), parse_spec(short_names, "demo.yaml")
+    assert a.dtypes == ("fp16", "bf16", "fp32") and dict(a.params[0][1])["tensor"] == "fp32"
+    assert a == b
+
+
+@pytest.mark.parametrize(
+    "dtypes, expected",
+    [
+        ("[fp16, float16]", "demo.yaml:4: dtypes: float16 is fp16, listed twice"),
+        ("[float64]", "demo.yaml:4: dtypes: a string ('float64') is not one of fp16, bf16, fp32 (or torch's float16, bfloat16, float32)"),
+    ],
+)
+def test_dtype_spellings_are_checked(dtypes, expected):
+    assert expected in error_of(GOOD.replace("[fp16, bf16]", dtypes))

@@ -67,6 +67,9 @@ MAX_POWER = 32  # x * x * ... folds into x**n; the printer writes n factors
 MAX_PARAMS = 16
 MAX_DNF = 64
 TENSOR_DTYPES = {"int32": "int", "int64": "int", "fp32": "float", "fp16": "float", "bf16": "float"}
+# torch's spellings of the floating dtypes, accepted wherever a spec names a dtype and read as the
+# short names above (so a module built from either spelling is the same module)
+DTYPE_ALIASES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 TENSOR_DIMS = (1, 4)
 
 _SYMBOLS = {n: sympy.Symbol(n, integer=True, nonnegative=True) for n in INDEX_SYMBOLS}
@@ -180,8 +183,11 @@ def _tensor_decl(name: str, value: Mapping, err) -> ParamDecl | None:
         err(name, "a tensor is declared as {tensor: DTYPE, dims: N}")
         return None
     dtype, dims = value["tensor"], value["dims"]
+    if isinstance(dtype, str):
+        dtype = DTYPE_ALIASES.get(dtype, dtype)
     if dtype not in TENSOR_DTYPES:
-        err(name, f"tensor dtype {dtype!r} is not one of {', '.join(TENSOR_DTYPES)}")
+        err(name, f"tensor dtype {dtype!r} is not one of {', '.join(TENSOR_DTYPES)} "
+            f"(or torch's {', '.join(DTYPE_ALIASES)})")
         return None
     lo, hi = TENSOR_DIMS
     if not isinstance(dims, int) or isinstance(dims, bool) or not lo <= dims <= hi:

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping
 import yaml
 
 from attngen.errors import SpecError
-from attngen.language.expr import Expr, ParamDecl, d_param, d_score, parse_expr, parse_params
+from attngen.language.expr import DTYPE_ALIASES, Expr, ParamDecl, d_param, d_score, parse_expr, parse_params
 
 DTYPES = ("fp16", "bf16", "fp32")
 MASKS = ("none", "causal")
@@ -446,12 +446,15 @@ def _dtypes(v: _Validator, fields: dict[str, _Node]) -> tuple[str, ...] | None:
         return None
     seen: list[str] = []
     for item in items:
-        if item.value not in DTYPES or not isinstance(item.value, str):
-            v.r.error(item.line, f"dtypes: {_kind(item.value)} is not one of {', '.join(DTYPES)}")
-        elif item.value in seen:
-            v.r.error(item.line, f"dtypes: {item.value} is listed twice")
+        name = DTYPE_ALIASES.get(item.value, item.value) if isinstance(item.value, str) else None
+        if name not in DTYPES:
+            v.r.error(item.line, f"dtypes: {_kind(item.value)} is not one of {', '.join(DTYPES)} "
+                      f"(or torch's {', '.join(DTYPE_ALIASES)})")
+        elif name in seen:
+            v.r.error(item.line, f"dtypes: {item.value} is listed twice" if name == item.value
+                      else f"dtypes: {item.value} is {name}, listed twice")
         else:
-            seen.append(item.value)
+            seen.append(name)
     return tuple(seen) if len(seen) == len(items) else None
 
 
