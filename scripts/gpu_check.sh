@@ -11,7 +11,8 @@
 # flash-attn; sliding_window (w = 1024) at N = 16k against dense causal attention of the same heads
 # and dims (SDPA flash and attngen's own causal kernel) and FlexAttention; the other dense specs;
 # nsa_paper against SDPA flash causal at 8k..64k; llama3_gqa KV-cache decoding against SDPA on the
-# padded cache (decode/: latency, achieved GB/s and the fraction of the card's peak); compile times.
+# padded cache (decode/: latency, achieved GB/s and the fraction of the card's peak); compile times;
+# then goals.txt / goals.csv: benchmarks/goals.py's table of the ratios the performance goals name.
 # One failing step does not stop the others. Exit status: 1 when the tests failed or did not finish,
 # 2 when only a benchmark step failed, 0 otherwise.
 # Environment: PYTHON (interpreter, default python, else python3), TOTAL_S (budget, default 470),
@@ -162,6 +163,12 @@ nsa_step 45 90
 decode_step 30 60
 bench bench_compile 45 80 --specs specs/llama3_gqa.yaml --sections tiles,compile --max-configs 6 \
     --lengths 1k,4k,16k --probe-timeout 70
+
+# -- the goals table (ratios against SDPA flash and FlexAttention, NSA and the window against dense
+# causal, the autotune winners), read from the CSVs above; nothing is timed here
+"$PY" benchmarks/goals.py "$OUT" --csv "$OUT/goals.csv" >"$OUT/goals.txt" 2>&1 || bench_rc=1
+echo "== goals -> $OUT/goals.txt" | tee -a "$SUMMARY"
+sed 's/^/   | /' "$OUT/goals.txt"
 
 echo "== total $(($(date +%s) - START))s" | tee -a "$SUMMARY"
 if [ "$test_rc" -ne 0 ]; then
