@@ -12,8 +12,8 @@ Dtypes: fp16, bf16. Backward: yes.
 
 Tile paths (decided at build time):
   mask: closed-form tile bounds for a disjunction of 3 conjunctions.
-  forward and dQ: KV tiles in the hull of the 3 conjunctions' visited ranges are visited; one interval inside the union of the full ranges of 3 of them runs unmasked.
-  dK/dV: query tiles in the hull of the 3 conjunctions' visited ranges are visited; one interval inside the union of the full ranges of 3 of them runs unmasked.
+  forward and dQ: KV tiles in the union of the 3 conjunctions' visited ranges are visited (disjoint ranges of tiles, no tile twice); one interval inside the union of the full ranges of 3 of them runs unmasked.
+  dK/dV: query tiles in the union of the 3 conjunctions' visited ranges are visited (disjoint ranges of tiles, no tile twice); one interval inside the union of the full ranges of 3 of them runs unmasked.
 """
 
 from attngen import runtime as _rt  # first: selects Triton's interpreter when there is no GPU
@@ -285,7 +285,19 @@ def _fwd_kernel(
     lo = tl.where((lo < hi), lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
     full_lo = tl.minimum(tl.maximum(tl.cdiv(t_ua2, BLOCK_N) * BLOCK_N, lo), hi)
     full_hi = tl.maximum((tl.minimum(hi, t_ub2)) // BLOCK_N * BLOCK_N, full_lo)
-    for start_n in range(lo, full_lo, BLOCK_N):  # partial tiles: mask applied
+    t_ha = tl.cdiv(tl.maximum(t_hi0, t_hi1), BLOCK_N) * BLOCK_N
+    t_fl0 = t_lo2 // BLOCK_N * BLOCK_N
+    t_fh0 = tl.cdiv(t_hi2, BLOCK_N) * BLOCK_N
+    t_pa0 = tl.maximum(t_fl0, t_ha)
+    t_c0 = tl.minimum(t_ha, full_lo)
+    t_d1 = full_hi - t_c0
+    t_c1 = t_c0 + tl.maximum(t_ha - full_hi, 0)
+    t_d2 = t_pa0 - t_c1
+    t_c2 = t_c1 + tl.maximum(tl.minimum(t_fh0, full_lo) - t_pa0, 0)
+    t_d3 = tl.maximum(t_pa0, full_hi) - t_c2
+    part_end = t_c2 + tl.maximum(t_fh0 - tl.maximum(t_pa0, full_hi), 0)
+    for part_n in range(0, part_end, BLOCK_N):  # partial tiles of every conjunction, each once: mask applied
+        start_n = tl.where(part_n >= t_c2, part_n + t_d3, tl.where(part_n >= t_c1, part_n + t_d2, tl.where(part_n >= t_c0, part_n + t_d1, part_n)))
         b_m, b_l, b_acc = _fwd_tile(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
             stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
@@ -300,14 +312,6 @@ def _fwd_kernel(
             arg_g, arg_w,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
             MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
-        )
-    for start_n in range(full_hi, hi, BLOCK_N):  # partial tiles: mask applied
-        b_m, b_l, b_acc = _fwd_tile(
-            b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
-            arg_g, arg_w,
-            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-            MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
         )
 
     # -- rows with no visible key: o = 0, lse = -inf
@@ -534,7 +538,19 @@ def _bwd_dkdv_kernel(
         q_lo = tl.where((q_lo < q_hi), q_lo // BLOCK_M * BLOCK_M, q_hi)  # no query sees it: visit nothing
         q_full = tl.minimum(tl.maximum(tl.cdiv(tq_ua2, BLOCK_M) * BLOCK_M, q_lo), q_hi)
         q_full_end = tl.maximum((tl.minimum(q_hi, tq_ub2)) // BLOCK_M * BLOCK_M, q_full)
-        for start_m in range(q_lo, q_full, BLOCK_M):  # partial tiles: mask applied
+        tq_ha = tl.cdiv(tl.maximum(tq_hi0, tq_hi1), BLOCK_M) * BLOCK_M
+        tq_fl0 = tq_lo2 // BLOCK_M * BLOCK_M
+        tq_fh0 = tl.cdiv(tq_hi2, BLOCK_M) * BLOCK_M
+        tq_pa0 = tl.maximum(tq_fl0, tq_ha)
+        tq_c0 = tl.minimum(tq_ha, q_full)
+        tq_d1 = q_full_end - tq_c0
+        tq_c1 = tq_c0 + tl.maximum(tq_ha - q_full_end, 0)
+        tq_d2 = tq_pa0 - tq_c1
+        tq_c2 = tq_c1 + tl.maximum(tl.minimum(tq_fh0, q_full) - tq_pa0, 0)
+        tq_d3 = tl.maximum(tq_pa0, q_full_end) - tq_c2
+        q_part_end = tq_c2 + tl.maximum(tq_fh0 - tl.maximum(tq_pa0, q_full_end), 0)
+        for part_m in range(0, q_part_end, BLOCK_M):  # partial tiles of every conjunction, each once: mask applied
+            start_m = tl.where(part_m >= tq_c2, part_m + tq_d3, tl.where(part_m >= tq_c1, part_m + tq_d2, tl.where(part_m >= tq_c0, part_m + tq_d1, part_m)))
             b_dk, b_dv = _bwd_dkdv_tile(
                 b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
                 stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, Q_OFF, KV_OFF,
@@ -549,14 +565,6 @@ def _bwd_dkdv_kernel(
                 arg_g, arg_w,
                 BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
                 MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
-            )
-        for start_m in range(q_full_end, q_hi, BLOCK_M):  # partial tiles: mask applied
-            b_dk, b_dv = _bwd_dkdv_tile(
-                b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
-                stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, Q_OFF, KV_OFF,
-                arg_g, arg_w,
-                BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-                MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
             )
 
     p_dk = DK + i_b.to(tl.int64) * stride_dkb + i_hk.to(tl.int64) * stride_dkh
@@ -686,7 +694,19 @@ def _bwd_dq_kernel(
     lo = tl.where((lo < hi), lo // BLOCK_N * BLOCK_N, hi)  # no visible key: visit nothing
     full_lo = tl.minimum(tl.maximum(tl.cdiv(t_ua2, BLOCK_N) * BLOCK_N, lo), hi)
     full_hi = tl.maximum((tl.minimum(hi, t_ub2)) // BLOCK_N * BLOCK_N, full_lo)
-    for start_n in range(lo, full_lo, BLOCK_N):  # partial tiles: mask applied
+    t_ha = tl.cdiv(tl.maximum(t_hi0, t_hi1), BLOCK_N) * BLOCK_N
+    t_fl0 = t_lo2 // BLOCK_N * BLOCK_N
+    t_fh0 = tl.cdiv(t_hi2, BLOCK_N) * BLOCK_N
+    t_pa0 = tl.maximum(t_fl0, t_ha)
+    t_c0 = tl.minimum(t_ha, full_lo)
+    t_d1 = full_hi - t_c0
+    t_c1 = t_c0 + tl.maximum(t_ha - full_hi, 0)
+    t_d2 = t_pa0 - t_c1
+    t_c2 = t_c1 + tl.maximum(tl.minimum(t_fh0, full_lo) - t_pa0, 0)
+    t_d3 = tl.maximum(t_pa0, full_hi) - t_c2
+    part_end = t_c2 + tl.maximum(t_fh0 - tl.maximum(t_pa0, full_hi), 0)
+    for part_n in range(0, part_end, BLOCK_N):  # partial tiles of every conjunction, each once: mask applied
+        start_n = tl.where(part_n >= t_c2, part_n + t_d3, tl.where(part_n >= t_c1, part_n + t_d2, tl.where(part_n >= t_c0, part_n + t_d1, part_n)))
         b_dq = _bwd_dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
             stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
@@ -701,14 +721,6 @@ def _bwd_dq_kernel(
             arg_g, arg_w,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
             MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
-        )
-    for start_n in range(full_hi, hi, BLOCK_N):  # partial tiles: mask applied
-        b_dq = _bwd_dq_tile(
-            b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
-            arg_g, arg_w,
-            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-            MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
         )
     p_dq = DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
     tl.store(p_dq + o_m[:, None] * stride_dqm + o_d[None, :] * stride_dqd, (b_dq * sm_scale).to(DQ.dtype.element_ty), mask=m_m[:, None])

@@ -2,6 +2,7 @@
 kernels' range statements, and through generated kernels for masks beyond the shipped specs."""
 
 import functools
+import inspect
 import math
 
 import pytest
@@ -363,3 +364,131 @@ def test_document_mask_bounds_come_from_its_causal_part(n, docs, block_m, block_
         assert not (any_vis & (cls == 0)).any(), f"{kernel}: a skipped tile holds a visible pair"
         assert not (cls == 2).any(), f"{kernel}: a tile of a tensor-reading mask runs unmasked"
         assert ((cls > 0) == causal_any).all(), f"{kernel}: the visited tiles are not the causal ones"
+
+
+# Disjunctions whose conjunctions each have exact bounds: the kernels walk the union of their
+# tiles, so the visited tiles are exactly those holding a visible pair (no tile in a gap between
+# the parts), each once. Parts: bands and half-planes with unit coefficients, and conditions on
+# one index alone (each exact in both directions).
+_PARTS = st.one_of(
+    st.builds("q_idx - kv_idx >= {} and q_idx - kv_idx <= {}".format, st.integers(-60, 60), st.integers(-60, 60)),
+    st.builds("abs(q_idx - kv_idx - {}) <= {}".format, st.integers(-60, 60), st.integers(-2, 20)),
+    st.builds("kv_idx >= q_idx + {}".format, st.integers(-80, 80)),
+    st.builds("kv_idx <= q_idx + {}".format, st.integers(-80, 80)),
+    st.builds("{} {} {}".format, st.sampled_from(["q_idx", "kv_idx"]), st.sampled_from(["<", ">="]), st.integers(-5, 200)),
+)
+_DISJ_SHIPPED = [("global_tokens(g) or sliding_window(w)", {"g": st.integers(-3, 90), "w": INTS}),
+                 ("prefix_lm(p)", {"p": INTS})]
+_DISJ = st.one_of(
+    st.sampled_from(_DISJ_SHIPPED).flatmap(lambda c: st.tuples(st.just(c[0]), st.fixed_dictionaries(c[1]))),
+    st.tuples(st.builds("({}) or ({})".format, _PARTS, _PARTS), st.just({})),
+    st.tuples(st.builds("({}) or ({}) or ({})".format, _PARTS, _PARTS, _PARTS), st.just({})),
+)
+
+
+def _classes(grid):
+    return torch.tensor([[{"empty": 0, "partial": 1, "full": 2}[c] for c in row] for row in grid])
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=_DISJ, n_q=st.integers(1, 300), n_k=st.integers(1, 300), block_m=TILES, block_n=TILES,
+       q_offset=OFFSETS, kv_offset=OFFSETS)
+@example(case=("kv_idx < g or q_idx < g or abs(q_idx - kv_idx) <= w", {"g": 4, "w": 6}), n_q=160, n_k=160,
+         block_m=32, block_n=16, q_offset=0, kv_offset=0)
+@example(case=("(abs(q_idx - kv_idx - 40) <= 3) or (abs(q_idx - kv_idx + 30) <= 2) or (kv_idx >= q_idx + 70)", {}),
+         n_q=200, n_k=200, block_m=16, block_n=16, q_offset=0, kv_offset=0)
+def test_disjunctions_visit_exactly_the_tiles_with_a_visible_pair(case, n_q, n_k, block_m, block_n, q_offset, kv_offset):
+    mask, params = case
+    rule = _rule(mask, tuple(params))
+    assert rule.tight, mask  # every part's bounds are exact, and so is the walk of their union
+    vis = _visible(mask, tuple(params), params, n_q, n_k, 0, q_offset, kv_offset)
+    any_vis, all_vis = brute_tiles(vis, block_m, block_n)
+    # raises on a tile visited twice or outside the sequences
+    c = classify_tiles(rule, n_q, n_k, block_m, block_n, params, q_offset=q_offset, kv_offset=kv_offset)
+    for kernel, grid in (("fwd", c.fwd), ("dkdv", c.dkdv)):
+        cls = _classes(grid)
+        where = f"{kernel} {mask} {params} offsets ({q_offset}, {kv_offset})"
+        assert ((cls > 0) == any_vis).all(), f"{where}: visited tiles are not those holding a visible pair"
+        assert not ((cls == 2) & ~all_vis).any(), f"{where}: a tile run unmasked holds a hidden pair"
+
+
+def test_global_tokens_and_window_tile_counts():
+    """The measured case: 29 of the 50 tiles hold a visible pair; the hull of the parts' ranges
+    visited 41 (forward) and 38 (dK/dV)."""
+    mask = "kv_idx < 4 or q_idx < 4 or abs(q_idx - kv_idx) <= 6"
+    any_vis, _ = brute_tiles(_visible(mask, (), {}, 160, 160, 0), 32, 16)
+    assert int(any_vis.sum()) == 29
+    c = classify_tiles(rule_for(mask), 160, 160, 32, 16)
+    assert c.counts("fwd")["visited"] == c.counts("dkdv")["visited"] == 29
+
+
+@pytest.mark.parametrize("g, w, q_offset", [(64, 8, 0), (16, 200, 0), (40, 40, 100), (0, 50, 0), (300, 4, 0)])
+def test_global_window_keeps_its_full_tiles(g, w, q_offset):
+    """The longer of the global columns' and the window's full ranges still runs unmasked: with
+    tiles of 16 and g or w a few tiles wide, some tile of every query tile past the first runs
+    unmasked, and none of those holds a hidden pair."""
+    mask, params = "global_tokens(g) or sliding_window(w)", {"g": g, "w": w}
+    n = 256
+    any_vis, all_vis = brute_tiles(_visible(mask, ("g", "w"), params, n, n, 0, q_offset), 16, 16)
+    c = classify_tiles(_rule(mask, ("g", "w")), n, n, 16, 16, params, q_offset=q_offset)
+    for grid in (c.fwd, c.dkdv):
+        cls = _classes(grid)
+        assert ((cls > 0) == any_vis).all() and not ((cls == 2) & ~all_vis).any()
+        assert (cls == 2).sum() > 0
+    if min(g, w) >= 32 or g >= n:
+        assert ((_classes(c.fwd) == 2).any(1)[2:]).all()
+
+
+@pytest.mark.parametrize("mask, params", [
+    ("(abs(q_idx - kv_idx - 40) <= 3) or (abs(q_idx - kv_idx + 30) <= 2) or (kv_idx >= q_idx + 70)", ()),
+    ("global_tokens(g) or sliding_window(w)", (("g", "int"), ("w", "int"))),
+])
+def test_disjunction_statements_sort_and_walk_in_one_loop(mask, params):
+    """What the kernels print for a disjunction with ranges whose order is known only at run time:
+    compare-and-swap statements, one masked loop computing its tile start, one full loop."""
+    from attngen.planning.masks import tile_loops
+
+    rule = rule_for(mask, params)
+    for kernel, var in (("fwd", "part_n"), ("dkdv", "part_m")):
+        loops = tile_loops(rule, kernel)
+        assert [x.masked for x in loops] == [True, False] and loops[0].var == var
+        b = rule.fwd if kernel == "fwd" else rule.dkdv
+        assert any("sw" in name for name, _ in b.walk) == (len(b.pieces) > 2)
+
+
+@pytest.fixture(scope="module")
+def sorted_parts_module(tmp_path_factory):
+    """Two bands whose order is known only at run time, and the first g keys: the kernels sort the
+    bands' ranges (compare-and-swap statements) and walk the three parts' tiles in one loop."""
+    tmp = tmp_path_factory.mktemp("classify_sorted")
+    spec = tmp / "two_bands.yaml"
+    spec.write_text(EXTRA_SPEC.format(name="two_bands", mask="abs(q_idx - kv_idx - 20) <= 3 or abs(q_idx - kv_idx + 9) <= 2 or kv_idx < g"))
+    [(path, _)] = build([spec], tmp / "out")
+    return import_generated(path)
+
+
+@pytest.mark.kernel
+@settings(max_examples=4, deadline=None)
+@given(n_q=st.integers(1, 80), n_k=st.integers(1, 80), g=st.integers(-2, 40), seed=st.integers(0, 99))
+@example(n_q=70, n_k=61, g=5, seed=0)
+def test_sorted_disjunction_kernel_matches_reference(sorted_parts_module, n_q, n_k, g, seed):
+    mod = sorted_parts_module
+    assert "part_n" in inspect.getsource(mod) and "t_sw" in inspect.getsource(mod)
+    q, k, v = random_inputs(mod, batch=1, n_q=n_q, n_k=n_k, dtype=runtime.TORCH_DTYPES["fp16"], seed=seed)
+    assert_all_ok(check_module(mod, q, k, v, seed=seed, params={"g": g}), f"Nq={n_q} Nk={n_k} g={g}")
+
+
+def test_many_unordered_parts_walk_their_hull_soundly():
+    """Past MAX_SORTED ranges of unknown order, their hull is walked as one range: still each tile
+    once and no visible pair skipped, but no longer exact (rule.tight is False)."""
+    from attngen.planning.classify import MAX_SORTED
+
+    mask = " or ".join(f"abs(q_idx - kv_idx - {d}) <= 1" for d in range(-60, 61, 120 // MAX_SORTED))
+    rule = rule_for(mask)
+    assert not rule.tight and "walked whole" in rule.fwd.note
+    for q_offset in (0, 37):
+        any_vis, all_vis = brute_tiles(_visible(mask, (), {}, 150, 170, 0, q_offset), 16, 32)
+        c = classify_tiles(rule, 150, 170, 16, 32, q_offset=q_offset)
+        for grid in (c.fwd, c.dkdv):
+            cls = _classes(grid)
+            assert not (any_vis & (cls == 0)).any() and not ((cls == 2) & ~all_vis).any()

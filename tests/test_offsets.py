@@ -22,6 +22,7 @@ SPECS = {
     "llama3_gqa": {},
     "sliding_window": {"w": st.integers(1, 40)},
     "prefix_lm": {"p": st.integers(0, 120)},
+    "global_window": {"g": st.integers(0, 30), "w": st.integers(1, 40)},  # a disjunction walked in disjoint pieces
     "chunked_local": {"c": st.integers(1, 40)},
     "document": {},
     "alibi": {},
@@ -46,7 +47,7 @@ def _params(mod, scalars, n_q, n_k, q_offset, kv_offset, seed=0):
 def test_offsets_match_the_reference(name, data, n_q, n_k, q_offset, kv_offset):
     mod = generated(name)
     if data is None:
-        scalars = {n: {"w": 7, "p": 60, "c": 12}[n] for n in SPECS[name]}
+        scalars = {n: {"w": 7, "p": 60, "c": 12, "g": 5}[n] for n in SPECS[name]}
     else:
         scalars = {n: data.draw(s, label=n) for n, s in SPECS[name].items()}
     params = _params(mod, scalars, n_q, n_k, q_offset, kv_offset)

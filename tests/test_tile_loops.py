@@ -10,7 +10,7 @@ import re
 import pytest
 
 from attngen.codegen.build import derived_specs
-from attngen.planning.classify import evaluate, range_statements
+from attngen.planning.classify import evaluate, loops as all_loops, range_statements, walk
 from attngen.planning.masks import LOOP_BOUNDS, mask_rule, tile_loops
 from attngen.planning.plan import make_plan
 from mirror import rule_for
@@ -22,20 +22,25 @@ _OWN = {"fwd": ("m", "BLOCK_M", "BLOCK_N", "N_Q"), "dkdv": ("n", "BLOCK_N", "BLO
 
 
 def _walks(rule, kernel, env0):
-    """Per tile of the kernel's own index: (the three loops' visits, the plan's loops' visits),
-    each a list of (walked tile start, masked)."""
+    """Per tile of the kernel's own index: (the loops' visits over the range statements, the plan's
+    loops' visits), each a list of (walked tile start, masked): for one conjunction the three
+    loops [lo, full_lo), [full_lo, full_hi), [full_hi, hi); for a disjunction classify.loops."""
     t, own_block, walk_block, own_len = _OWN[kernel]
     lo, full_lo, full_hi, hi = LOOP_BOUNDS[kernel]
     loops = tile_loops(rule, kernel)
     step = env0[walk_block]
+    disjunction = bool((rule.fwd if kernel == "fwd" else rule.dkdv).pieces)
     for start in range(0, env0[own_len], env0[own_block]):
         env = {**env0, f"start_{t}": start}
         for name, text, _ in range_statements(rule, kernel):
             env[name] = evaluate(text, env)
-        three = [(s, True) for s in range(env[lo], env[full_lo], step)]
-        three += [(s, False) for s in range(env[full_lo], env[full_hi], step)]
-        three += [(s, True) for s in range(env[full_hi], env[hi], step)]
-        planned = [(s, x.masked) for x in loops for s in range(env[x.start], env[x.end], step)]
+        if disjunction:
+            three = [(s, x.masked) for x in all_loops(rule, kernel) for s in walk(x, env, step)]
+        else:
+            three = [(s, True) for s in range(env[lo], env[full_lo], step)]
+            three += [(s, False) for s in range(env[full_lo], env[full_hi], step)]
+            three += [(s, True) for s in range(env[full_hi], env[hi], step)]
+        planned = [(s, x.masked) for x in loops for s in walk(x, env, step)]
         yield three, planned
 
 
@@ -81,8 +86,12 @@ def test_generated_modules_print_the_planned_loops_with_keyword_flags(name):
     plan = make_plan(DENSE[name])
     # the attention kernels' text: the KV-cache decoding section after it has loops of its own
     text = (ROOT / "generated" / f"{name}.py").read_text().split("\nfrom attngen.kernels import kvcache")[0]
-    kv_loops = re.findall(r"for start_n in range\((\w+), (\w+), BLOCK_N\)", text)
-    q_loops = re.findall(r"for start_m in range\((\w+), (\w+), BLOCK_M\)", text)
+    # a disjunction's masked walk runs part_n / part_m and computes the tile start from it
+    kv_loops = re.findall(r"for (?:start_n|part_n) in range\((\w+), (\w+), BLOCK_N\)", text)
+    q_loops = re.findall(r"for (?:start_m|part_m) in range\((\w+), (\w+), BLOCK_M\)", text)
+    remaps = re.findall(r"for (part_[mn]) in range\(.*\n\s*start_[mn] = (.*)", text)
+    assert remaps == [(x.var, x.remap) for x in plan.fwd_loops + plan.dkdv_loops * plan.backward + plan.fwd_loops * plan.backward
+                      if x.var]
     fwd = [(x.start, x.end) for x in plan.fwd_loops]
     assert kv_loops == fwd * (2 if plan.backward else 1)  # the forward's, then dQ's
     assert q_loops == ([(x.start, x.end) for x in plan.dkdv_loops] if plan.backward else [])

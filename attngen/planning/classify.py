@@ -1,8 +1,8 @@
 """Symbolic tile classification of mask expressions, and its Python mirror.
 
-Every kernel walks the tiles of one index in three loops (partial, full, partial): the forward and
-dQ kernels walk KV tiles for one query tile [start_m, last_m]; the dK/dV kernel walks query tiles
-for one KV tile [start_n, last_n]. Per tile the plan needs
+Every kernel walks the tiles of one index in three loops (partial, full, partial; a disjunction's
+in a masked walk and a full loop: `loops`): the forward and dQ kernels walk KV tiles for one query
+tile [start_m, last_m]; the dK/dV kernel walks query tiles for one KV tile [start_n, last_n]. Per tile the plan needs
 
   a visited range  [lo, hi) of the walked index; no row of the tile sees anything outside it;
   a full range     inside it, seen entirely by every row of the tile (the mask is skipped there).
@@ -33,8 +33,11 @@ How (a bound may be loose, never too tight):
     read sits: ``kv_idx < lens[b]``, ``abs(q_idx - kv_idx) <= win[h]``) is dropped from the bounds,
     which only widens the visited range, and makes its conjunction never full; the conjunction's
     other atoms still bound it;
-  * a disjunction visits the hull of its conjunctions' visited ranges and runs unmasked over one
-    interval inside the union of their full ranges (the hull of two that overlap, else the larger).
+  * a disjunction visits the union of its conjunctions' visited ranges as disjoint ranges of whole
+    tiles (`_walk`; the hull where that is one range, and for the decode kernel) and runs unmasked
+    over one interval inside the union of their full ranges (the hull of two that overlap, else
+    the larger); its masked tiles are walked by one loop whose tile start is computed
+    (`range_statements`, `loops`).
 
 `id_equality` recognises the one data-dependent conjunct used at run time: ``T[b, q_idx] ==
 T[b, kv_idx]``, for which the kernels skip tile pairs whose id ranges are disjoint.
@@ -43,6 +46,7 @@ T[b, kv_idx]``, for which the kernels skip tile pairs whose id ranges are disjoi
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -51,7 +55,8 @@ from sympy.polys.polyerrors import BasePolynomialError
 
 from attngen.language.expr import FloorDiv, dnf, dnf_all, dnf_any, print_triton
 
-__all__ = ["Atom", "Bounds", "Classification", "TileClasses", "classify", "classify_tiles", "evaluate", "id_equality", "mask_dnf", "range_statements"]
+__all__ = ["Atom", "Bounds", "Classification", "TileClasses", "classify", "classify_tiles", "TileLoop", "evaluate", "id_equality", "loops", "mask_dnf",
+           "range_statements", "walk"]
 
 MAX_CONJ = 16  # conjunctions in the normal form; a larger mask is bounded as one opaque condition
 
@@ -203,10 +208,11 @@ class _Dir:
     lo: sympy.Symbol  # the kernel's visited-range variables
     hi: sympy.Symbol
     tmp: str  # prefix of temporaries
+    block: str  # the walked tiles' size
 
 
-_FWD = _Dir(KV, Q, _var("start_m"), _var("last_m"), _LEN[KV], _var("lo"), _var("hi"), "t_")
-_DKDV = _Dir(Q, KV, _var("start_n"), _var("last_n"), _LEN[Q], _var("q_lo"), _var("q_hi"), "tq_")
+_FWD = _Dir(KV, Q, _var("start_m"), _var("last_m"), _LEN[KV], _var("lo"), _var("hi"), "t_", "BLOCK_N")
+_DKDV = _Dir(Q, KV, _var("start_n"), _var("last_n"), _LEN[Q], _var("q_lo"), _var("q_hi"), "tq_", "BLOCK_M")
 
 
 def _pos(w):
@@ -241,6 +247,7 @@ class _Conj:
 def _conj(atoms, dr: _Dir) -> _Conj:
     lows, highs, visit, full, opaque = [], [], [], [], []
     tight = True
+    on_tile = 0  # atoms on the tile's own index alone (a == 0, c != 0)
     for atom in atoms:
         lin = None if atom.strict else _decompose(_rows(atom.d))
         if lin is None:
@@ -255,7 +262,8 @@ def _conj(atoms, dr: _Dir) -> _Conj:
             holds = [c * g + lin.rest >= 0 for g in ends]
             visit.append(sympy.Or(sympy.Not(guard), *holds))
             full.append(sympy.And(guard, *holds))
-            tight &= c == 0 and guard == sympy.true
+            tight &= guard == sympy.true
+            on_tile += c != 0
             continue
         if a > 0:  # F(var) >= ceil(-(c G + rest) / a)
             k = [-FloorDiv(c * g + lin.rest, a) for g in ends]
@@ -288,6 +296,10 @@ def _conj(atoms, dr: _Dir) -> _Conj:
         (l0, l1), (u0, u1) = lows[0][2], highs[0][2]
         visit.append(sympy.Or(l0 < u0, l1 < u1))
     tight &= len(lows) <= 1 and len(highs) <= 1
+    # one condition on the tile's index alone holds on some row iff at an end, and that row sees the
+    # whole range; with a bound on the walked index as well, or a second such condition, the rows
+    # that pass it need not be those that see a given walked tile
+    tight &= on_tile == 0 or (on_tile == 1 and not lows and not highs)
     return _Conj(v_lo, v_hi, f_lo, f_hi, sympy.And(*visit), sympy.And(*full), tight, tuple(opaque), bool(lows or highs))
 
 
@@ -306,6 +318,11 @@ class Bounds:
     full_start: str
     full_end: str
     note: str
+    # a disjunction's exact walk: statements (name, expression) after the prelude, and the
+    # disjoint, tile-aligned [start, end) ranges (names or literals) whose union is the union of
+    # its conjunctions' visited tiles; () for one conjunction (which walks [start, end))
+    walk: tuple[tuple[str, str], ...] = ()
+    pieces: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -324,7 +341,9 @@ def classify(value: sympy.Basic, params: tuple[str, ...] = ()) -> Classification
     dkdv, dkdv_conjs = _bounds(form, _DKDV, names)
     opaque = sorted({a for c in fwd_conjs for a in c.opaque})
     why = f" (not bounded: {'; '.join(opaque)})" if opaque else ""
-    tight = len(form) == 1 and fwd_conjs[0].tight and dkdv_conjs[0].tight
+    # one conjunction, or a disjunction walked exactly, whose bounds are exact
+    tight = bool(form) and (len(form) == 1 or "walked whole" not in fwd.note + dkdv.note) and all(
+        c.tight for c in fwd_conjs + dkdv_conjs)
     if not form:
         path = "never true: no tile is visited"
     elif len(form) == 1 and not fwd_conjs[0].bounded and not dkdv_conjs[0].bounded:
@@ -363,6 +382,7 @@ def _bounds(dnf, dr: _Dir, names) -> tuple[Bounds, list[_Conj]]:
 
     if not conjs:  # never true
         return Bounds((), "0", "0", p(sympy.Lt(dr.lo, dr.hi)), "0", "0", "nothing is visited"), conjs
+    walk, pieces = (), ()
     if len(conjs) == 1:
         c = conjs[0]
         v_lo, v_hi, visit, f_lo = c.v_lo, c.v_hi, sympy.And(dr.lo < dr.hi, c.visit), c.f_lo
@@ -373,22 +393,111 @@ def _bounds(dnf, dr: _Dir, names) -> tuple[Bounds, list[_Conj]]:
             note = (f"{walked} tiles from ({p(v_lo)}) to ({p(v_hi)}) are visited; those from ({p(f_lo)}) to "
                     f"({p(f_hi)}) run unmasked")
     else:
-        v_los, v_his = [], []
+        v_los, v_his, los, his = [], [], [], []
         for i, c in enumerate(conjs):
             lo_i, hi_i = emit(f"lo{i}", c.v_lo), emit(f"hi{i}", c.v_hi)
             # nothing visible through this conjunction in this tile: leave it out of the hull
             hi_i = emit(f"hi{i}", sympy.Piecewise((hi_i, sympy.And(lo_i < hi_i, c.visit)), (0, True)))
             v_los.append(sympy.Piecewise((lo_i, lo_i < hi_i), (dr.n, True)))
             v_his.append(hi_i)
+            los.append(p(lo_i))
+            his.append(p(hi_i))
+        # the hull [start, end) (the decode kernel walks it) and the exact walk (the other kernels)
         v_lo, v_hi = sympy.Min(*v_los), sympy.Max(*v_his)
         visit = dr.lo < dr.hi
         f_lo, f_hi = _union_full(conjs, emit)
+        walk, pieces, how = _walk(conjs, los, his, dr, p(dr.n))
         n_full = sum(c.full != sympy.false for c in conjs)
-        note = (f"{walked} tiles in the hull of the {len(conjs)} conjunctions' visited ranges are visited; "
+        seen = (f"in the union of the {len(conjs)} conjunctions' visited ranges are visited ({how})"
+                if len(pieces) > 1 or "walked whole" in how else f"in the hull of the {len(conjs)} conjunctions' visited ranges are visited")  # one range: the same
+        note = (f"{walked} tiles {seen}; "
                 + (f"one interval inside the union of the full ranges of {n_full} of them runs unmasked" if n_full
                    else "all with the mask applied"))
     prelude = [(name.removeprefix("__"), text) for name, text in prelude]
-    return Bounds(tuple(prelude), p(v_lo), p(v_hi), p(visit), p(f_lo), p(sympy.Min(f_hi, dr.hi)), note), conjs
+    bounds = Bounds(tuple(prelude), p(v_lo), p(v_hi), p(visit), p(f_lo), p(sympy.Min(f_hi, dr.hi)), note)
+    if len(pieces) > 1:  # (one piece is the hull: the three loops walk it)
+        bounds = dataclasses.replace(bounds, walk=walk, pieces=pieces)
+    return bounds, conjs
+
+
+MAX_SORTED = 4  # a disjunction's conjunctions sorted at run time; past this many, their hull is walked
+
+
+def _walk(conjs, los, his, dr: _Dir, n: str):
+    """The union of the conjunctions' visited ranges [los[i], his[i]) (Triton source; his[i] is 0
+    where nothing is visible through conjunction i) as disjoint ranges of whole walked tiles:
+    statements (name, expression) and the ranges (start, end), names or literals, and how.
+
+    The conjunctions whose range starts at 0 for every tile (known at build time) together cover
+    [0, max of their ends); those that end at the length n together [min of their starts, n); the
+    others, rounded outward to whole tiles, are sorted by start at run time (compare-and-swap,
+    MAX_SORTED of them at most, else their hull counts as one) and each walks from the largest end
+    before it (what comes before it in the order is covered up to there: the range reaching that
+    end starts no later) to its own end, less the range that ends at n."""
+    t, w = dr.tmp, dr.block
+    stmts: list[tuple[str, str]] = []
+
+    def let(name: str, text: str) -> str:
+        if text.isidentifier() or text.isdigit():
+            return text
+        stmts.append((t + name, text))
+        return t + name
+
+    def fold(fn: str, xs):
+        out = xs[-1]
+        for x in reversed(xs[:-1]):
+            out = f"tl.{fn}({x}, {out})"
+        return out
+
+    def up(x: str) -> str:
+        return f"tl.cdiv({x}, {w}) * {w}"
+
+    def down(x: str) -> str:
+        return f"{x} // {w} * {w}"
+
+    def start_if_seen(i: int, unseen: str = n) -> str:
+        return f"tl.where({his[i]} > {los[i]}, {los[i]}, {unseen})"
+
+    # a range [0, n) or nothing joins the ranges ending at n when some do and none need [0, ...)
+    whole = [i for i, c in enumerate(conjs) if c.v_lo == 0 and c.v_hi == dr.n]
+    at_end = [i for i, c in enumerate(conjs) if c.v_lo != 0 and c.v_hi == dr.n]
+    at_zero = [i for i, c in enumerate(conjs) if c.v_lo == 0 and i not in whole]
+    (at_end if at_end and not at_zero else at_zero).extend(whole)
+    at_zero.sort()
+    at_end.sort()
+    free = [i for i in range(len(conjs)) if i not in at_zero and i not in at_end]
+    how = "disjoint ranges of tiles, no tile twice"
+    if len(free) > MAX_SORTED:
+        free_ranges = [(fold("minimum", [start_if_seen(i) for i in free]), fold("maximum", [his[i] for i in free]))]
+        how = f"the hull of {len(free)} of them walked whole"
+    else:
+        free_ranges = [(los[i], his[i]) for i in free]
+    pieces: list[tuple[str, str]] = []
+    reach = None  # the largest end of the ranges walked so far (all start no later than the next)
+    # (nothing seen: n + w - 1, which rounds down to n rounded up, so that [lz, nb) is empty)
+    end_start = let("lz", down(fold("minimum", [start_if_seen(i, f"{n} + {w} - 1") for i in at_end]))) if at_end else None
+    if at_zero:
+        reach = let("ha", up(fold("maximum", [his[i] for i in at_zero])))
+        pieces.append(("0", let("hb", f"tl.minimum({reach}, {end_start})") if end_start else reach))
+    bounds = []
+    for k, (lo, hi) in enumerate(free_ranges):
+        stmts.append((f"{t}fl{k}", down(lo)))
+        stmts.append((f"{t}fh{k}", up(hi)))
+        bounds.append((f"{t}fl{k}", f"{t}fh{k}"))
+    for a in range(len(bounds) - 1):  # sort by start (empty ranges end at 0: they cover nothing)
+        for b in range(len(bounds) - 1 - a):
+            (la, ha), (lb, hb) = bounds[b], bounds[b + 1]
+            stmts += [(f"{t}sw", f"tl.where({la} <= {lb}, {ha}, {hb})"), (hb, f"tl.where({la} <= {lb}, {hb}, {ha})"),
+                      (ha, f"{t}sw"), (f"{t}sw", f"tl.minimum({la}, {lb})"), (lb, f"tl.maximum({la}, {lb})"), (la, f"{t}sw")]
+    for k, (lo, hi) in enumerate(bounds):
+        start = let(f"pa{k}", f"tl.maximum({lo}, {reach})") if reach else lo
+        end = let(f"pb{k}", f"tl.minimum({hi}, {end_start})") if end_start else hi
+        pieces.append((start, end))
+        if k + 1 < len(bounds):
+            reach = let(f"r{k}", f"tl.maximum({reach}, {hi})") if reach else hi
+    if end_start:
+        pieces.append((end_start, let("nb", up(n))))
+    return tuple(stmts), tuple(pieces), how
 
 
 def _union_full(conjs, emit):
@@ -426,17 +535,24 @@ _KERNELS = {  # the tile's index letter, its length and tile, the walked tile, t
 }
 
 
+# A disjunction's masked tiles are walked as one loop over `var` in [0, end) (the masked ranges
+# laid end to end, each a multiple of the walked tile), the tile start computed from it.
+_PARTS = {"fwd": ("part_n", "part_end", "t_"), "dkdv": ("part_m", "q_part_end", "tq_")}
+
+
 def range_statements(rule, kernel: str) -> tuple[tuple[str, str, str], ...]:
     """The statements (name, Triton expression, comment) by which `kernel` ('fwd' for the forward
     and dQ kernels, 'dkdv') computes its tile ranges from a MaskRule (the first, the tile's last
     index, is loop-invariant in dK/dV and printed before its loop): the templates print them,
     `classify_tiles` evaluates them. The forward loops walk [lo, full_lo) and [full_hi, hi) with
-    the mask and [full_lo, full_hi) without; dK/dV likewise over q_lo, q_full, q_full_end, q_hi."""
+    the mask and [full_lo, full_hi) without; dK/dV likewise over q_lo, q_full, q_full_end, q_hi.
+    A disjunction (Bounds.pieces) walks [full_lo, full_hi) without the mask, and its disjoint
+    pieces less that range with it, in one loop (`loops`)."""
     if kernel not in _KERNELS:
         raise ValueError(f"kernel must be 'fwd' or 'dkdv', got {kernel!r}")
     t, n, block, walk, (lo, full_lo, full_hi, hi), note, rounded = _KERNELS[kernel]
     b: Bounds = rule.fwd if kernel == "fwd" else rule.dkdv
-    return (
+    statements = (
         (f"last_{t}", f"tl.minimum(start_{t} + {block}, {n}) - 1", ""),
         *((name, text, "") for name, text in b.prelude),
         (hi, b.end, ""),
@@ -445,6 +561,70 @@ def range_statements(rule, kernel: str) -> tuple[tuple[str, str, str], ...]:
         (full_lo, f"tl.minimum(tl.maximum(tl.cdiv({b.full_start}, {walk}) * {walk}, {lo}), {hi})", ""),
         (full_hi, f"tl.maximum({rounded.format(b.full_end)}, {full_lo})", ""),
     )
+    if not b.pieces:
+        return statements
+    return statements + tuple((name, text, "") for name, text in _masked_walk(b, kernel)[0])
+
+
+def _masked_walk(b: Bounds, kernel: str):
+    """A disjunction's masked walk: the statements after its range statements, and the tile start
+    as an expression of the loop variable. Each piece less the full range [full_lo, full_hi) is
+    two ranges (below it, above it); laid end to end, range k starts at c{k-1} of the walk and
+    its tiles at the walk's position plus d{k}; the walk ends at the last c."""
+    var, end, t = _PARTS[kernel]
+    _, full_lo, full_hi, _ = _KERNELS[kernel][4]
+    ranges = []
+    for a, z in b.pieces:
+        ranges.append((a, f"tl.minimum({z}, {full_lo})"))
+        ranges.append((full_hi if a == "0" else f"tl.maximum({a}, {full_hi})", z))
+    stmts = list(b.walk)
+    at = "0"  # where range k starts in the walk
+    starts = []
+    for k, (a, z) in enumerate(ranges):
+        if at == "0" and (a.isidentifier() or a.isdigit()):
+            starts.append(a)
+        else:
+            stmts.append((f"{t}d{k}", f"{a} - {at}" if at != "0" else a))
+            starts.append(f"{t}d{k}")
+        length = z if a == "0" else f"tl.maximum({z} - {a}, 0)"  # (ends are >= 0)
+        stmts.append((f"{t}c{k}" if k + 1 < len(ranges) else end, length if at == "0" else f"{at} + {length}"))
+        at = stmts[-1][0]
+    expr = f"{var} + {starts[0]}" if starts[0] != "0" else var
+    for k in range(1, len(ranges)):  # the last range whose start in the walk is at or before var
+        expr = f"tl.where({var} >= {t}c{k - 1}, {var} + {starts[k]}, {expr})"
+    return stmts, expr
+
+
+@dataclass(frozen=True)
+class TileLoop:
+    """One tile loop of a kernel: the walked tiles start at range(start, end, BLOCK), `start` and
+    `end` names of its range statements (or literals); `masked` tiles apply the mask (and the
+    sequence end), the others are seen whole by every row of the kernel's own tile. With `var`,
+    the loop runs `var` over that range and the tile starts at `remap` (an expression of var)."""
+
+    start: str
+    end: str
+    masked: bool
+    var: str = ""
+    remap: str = ""
+
+
+def loops(rule, kernel: str) -> tuple[TileLoop, ...]:
+    """The loops over range_statements' names that `kernel` walks (before masks.tile_loops leaves
+    out those empty for every tile): partial, full, partial; a disjunction's masked walk and full
+    range."""
+    lo, full_lo, full_hi, hi = _KERNELS[kernel][4]
+    b: Bounds = rule.fwd if kernel == "fwd" else rule.dkdv
+    if not b.pieces:
+        return (TileLoop(lo, full_lo, True), TileLoop(full_lo, full_hi, False), TileLoop(full_hi, hi, True))
+    var, end, _ = _PARTS[kernel]
+    return (TileLoop("0", end, True, var, _masked_walk(b, kernel)[1]), TileLoop(full_lo, full_hi, False))
+
+
+def walk(loop: TileLoop, env: dict, step: int):
+    """The tile starts a loop visits, in order, with the range statements' values in `env`."""
+    for x in range(evaluate(loop.start, env), evaluate(loop.end, env), step):
+        yield evaluate(loop.remap, {**env, loop.var: x}) if loop.var else x
 
 
 # --------------------------------------------------------------------------- the Python mirror
@@ -555,8 +735,8 @@ def classify_tiles(rule, n_q: int, n_k: int, block_m: int, block_n: int, params=
             "Q_OFF": q_offset, "KV_OFF": kv_offset, **{"arg_" + k: v for k, v in (params or {}).items()}}
     tiles_m, tiles_n = -(-n_q // block_m), -(-n_k // block_n)
     grids = {}
-    for kernel, (t, _, _, _, names, _, _) in _KERNELS.items():
-        # per tile of the kernel's own index: the walked tiles, as its three loops visit them
+    for kernel, (t, _, _, _, _, _, _) in _KERNELS.items():
+        # per tile of the kernel's own index: the walked tiles, as its loops visit them
         own, walked = (tiles_m, block_m), (tiles_n, block_n)
         if kernel == "dkdv":
             own, walked = walked, own
@@ -565,10 +745,8 @@ def classify_tiles(rule, n_q: int, n_k: int, block_m: int, block_n: int, params=
             env = {**env0, f"start_{t}": i * own[1]}
             for name, text, _ in range_statements(rule, kernel):
                 env[name] = evaluate(text, env)
-            lo, full_lo, full_hi, hi = (env[k] for k in names)
             step = walked[1]
-            visits = [*((s, "partial") for s in range(lo, full_lo, step)), *((s, "full") for s in range(full_lo, full_hi, step)),
-                      *((s, "partial") for s in range(full_hi, hi, step))]
+            visits = [(s, "partial" if x.masked else "full") for x in loops(rule, kernel) for s in walk(x, env, step)]
             for start, cls in visits:
                 j = start // step
                 if start % step or not 0 <= j < walked[0] or grid[i][j] != "empty":

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from attngen.language.expr import Expr, to_triton
 from attngen.language.spec import Spec
-from attngen.planning.classify import Bounds, classify, id_equality
+from attngen.planning.classify import Bounds, TileLoop, classify, id_equality
+from attngen.planning.classify import loops as walked_loops
 
 
 
@@ -105,18 +106,8 @@ def mask_rule(spec: Spec) -> MaskRule:
         return MASK_RULES[spec.mask]
     return expr_rule(spec.mask_expr)
 
-@dataclass(frozen=True)
-class TileLoop:
-    """One tile loop of a kernel: the walked tiles start at range(start, end, BLOCK), both names of
-    its range statements; `masked` tiles apply the mask (and the sequence end), the others are
-    seen whole by every row of the kernel's own tile."""
-
-    start: str
-    end: str
-    masked: bool
-
 # The boundaries classify.range_statements assigns: walked tiles [lo, full_lo) and [full_hi, hi)
-# are partial (masked), [full_lo, full_hi) full.
+# are partial (masked), [full_lo, full_hi) full (a disjunction's masked tiles: classify.loops).
 LOOP_BOUNDS = {"fwd": ("lo", "full_lo", "full_hi", "hi"), "dkdv": ("q_lo", "q_full", "q_full_end", "q_hi")}
 
 _ZERO = re.compile(r"0|\(0\) // BLOCK_[MN] \* BLOCK_[MN]")
@@ -132,9 +123,13 @@ def tile_loops(rule: MaskRule, kernel: str) -> tuple[TileLoop, ...]:
       [lo, full_lo)       full_start is 0: full_lo = min(max(0, lo), hi) = lo;
       [full_lo, full_hi)  full_end is 0: full_hi = max(0, full_lo) = full_lo;
       [full_hi, hi)       dK/dV's unrounded full_end is its end: full_hi = max(end, full_lo) = hi.
+    A disjunction runs classify.loops as they are (its masked walk, then its full range), less the
+    full range where no conjunction has one.
     """
     lo, full_lo, full_hi, hi = bounds = LOOP_BOUNDS[kernel]
     b = rule.fwd if kernel == "fwd" else rule.dkdv
+    if b.pieces:
+        return tuple(x for x in walked_loops(rule, kernel) if x.masked or _ZERO.fullmatch(b.full_end) is None)
     full_start, full_end, end = b.full_start, b.full_end, b.end
     empty = (
         full_start == "0",
