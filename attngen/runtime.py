@@ -343,7 +343,8 @@ def check_params(name: str, decls: dict, values: dict, unknown: dict | None = No
                 raise ValueError(f"{name}: parameter {pname} = {int(v)} is out of range [{lo}, {hi}]")
             out.append(int(v))
         else:
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+            # abs(v) < inf: false for nan and +-inf, and traceable by torch.compile for a symbolic float
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not abs(v) < math.inf:
                 raise ValueError(f"{name}: parameter {pname} must be a finite float, got {v!r}")
             out.append(float(v))
     return tuple(out)
@@ -376,11 +377,24 @@ def check_offsets(name: str, q_offset, kv_offset, n_q: int, n_k: int) -> tuple[i
 
 
 def import_path(path: str | os.PathLike):
-    """Import a generated module from its file (no package or sys.path changes needed)."""
+    """Import a generated module from its file (no package or sys.path changes needed). It is
+    registered in sys.modules under a name of its own (`attngen_generated.<stem>`, then
+    `<stem>_2`, ... for later imports), because torch.compile looks a traced function's module up there."""
+    import sys
+
     path = Path(path)
-    spec = importlib.util.spec_from_file_location(f"attngen_generated.{path.stem}", path)
+    name, n = f"attngen_generated.{path.stem}", 1
+    while name in sys.modules:
+        n += 1
+        name = f"attngen_generated.{path.stem}_{n}"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[name]
+        raise
     return mod
 
 
@@ -503,11 +517,13 @@ def check_varlen(
     head_dim: int,
     v_head_dim: int,
     dtypes: tuple[str, ...],
-) -> int:
+    values: bool = True,
+) -> None:
     """attention_varlen()'s inputs: q [total_q, Hq, D], k [total_k, Hkv, D], v [total_k, Hkv, Dv];
-    cu_seqlens_* int32 [B + 1] on q's device, starting at 0, non-decreasing, ending at the total;
-    max_seqlen_* ints at least every sequence's length (and at most POSITION_MAX). Returns B;
-    ValueError naming the argument. Reads cu_seqlens once on the host."""
+    cu_seqlens_* int32 [B + 1] on q's device; max_seqlen_* ints at most POSITION_MAX; with
+    values=True also check_cu_seqlens (which reads cu_seqlens on the host). ValueError naming the
+    argument. values=False checks only what needs no tensor's values (the module's wrapper does
+    that; its op reads the values, so that a compiled caller keeps one graph)."""
     import numbers
 
     for tname, t in (("q", q), ("k", k), ("v", v)):
@@ -520,8 +536,7 @@ def check_varlen(
         name, *(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)),
         q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, v_head_dim=v_head_dim, dtypes=dtypes,
     )
-    cus = []
-    for arg, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+    for arg, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, torch.Tensor):
             raise ValueError(f"{name}: {arg} must be an int32 torch.Tensor, got {type(cu).__name__}")
         if cu.dtype != torch.int32:
@@ -530,6 +545,21 @@ def check_varlen(
             raise ValueError(f"{name}: {arg} must be 1-D [B + 1], got shape {tuple(cu.shape)}")
         if cu.device != q.device:
             raise ValueError(f"{name}: {arg} is on {cu.device}, expected {q.device} (where q is)")
+    for arg, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, bool) or not isinstance(m, (numbers.Integral, torch.SymInt)):
+            raise ValueError(f"{name}: {arg} must be an int, got {type(m).__name__}")
+        if m > POSITION_MAX:
+            raise ValueError(f"{name}: {arg} = {int(m)} exceeds {POSITION_MAX} (32-bit positions)")
+    if values:
+        check_cu_seqlens(name, cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+
+
+def check_cu_seqlens(name: str, cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, max_seqlen_q: int, max_seqlen_k: int) -> int:
+    """The values of checked cu_seqlens (int32 [B + 1] each): starting at 0, non-decreasing, ending at
+    total_q / total_k, as many sequences in both, every sequence at most max_seqlen_*. Returns B; ValueError naming the argument.
+    Reads cu_seqlens once on the host."""
+    cus = []
+    for arg, cu, total in (("cu_seqlens_q", cu_seqlens_q, total_q), ("cu_seqlens_k", cu_seqlens_k, total_k)):
         vals = cu.tolist()
         if vals[0] != 0:
             raise ValueError(f"{name}: {arg} must start at 0, got {vals[0]}")
@@ -544,13 +574,9 @@ def check_varlen(
             f"{name}: cu_seqlens_q has {len(cus[0]) - 1} sequences but cu_seqlens_k has {len(cus[1]) - 1}"
         )
     for arg, m, vals in (("max_seqlen_q", max_seqlen_q, cus[0]), ("max_seqlen_k", max_seqlen_k, cus[1])):
-        if isinstance(m, bool) or not isinstance(m, numbers.Integral):
-            raise ValueError(f"{name}: {arg} must be an int, got {type(m).__name__}")
         longest = max((b - a for a, b in zip(vals, vals[1:])), default=0)
         if int(m) < longest:
             raise ValueError(f"{name}: {arg} = {int(m)} is smaller than a sequence's length ({longest})")
-        if int(m) > POSITION_MAX:
-            raise ValueError(f"{name}: {arg} = {int(m)} exceeds {POSITION_MAX} (32-bit positions)")
     return len(cus[0]) - 1
 
 
@@ -565,3 +591,72 @@ def packed_rows(t: torch.Tensor, start: int, end: int) -> torch.Tensor:
     stride 0 (no copy)."""
     s = t[start:end]
     return s.as_strided((1, s.shape[1], s.shape[0], s.shape[2]), packed_strides(s), s.storage_offset())
+
+
+# ----------------------------------------------------------------------------- torch.library ops
+
+# A generated module's entry points run their kernels inside custom ops of this namespace, so
+# torch.compile records each as one graph node (no graph break) whose output metadata comes from a
+# fake function, and autograd (eager or compiled) reaches the backward through another op.
+OP_NAMESPACE = "attngen"
+_OPS: dict = {}  # qualified name -> torch.library CustomOpDef, defined once per process
+_OP_FNS: dict = {}  # qualified name -> {role: function} of the module that defined it last
+
+
+def op_name(module: str, spec_sha256: str, what: str) -> str:
+    """A generated module's op name, `<module>_<spec sha prefix>_<what>`: a rebuilt spec gets new ops."""
+    return f"{module}_{spec_sha256[:12]}_{what}"
+
+
+def _latest(qual: str, role: str):
+    def call(*args, **kwargs):
+        return _OP_FNS[qual][role](*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = f"{qual.replace('::', '_')}_{role}"
+    return call
+
+
+def define_op(name: str, impl, fake, *, mutates_args=(), backward=None, setup_context=None):
+    """The custom op attngen::`name` running `impl`, whose type annotations give the op's schema;
+    `fake(*args)` returns outputs of the exact shapes, dtypes and strides without computing;
+    `backward(ctx, *grads)` and `setup_context(ctx, inputs, output)` as torch.library.register_autograd.
+
+    The op is defined once per process; a module imported again (same name and spec hash) re-points
+    it at its own functions instead of registering the name twice."""
+    qual = f"{OP_NAMESPACE}::{name}"
+    _OP_FNS[qual] = {"impl": impl, "fake": fake, "backward": backward, "setup_context": setup_context}
+    op = _OPS.get(qual)
+    if op is None:
+        infer = getattr(torch.library, "infer_schema", None)  # public from torch 2.5
+        if infer is None:
+            from torch._library.infer_schema import infer_schema as infer
+        schema = infer(impl, mutates_args=mutates_args)
+        op = torch.library.custom_op(qual, _latest(qual, "impl"), mutates_args=mutates_args, schema=schema)
+        op.register_fake(_latest(qual, "fake"))
+        if backward is not None:
+            op.register_autograd(_latest(qual, "backward"), setup_context=_latest(qual, "setup_context"))
+        _OPS[qual] = op
+    return op
+
+
+def save_with_params(ctx, tensors, params) -> None:
+    """setup_context helper: save `tensors` and the tensor parameters for the backward, and keep the
+    scalar parameters on ctx (params: the spec's parameters in declaration order)."""
+    ctx.save_for_backward(*tensors, *(x for x in params if isinstance(x, torch.Tensor)))
+    ctx.attngen_saved = (len(tensors), tuple(None if isinstance(x, torch.Tensor) else x for x in params))
+
+
+def saved_with_params(ctx) -> tuple[tuple, tuple]:
+    """The (tensors, params) that save_with_params kept, params in declaration order again."""
+    n, scalars = ctx.attngen_saved
+    saved = ctx.saved_tensors
+    rest = iter(saved[n:])
+    return tuple(saved[:n]), tuple(next(rest) if x is None else x for x in scalars)
+
+
+def attention_outputs(q: torch.Tensor, heads: int, v_head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (o [B, heads, N, Dv] in q's dtype laid out as empty_like_layout, lse float32 [B, heads, N]):
+    what a forward kernel writes, for fake functions and wrappers alike."""
+    b, _, n, _ = q.shape
+    o = empty_like_layout(q, (b, heads, n, v_head_dim), dtype=q.dtype)
+    return o, empty((b, heads, n), dtype=torch.float32, device=q.device)

@@ -19,9 +19,12 @@ Tile paths (decided at build time):
 
 from attngen import runtime as _rt  # first: selects Triton's interpreter when there is no GPU
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 NAME = "alibi"
 Q_HEADS = 4
@@ -666,7 +669,7 @@ def _backward(q, k, v, o, lse, do, dlse, scale, params, q_off=0, kv_off=0, param
     n_k = k.shape[2]
     dq, dk, dv = _rt.empty_like(q), _rt.empty_like(k), _rt.empty_like(v)
     if b == 0 or n_q == 0 or n_k == 0:
-        zeros = tuple(torch.zeros_like(params[i]) for i in _GRAD_PARAMS.values()) if param_grads else ()
+        zeros = tuple(params[i].new_zeros(params[i].shape) for i in _GRAD_PARAMS.values()) if param_grads else ()
         return (dq.zero_(), dk.zero_(), dv.zero_(), *zeros)
     if do is None:
         do = torch.zeros_like(o)
@@ -701,26 +704,6 @@ def _backward(q, k, v, o, lse, do, dlse, scale, params, q_off=0, kv_off=0, param
     return dq, dk, dv
 
 
-class _Attention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale, params, offsets, slopes):
-        o, lse = _forward(q, k, v, scale, params, *offsets)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale = scale
-        ctx.params = params
-        ctx.offsets = offsets
-        return o, lse
-
-    @staticmethod
-    def backward(ctx, do, dlse):
-        q, k, v, o, lse = ctx.saved_tensors
-        # the learnable tensors' gradients cost a separate pass: only when one of them asks
-        want = any(ctx.needs_input_grad[6:])
-        grads = _backward(q, k, v, o, lse, do, dlse, ctx.scale, ctx.params, *ctx.offsets, param_grads=want)
-        dparams = grads[3:] if want else (None,) * len(_GRAD_PARAMS)
-        return (*grads[:3], None, None, None, *dparams)
-
-
 def _backward_varlen(q, k, v, o, lse, do, dlse, scale, params, cu_q, cu_k, max_q, max_k, param_grads=False):
     """Packed sequences: dq [total_q, H, D], dk, dv [total_k, Hkv, D / Dv], and with param_grads=True the learnable tensors' gradients.
     The same kernels as _backward with VARLEN: one dK/dV program per (KV tile of the longest
@@ -728,7 +711,7 @@ def _backward_varlen(q, k, v, o, lse, do, dlse, scale, params, cu_q, cu_k, max_q
     total_q, total_k, n_seq = q.shape[0], k.shape[0], cu_q.shape[0] - 1
     dq, dk, dv = _rt.empty_like(q), _rt.empty_like(k), _rt.empty_like(v)
     if n_seq == 0 or total_q == 0 or total_k == 0:
-        zeros = tuple(torch.zeros_like(params[i]) for i in _GRAD_PARAMS.values()) if param_grads else ()
+        zeros = tuple(params[i].new_zeros(params[i].shape) for i in _GRAD_PARAMS.values()) if param_grads else ()
         return (dq.zero_(), dk.zero_(), dv.zero_(), *zeros)
     if do is None:
         do = torch.zeros_like(o)
@@ -774,25 +757,6 @@ def _backward_varlen(q, k, v, o, lse, do, dlse, scale, params, cu_q, cu_k, max_q
                 )
         return (dq, dk, dv, *(total.view(t.shape).to(t.dtype) for total, t in zip(sums, tensors)))
     return dq, dk, dv
-
-
-class _AttentionVarlen(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale, params, seqs, slopes):
-        o, lse = _forward_varlen(q, k, v, scale, params, *seqs)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale = scale
-        ctx.params = params
-        ctx.seqs = seqs
-        return o, lse
-
-    @staticmethod
-    def backward(ctx, do, dlse):
-        q, k, v, o, lse = ctx.saved_tensors
-        want = any(ctx.needs_input_grad[6:])
-        grads = _backward_varlen(q, k, v, o, lse, do, dlse, ctx.scale, ctx.params, *ctx.seqs, param_grads=want)
-        dparams = grads[3:] if want else (None,) * len(_GRAD_PARAMS)
-        return (*grads[:3], None, None, None, *dparams)
 
 
 # ----------------------------------------------------------------------------- learnable tensor parameters
@@ -901,6 +865,88 @@ def _param_grad_sums(sums, q, k, v, do, lse, delta, scale, params, q_off=0, kv_o
             _rt.index_sum_(total, idx, val)
 
 
+# ----------------------------------------------------------------------------- torch.library ops
+# attention() and attention_varlen() run the kernels inside custom ops (attngen::alibi_<sha>_*):
+# torch.compile records each call as one graph node (no graph break), the fake functions give the
+# outputs' exact shapes, dtypes and strides, and the backward is an op of its own. The spec's
+# parameters are op arguments param_<name> in PARAMS' order.
+
+def _op_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, q_off: int, kv_off: int, param_slopes: Tensor) -> tuple[Tensor, Tensor]:
+    return _forward(q, k, v, scale, (param_slopes,), q_off, kv_off)
+
+
+def _op_fwd_fake(q, k, v, scale, q_off, kv_off, param_slopes):
+    return _rt.attention_outputs(q, Q_HEADS, V_HEAD_DIM)
+
+
+def _op_varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, scale: float, param_slopes: Tensor) -> tuple[Tensor, Tensor]:
+    # cu_seqlens' values are read here (on the host), so that a compiled caller does not break its graph
+    _rt.check_cu_seqlens(f"{NAME}.attention_varlen", cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)
+    return _forward_varlen(q, k, v, scale, (param_slopes,), cu_q, cu_k, max_q, max_k)
+
+
+def _op_varlen_fwd_fake(q, k, v, cu_q, cu_k, max_q, max_k, scale, param_slopes):
+    o = _rt.empty((q.shape[0], Q_HEADS, V_HEAD_DIM), dtype=q.dtype, device=q.device)
+    return o, _rt.empty((Q_HEADS, q.shape[0]), dtype=torch.float32, device=q.device)
+
+
+def _op_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, dlse: Tensor, scale: float, q_off: int, kv_off: int, param_slopes: Tensor, param_grads: bool) -> list[Tensor]:
+    return list(_backward(q, k, v, o, lse, do, dlse, scale, (param_slopes,), q_off, kv_off, param_grads=param_grads))
+
+
+def _op_bwd_fake(q, k, v, o, lse, do, dlse, scale, q_off, kv_off, param_slopes, param_grads):
+    dparams = [param_slopes.new_empty(param_slopes.shape)] if param_grads else []
+    return [_rt.empty_like(q), _rt.empty_like(k), _rt.empty_like(v), *dparams]
+
+
+def _op_varlen_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, dlse: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, scale: float, param_slopes: Tensor, param_grads: bool) -> list[Tensor]:
+    return list(_backward_varlen(q, k, v, o, lse, do, dlse, scale, (param_slopes,), cu_q, cu_k, max_q, max_k, param_grads=param_grads))
+
+
+def _op_varlen_bwd_fake(q, k, v, o, lse, do, dlse, cu_q, cu_k, max_q, max_k, scale, param_slopes, param_grads):
+    return _op_bwd_fake(q, k, v, o, lse, do, dlse, scale, 0, 0, param_slopes, param_grads)
+
+
+def _setup_fwd(ctx, inputs, output):
+    q, k, v, scale, q_off, kv_off, *params = inputs
+    _rt.save_with_params(ctx, (q, k, v, *output), params)
+    ctx.scale, ctx.offsets = scale, (q_off, kv_off)
+
+
+def _backward_fwd(ctx, do, dlse):
+    (q, k, v, o, lse), params = _rt.saved_with_params(ctx)
+    do = torch.zeros_like(o) if do is None else do
+    dlse = torch.zeros_like(lse) if dlse is None else dlse
+    # the learnable tensors' gradients cost a separate pass: only when one of them asks
+    want = any(ctx.needs_input_grad[6:])
+    grads = _OP_BWD(q, k, v, o, lse, do, dlse, ctx.scale, *ctx.offsets, *params, want)
+    return grads[0], grads[1], grads[2], None, None, None, grads[3] if want else None
+
+
+def _setup_varlen_fwd(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, *params = inputs
+    _rt.save_with_params(ctx, (q, k, v, *output, cu_q, cu_k), params)
+    ctx.scale, ctx.max_seqlens = scale, (max_q, max_k)
+
+
+def _backward_varlen_fwd(ctx, do, dlse):
+    (q, k, v, o, lse, cu_q, cu_k), params = _rt.saved_with_params(ctx)
+    do = torch.zeros_like(o) if do is None else do
+    dlse = torch.zeros_like(lse) if dlse is None else dlse
+    want = any(ctx.needs_input_grad[8:])
+    grads = _OP_VARLEN_BWD(q, k, v, o, lse, do, dlse, cu_q, cu_k, *ctx.max_seqlens, ctx.scale, *params, want)
+    return grads[0], grads[1], grads[2], None, None, None, None, None, grads[3] if want else None
+
+
+_OP_BWD = _rt.define_op(_rt.op_name(NAME, SPEC_SHA256, "bwd"), _op_bwd, _op_bwd_fake)
+_OP_VARLEN_BWD = _rt.define_op(_rt.op_name(NAME, SPEC_SHA256, "varlen_bwd"), _op_varlen_bwd, _op_varlen_bwd_fake)
+_OP_FWD = _rt.define_op(_rt.op_name(NAME, SPEC_SHA256, "fwd"), _op_fwd, _op_fwd_fake, backward=_backward_fwd, setup_context=_setup_fwd)
+_OP_VARLEN_FWD = _rt.define_op(
+    _rt.op_name(NAME, SPEC_SHA256, "varlen_fwd"), _op_varlen_fwd, _op_varlen_fwd_fake,
+    backward=_backward_varlen_fwd, setup_context=_setup_varlen_fwd,
+)
+
+
 def attention(q, k, v, *, slopes=None, scale=None, return_lse=False, q_offset=0, kv_offset=0, **unknown):
     """Causal attention with ALiBi, slopes at run time. GQA attention, 4 query heads over 2 KV heads, head_dim 32, mask causal, score_mod score - Abs(kv_idx - q_idx)*slopes[h].
 
@@ -919,10 +965,7 @@ def attention(q, k, v, *, slopes=None, scale=None, return_lse=False, q_offset=0,
     params = _rt.check_params(NAME, PARAMS, {"slopes": slopes}, unknown, device=q.device)
     offsets = _rt.check_offsets(NAME, q_offset, kv_offset, q.shape[2], k.shape[2])
     scale = HEAD_DIM ** -0.5 if scale is None else float(scale)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or slopes.requires_grad):
-        o, lse = _Attention.apply(q, k, v, scale, params, offsets, slopes)
-    else:
-        o, lse = _forward(q, k, v, scale, params, *offsets)
+    o, lse = _OP_FWD(q, k, v, scale, *offsets, *params)
     return (o, lse) if return_lse else o
 
 
@@ -943,15 +986,13 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     """
     _rt.check_varlen(
         NAME, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, v_head_dim=V_HEAD_DIM, dtypes=DTYPES,
+        q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, v_head_dim=V_HEAD_DIM, dtypes=DTYPES, values=False,
     )
     params = _rt.check_params(NAME, PARAMS, {"slopes": slopes}, unknown, device=q.device)
     scale = HEAD_DIM ** -0.5 if scale is None else float(scale)
-    seqs = (cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or slopes.requires_grad):
-        o, lse = _AttentionVarlen.apply(q, k, v, scale, params, seqs, slopes)
-    else:
-        o, lse = _forward_varlen(q, k, v, scale, params, *seqs)
+    # cu_seqlens' values (start, order, total, longest sequence) are checked inside the op
+    max_q, max_k = (m if isinstance(m, int) else int(m) for m in (max_seqlen_q, max_seqlen_k))
+    o, lse = _OP_VARLEN_FWD(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, *params)
     return (o, lse) if return_lse else o
 
 
@@ -1173,6 +1214,36 @@ def _decode_forward(q, k_cache, v_cache, cache_seqlens, block_table, n_new, scal
     return _merge.merge(o_part, lse_part, out_dtype=q.dtype)
 
 
+def _op_kvcache(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k: Optional[Tensor], v: Optional[Tensor],
+    block_table: Optional[Tensor], num_splits: Optional[int], scale: float, param_slopes: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """attention_with_kvcache's op: checks the lengths against the caches (on the host), appends k, v
+    (the only writes: the op declares k_cache and v_cache mutated), then runs the decode kernel."""
+    n_new, lengths, page_size = _kvcache.check_kvcache(
+        f"{NAME}.attention_with_kvcache", q, k_cache, v_cache, cache_seqlens, k, v, block_table, num_splits,
+        kv_heads=KV_HEADS, head_dim=HEAD_DIM, v_head_dim=V_HEAD_DIM,
+    )
+    if k is not None:
+        _kvcache.append_kv_(k_cache, v_cache, cache_seqlens, k, v, block_table, page_size)
+    rows = GROUP * q.shape[2]
+    programs = triton.cdiv(rows, min(max(16, triton.next_power_of_2(max(rows, 1))), _DECODE_MAX_ROWS)) * q.shape[0] * KV_HEADS
+    splits = _kvcache.num_splits(num_splits, programs, max(lengths, default=0), _DECODE_BLOCK_N, q.device)
+    params = (param_slopes,)
+    return _decode_forward(q, k_cache, v_cache, cache_seqlens, block_table, n_new, scale, params, splits, page_size)
+
+
+def _op_kvcache_fake(q, k_cache, v_cache, cache_seqlens, k, v, block_table, num_splits, scale, param_slopes):
+    b, _, n_q, _ = q.shape
+    return (_rt.empty((b, Q_HEADS, n_q, V_HEAD_DIM), dtype=q.dtype, device=q.device),
+            _rt.empty((b, Q_HEADS, n_q), dtype=torch.float32, device=q.device))
+
+
+_OP_KVCACHE = _rt.define_op(
+    _rt.op_name(NAME, SPEC_SHA256, "kvcache"), _op_kvcache, _op_kvcache_fake, mutates_args=("k_cache", "v_cache"),
+)
+
+
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, block_table=None, num_splits=None, scale=None, return_lse=False, **params):
     """Attention of new queries over a KV cache (decoding, chunked prefill), forward only.
 
@@ -1196,17 +1267,13 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None
     """
     fn = f"{NAME}.attention_with_kvcache"
     _rt.check_inputs(fn, q, q, q, q_heads=Q_HEADS, kv_heads=Q_HEADS, head_dim=HEAD_DIM, v_head_dim=HEAD_DIM, dtypes=DTYPES)
-    n_new, lengths, page_size = _kvcache.check_kvcache(
+    # shapes, dtypes, devices here; the op checks the lengths (reading cache_seqlens) before it writes
+    _kvcache.check_kvcache(
         fn, q, k_cache, v_cache, cache_seqlens, k, v, block_table, num_splits,
-        kv_heads=KV_HEADS, head_dim=HEAD_DIM, v_head_dim=V_HEAD_DIM,
+        kv_heads=KV_HEADS, head_dim=HEAD_DIM, v_head_dim=V_HEAD_DIM, values=False,
     )
     checked = _rt.check_params(fn, PARAMS, {n: params[n] for n in PARAMS if n in params}, {n: x for n, x in params.items() if n not in PARAMS}, device=q.device)
     scale = HEAD_DIM ** -0.5 if scale is None else float(scale)
-    if k is not None:
-        _kvcache.append_kv_(k_cache, v_cache, cache_seqlens, k, v, block_table, page_size)
-    rows = GROUP * q.shape[2]
-    programs = triton.cdiv(rows, min(max(16, triton.next_power_of_2(max(rows, 1))), _DECODE_MAX_ROWS)) * q.shape[0] * KV_HEADS
-    splits = _kvcache.num_splits(num_splits, programs, max(lengths, default=0), _DECODE_BLOCK_N, q.device)
     with torch.no_grad():
-        o, lse = _decode_forward(q, k_cache, v_cache, cache_seqlens, block_table, n_new, scale, checked, splits, page_size)
+        o, lse = _OP_KVCACHE(q, k_cache, v_cache, cache_seqlens, k, v, block_table, num_splits, scale, *checked)
     return (o, lse) if return_lse else o

@@ -22,7 +22,10 @@ fills the latter), forward only.
 from attngen import runtime as _rt  # first: selects Triton's interpreter when there is no GPU
 from attngen.kernels import kvcache as _kvcache, nsa_decode, nsa_selected, nsa_topn
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 NAME = "nsa_tiny"
 Q_HEADS = 4
@@ -49,6 +52,60 @@ _CMP = _rt.import_sibling(__file__, 'nsa_tiny_cmp')
 _WIN = _rt.import_sibling(__file__, 'nsa_tiny_win')
 
 
+# ----------------------------------------------------------------------------- torch.library ops
+# The kernel library's calls run inside custom ops (attngen::nsa_tiny_<sha>_*), as the branch
+# modules' do: torch.compile records one graph node per call (no graph break), the fake functions
+# give the outputs' exact shapes, dtypes and strides, and the selection's backward is an op too.
+
+def _op_select(q: Tensor, k_cmp: Tensor, lse_cmp: Tensor, scale: float) -> Tensor:
+    # (the spec's values were validated at build time, the tensors by nsa_attention)
+    return nsa_topn.topn_select(
+        q, k_cmp, lse_cmp, block=BLOCK, stride=STRIDE, select_block=SELECT_BLOCK, top_n=TOP_N,
+        initial=INITIAL, local=LOCAL, score=SCORE, per=PER, scale=scale, check=False,
+    )
+
+
+def _op_select_fake(q, k_cmp, lse_cmp, scale):
+    return _rt.empty((q.shape[0], KV_HEADS, q.shape[2], TOP_N), dtype=torch.int64, device=q.device)
+
+
+def _op_selected_fwd(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    return nsa_selected.selected_attention(q, k, v, block_idx, SELECT_BLOCK, scale, check=False)
+
+
+def _op_selected_fwd_fake(q, k, v, block_idx, scale):
+    return _rt.attention_outputs(q, Q_HEADS, V_HEAD_DIM)
+
+
+def _op_selected_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, block_idx: Tensor, do: Tensor, dlse: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return nsa_selected.backward(q, k, v, o, lse, block_idx, do, dlse, SELECT_BLOCK, scale)
+
+
+def _op_selected_bwd_fake(q, k, v, o, lse, block_idx, do, dlse, scale):
+    return _rt.empty_like(q), _rt.empty_like(k), _rt.empty_like(v)
+
+
+def _setup_selected(ctx, inputs, output):
+    q, k, v, block_idx, scale = inputs
+    ctx.save_for_backward(q, k, v, *output, block_idx)
+    ctx.scale = scale
+
+
+def _backward_selected(ctx, do, dlse):
+    q, k, v, o, lse, block_idx = ctx.saved_tensors
+    do = torch.zeros_like(o) if do is None else do
+    dlse = torch.zeros_like(lse) if dlse is None else dlse
+    dq, dk, dv = _OP_SELECTED_BWD(q, k, v, o, lse, block_idx, do, dlse, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_OP_SELECT = _rt.define_op(_rt.op_name(NAME, SPEC_SHA256, "select"), _op_select, _op_select_fake)
+_OP_SELECTED_BWD = _rt.define_op(_rt.op_name(NAME, SPEC_SHA256, "selected_bwd"), _op_selected_bwd, _op_selected_bwd_fake)
+_OP_SELECTED_FWD = _rt.define_op(
+    _rt.op_name(NAME, SPEC_SHA256, "selected_fwd"), _op_selected_fwd, _op_selected_fwd_fake,
+    backward=_backward_selected, setup_context=_setup_selected,
+)
+
 def nsa_attention(q, k, v, gates, *, k_cmp=None, v_cmp=None, scale=None, return_aux=False):
     """Small Native Sparse Attention for tests. Native Sparse Attention, 4 query heads over 2 KV heads (group 2), head_dim 16; selection scored by the compression branch's softmax probabilities, per token.
 
@@ -71,14 +128,9 @@ def nsa_attention(q, k, v, gates, *, k_cmp=None, v_cmp=None, scale=None, return_
         k_cmp, v_cmp = _rt.compress_mean(k, block=BLOCK, stride=STRIDE), _rt.compress_mean(v, block=BLOCK, stride=STRIDE)
     # -- compression branch; its lse scores the blocks for selection
     o_cmp, lse_cmp = _CMP.attention(q, k_cmp, v_cmp, scale=scale, return_lse=True)
-    with torch.no_grad():
-        block_idx = nsa_topn.topn_select(
-            q.detach(), k_cmp.detach(), lse_cmp.detach(), block=BLOCK, stride=STRIDE, select_block=SELECT_BLOCK,
-            top_n=TOP_N, initial=INITIAL, local=LOCAL, score=SCORE, per=PER, scale=scale, check=False,
-        )
+    block_idx = _OP_SELECT(q.detach(), k_cmp.detach(), lse_cmp.detach(), scale)  # no gradient
     # -- selection branch over the chosen blocks
-    # (the spec's values were validated at build time, the tensors above, and the indices are our own)
-    o_slc, lse_slc = nsa_selected.selected_attention(q, k, v, block_idx, SELECT_BLOCK, scale, check=False)
+    o_slc, lse_slc = _OP_SELECTED_FWD(q, k, v, block_idx, scale)
     # -- window branch
     o_win, lse_win = _WIN.attention(q, k, v, scale=scale, return_lse=True)
     # -- gated sum in float32, one rounding to q's dtype
@@ -125,6 +177,64 @@ def nsa_append_compressed_(k_cache, v_cache, k_cmp_cache, v_cmp_cache, old_seqle
     nsa_decode.append_compressed_(k_cache, v_cache, k_cmp_cache, v_cmp_cache, old, new, block=BLOCK, stride=STRIDE, compress=compress)
 
 
+def _op_kvcache(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, gates: Tensor, k_cmp_cache: Tensor,
+    v_cmp_cache: Tensor, k: Optional[Tensor], v: Optional[Tensor], q_block_cache: Optional[Tensor],
+    num_splits: Optional[int], scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """nsa_attention_with_kvcache's op: checks the lengths against the caches (on the host), appends
+    k, v and the compressed entries they complete (mean pooling), then runs the three branches and
+    the gated sum. Returns o, block_idx, lse_cmp, lse_slc, o_cmp, o_slc, lse_win, o_win."""
+    fn = f"{NAME}.nsa_attention_with_kvcache"
+    n_new, lengths, _ = _kvcache.check_kvcache(
+        fn, q, k_cache, v_cache, cache_seqlens, k, v, None, num_splits,
+        kv_heads=KV_HEADS, head_dim=HEAD_DIM, v_head_dim=V_HEAD_DIM,
+    )
+    nsa_decode.check_nsa_kvcache(
+        fn, q, gates, k_cmp_cache, v_cmp_cache, q_block_cache, lengths, kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+        v_head_dim=V_HEAD_DIM, block=BLOCK, stride=STRIDE, select_block=SELECT_BLOCK, per=PER,
+    )
+    with torch.no_grad():
+        if k is not None:
+            _kvcache.append_kv_(k_cache, v_cache, cache_seqlens, k, v, None, 0)
+            nsa_decode.append_compressed_(
+                k_cache, v_cache, k_cmp_cache, v_cmp_cache, [n - n_new for n in lengths], lengths,
+                block=BLOCK, stride=STRIDE,
+            )
+        seqlens = cache_seqlens + n_new  # L_b
+        q_pos = (seqlens - q.shape[2]).to(torch.int32)  # the position of query 0
+        # -- compression branch at the token positions; its lse scores the blocks for selection
+        o_cmp, lse_cmp = nsa_decode.compressed_attention(q, k_cmp_cache, v_cmp_cache, q_pos, block=BLOCK, stride=STRIDE, scale=scale)
+        block_idx = nsa_topn.topn_select(
+            q, k_cmp_cache, lse_cmp, block=BLOCK, stride=STRIDE, select_block=SELECT_BLOCK, top_n=TOP_N,
+            initial=INITIAL, local=LOCAL, score=SCORE, per=PER, scale=scale, check=False, q_pos=q_pos,
+        )
+        # -- selection branch over the chosen blocks of the token cache
+        o_slc, lse_slc = nsa_selected.selected_attention(q, k_cache, v_cache, block_idx, SELECT_BLOCK, scale, check=False, q_pos=q_pos)
+        # -- window branch: the dense decode kernel (bottom-right positions, as here)
+        o_win, lse_win = _WIN.attention_with_kvcache(q, k_cache, v_cache, seqlens, num_splits=num_splits, scale=scale, return_lse=True)
+        g = gates.float()
+        o = g[..., 0:1] * o_cmp.float() + g[..., 1:2] * o_slc.float()
+        o = o + g[..., 2:3] * o_win.float()
+        o = o.to(q.dtype).contiguous()
+    return o, block_idx, lse_cmp, lse_slc, o_cmp, o_slc, lse_win, o_win
+
+
+def _op_kvcache_fake(q, k_cache, v_cache, cache_seqlens, gates, k_cmp_cache, v_cmp_cache, k, v, q_block_cache, num_splits, scale):
+    b, _, n_q, _ = q.shape
+    o_slc, lse_slc = _rt.attention_outputs(q, Q_HEADS, V_HEAD_DIM)
+    o_cmp, lse_cmp = _rt.empty((b, Q_HEADS, n_q, V_HEAD_DIM), dtype=q.dtype, device=q.device), torch.empty_like(lse_slc)
+    block_idx = _rt.empty((b, KV_HEADS, n_q, TOP_N), dtype=torch.int64, device=q.device)
+    o_win, lse_win = torch.empty_like(o_cmp), torch.empty_like(lse_slc)
+    return torch.empty_like(o_cmp), block_idx, lse_cmp, lse_slc, o_cmp, o_slc, lse_win, o_win
+
+
+_OP_KVCACHE = _rt.define_op(
+    _rt.op_name(NAME, SPEC_SHA256, "kvcache"), _op_kvcache, _op_kvcache_fake,
+    mutates_args=("k_cache", "v_cache", "k_cmp_cache", "v_cmp_cache"),
+)
+
+
 def nsa_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, gates, *, k_cmp_cache, v_cmp_cache, k=None, v=None,
                                compress=None, q_block_cache=None, num_splits=None, scale=None, return_aux=False):
     """NSA of new queries over a KV cache (decoding, chunked prefill), forward only.
@@ -146,38 +256,37 @@ def nsa_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, gates, *, k_c
     """
     fn = f"{NAME}.nsa_attention_with_kvcache"
     _rt.check_inputs(fn, q, q, q, q_heads=Q_HEADS, kv_heads=Q_HEADS, head_dim=HEAD_DIM, v_head_dim=HEAD_DIM, dtypes=DTYPES)
-    n_new, lengths, _ = _kvcache.check_kvcache(
+    # shapes, dtypes, devices here; the op checks the lengths (reading cache_seqlens) before it writes
+    _kvcache.check_kvcache(
         fn, q, k_cache, v_cache, cache_seqlens, k, v, None, num_splits,
-        kv_heads=KV_HEADS, head_dim=HEAD_DIM, v_head_dim=V_HEAD_DIM,
+        kv_heads=KV_HEADS, head_dim=HEAD_DIM, v_head_dim=V_HEAD_DIM, values=False,
     )
     nsa_decode.check_nsa_kvcache(
-        fn, q, gates, k_cmp_cache, v_cmp_cache, q_block_cache, lengths, kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+        fn, q, gates, k_cmp_cache, v_cmp_cache, q_block_cache, [], kv_heads=KV_HEADS, head_dim=HEAD_DIM,
         v_head_dim=V_HEAD_DIM, block=BLOCK, stride=STRIDE, select_block=SELECT_BLOCK, per=PER,
     )
     scale = HEAD_DIM ** -0.5 if scale is None else float(scale)
-    with torch.no_grad():
-        if k is not None:
+    if compress is not None and k is not None:
+        # a caller's compressor is Python, not an op argument: the appends run here (eagerly; a
+        # compiled caller breaks its graph here), then the op attends the grown caches
+        n_new, lengths, _ = _kvcache.check_kvcache(
+            fn, q, k_cache, v_cache, cache_seqlens, k, v, None, num_splits, kv_heads=KV_HEADS, head_dim=HEAD_DIM, v_head_dim=V_HEAD_DIM,
+        )
+        nsa_decode.check_nsa_kvcache(
+            fn, q, gates, k_cmp_cache, v_cmp_cache, q_block_cache, lengths, kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+            v_head_dim=V_HEAD_DIM, block=BLOCK, stride=STRIDE, select_block=SELECT_BLOCK, per=PER,
+        )
+        with torch.no_grad():
             _kvcache.append_kv_(k_cache, v_cache, cache_seqlens, k, v, None, 0)
             nsa_decode.append_compressed_(
                 k_cache, v_cache, k_cmp_cache, v_cmp_cache, [n - n_new for n in lengths], lengths,
                 block=BLOCK, stride=STRIDE, compress=compress,
             )
-        seqlens = cache_seqlens + n_new  # L_b
-        q_pos = (seqlens - q.shape[2]).to(torch.int32)  # the position of query 0
-        # -- compression branch at the token positions; its lse scores the blocks for selection
-        o_cmp, lse_cmp = nsa_decode.compressed_attention(q, k_cmp_cache, v_cmp_cache, q_pos, block=BLOCK, stride=STRIDE, scale=scale)
-        block_idx = nsa_topn.topn_select(
-            q, k_cmp_cache, lse_cmp, block=BLOCK, stride=STRIDE, select_block=SELECT_BLOCK, top_n=TOP_N,
-            initial=INITIAL, local=LOCAL, score=SCORE, per=PER, scale=scale, check=False, q_pos=q_pos,
+        cache_seqlens, k, v = cache_seqlens + n_new, None, None
+    with torch.no_grad():
+        o, block_idx, lse_cmp, lse_slc, o_cmp, o_slc, lse_win, o_win = _OP_KVCACHE(
+            q, k_cache, v_cache, cache_seqlens, gates, k_cmp_cache, v_cmp_cache, k, v, q_block_cache, num_splits, scale,
         )
-        # -- selection branch over the chosen blocks of the token cache
-        o_slc, lse_slc = nsa_selected.selected_attention(q, k_cache, v_cache, block_idx, SELECT_BLOCK, scale, check=False, q_pos=q_pos)
-        # -- window branch: the dense decode kernel (bottom-right positions, as here)
-        o_win, lse_win = _WIN.attention_with_kvcache(q, k_cache, v_cache, seqlens, num_splits=num_splits, scale=scale, return_lse=True)
-        g = gates.float()
-        o = g[..., 0:1] * o_cmp.float() + g[..., 1:2] * o_slc.float()
-        o = o + g[..., 2:3] * o_win.float()
-        o = o.to(q.dtype)
     if not return_aux:
         return o
     aux = {"block_indices": block_idx, "lse_cmp": lse_cmp, "lse_slc": lse_slc, "o_cmp": o_cmp, "o_slc": o_slc}

@@ -45,11 +45,13 @@ def _same(name: str, fn: str, t: torch.Tensor, q: torch.Tensor, dtype=None):
 
 def check_kvcache(
     fn: str, q, k_cache, v_cache, cache_seqlens, k, v, block_table, num_splits, *,
-    kv_heads: int, head_dim: int, v_head_dim: int,
+    kv_heads: int, head_dim: int, v_head_dim: int, values: bool = True,
 ) -> tuple[int, list[int], int]:
     """Validate the cache arguments of attention_with_kvcache (q itself checked by the caller).
     Returns (Nnew, the lengths L_b = cache_seqlens[b] + Nnew, page_size or 0 for a contiguous
-    cache). Raises ValueError naming the argument."""
+    cache). Raises ValueError naming the argument. values=False checks only what needs no
+    tensor's values (shapes, dtypes, devices; the lengths come back empty): a module's wrapper
+    does that, and its op, which reads cache_seqlens and the block table, checks again with values."""
     b = q.shape[0]
     for name, t, d in (("k_cache", k_cache, head_dim), ("v_cache", v_cache, v_head_dim)):
         _tensor(name, fn, t, 4, "[B, Hkv, S, D] or [num_pages, Hkv, page_size, D]")
@@ -77,7 +79,7 @@ def check_kvcache(
         n_new = k.shape[2]
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 1):
         raise ValueError(f"{fn}: num_splits must be None or an int >= 1, got {num_splits!r}")
-    seqlens = [int(x) for x in cache_seqlens.tolist()]
+    seqlens = [int(x) for x in cache_seqlens.tolist()] if values else []
     for i, s in enumerate(seqlens):
         if s < 0:
             raise ValueError(f"{fn}: cache_seqlens[{i}] = {s} is negative")

@@ -547,3 +547,15 @@ def selected_attention(q, k, v, block_idx, select_block: int, scale: float, chec
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _SelectedAttention.apply(q, k, v, idx, select_block, scale)
     return _forward(q, k, v, idx, select_block, scale)[:2]
+
+
+def backward(q, k, v, o, lse, block_idx, do, dlse, select_block: int, scale: float):
+    """(dq, dk, dv) of selected_attention's (o, lse) from the tensors alone (for a caller that keeps
+    no Python state between forward and backward, such as a torch.library op): the forward's packs
+    are recomputed from block_idx (_union: two sorts of B * Hkv * N * n entries)."""
+    idx = block_idx.to(torch.int32).contiguous()
+    b, hq, n, d = q.shape
+    packs = None
+    if b and n and k.shape[2] and idx.shape[3]:
+        packs = _union(idx, select_block, _tiles(hq // k.shape[1], d, v.shape[3], select_block)["PACK"])
+    return _backward(q, k, v, o, lse, idx, packs, do, dlse, select_block, float(scale))
