@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CPU_TORCH := torch==2.13.0
 
-.PHONY: verify test test-fast clean-venv
+.PHONY: verify test test-fast check-triton36 clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,5 +29,25 @@ test: $(VENV)/.installed
 test-fast: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m "not kernel and not aot and not slow"
 
+# The oldest Triton of pyproject's range, in a venv of its own (.venv36): every shipped spec's
+# kernels compiled ahead of time for sm_90 at the first config of each autotune space (the config
+# the interpreter and ATTNGEN_CONFIGS=first run; the report exits non-zero when one spills), then
+# two specs verified under its CPU interpreter (which needs numpy < 2.4). About 1 minute for the
+# report and 30 s for the verify on a 2-core CPU machine, plus the venv's first install (torch and
+# Triton, a few minutes). Not part of `make test`: CI's budget has no room for a second venv.
+VENV36 := .venv36
+TRITON36 := triton==3.6.0
+
+$(VENV36)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV36)
+	$(VENV36)/bin/pip install --quiet $(CPU_TORCH) $(TRITON36) 'numpy<2.4'
+	$(VENV36)/bin/pip install --quiet -e '.[test]' $(TRITON36) 'numpy<2.4'
+	@touch $@
+
+check-triton36: $(VENV36)/.installed
+	@mkdir -p $(VENV36)/gen
+	$(VENV36)/bin/attngen report --arch sm_90 --configs first --dtypes first --out $(VENV36)/gen
+	$(VENV36)/bin/attngen verify --out $(VENV36)/gen specs/llama3_gqa.yaml specs/sliding_window.yaml
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VENV36)

@@ -72,6 +72,36 @@ def _interpret_triton_stdlib() -> None:
 
 _interpret_triton_stdlib()
 
+
+def _interpreter_rejects_numpy() -> bool:
+    """True when this Triton's interpreter cannot run under this numpy: Triton 3.6's (and older)
+    turns a one-element index array into a Python int with int(array), which numpy 2.4 refuses
+    ("only 0-dimensional arrays can be converted to Python scalars") on every dense kernel; Triton
+    3.9's squeezes the array first. Decided by reading the interpreter's own code, so a Triton that
+    has the fix passes whatever its version number."""
+    import inspect
+
+    import numpy
+
+    if tuple(int(x) for x in numpy.__version__.split(".")[:2]) < (2, 4):
+        return False
+    try:
+        from triton.runtime import interpreter
+
+        return "int(self.handle.data))" in inspect.getsource(interpreter._patch_lang_tensor)
+    except (AttributeError, ImportError, OSError, TypeError):  # another layout: assume it works
+        return False
+
+
+if INTERPRET and _interpreter_rejects_numpy():
+    import numpy
+
+    raise ImportError(
+        f"attngen: Triton {triton.__version__}'s CPU interpreter cannot run with numpy {numpy.__version__} "
+        "(it needs numpy < 2.4; Triton 3.9 works with either). There is no CUDA device, so kernels would "
+        "run in the interpreter: install 'numpy<2.4' or triton>=3.9."
+    )
+
 DEVICE = "cpu" if INTERPRET else "cuda"
 """Where generated modules expect their tensors in this process."""
 

@@ -42,11 +42,9 @@ SPEC_SHA256 = "12608266d351d183d517fc350c061213c14c0e22536bc2b511642f58c0a09311"
 # Autotune space per kernel (block_m, block_n, num_warps, num_stages), smallest tiles first, after
 # attngen.planning.autotune.keep pruned combinations that overflow shared memory or the accumulator budget.
 _SPACES = {
-    "_fwd_kernel": [  # 0 pruned
+    "_fwd_kernel": [  # 2 pruned
         {'block_m': 32, 'block_n': 16, 'num_warps': 4, 'num_stages': 1},
         {'block_m': 32, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},
-        {'block_m': 32, 'block_n': 16, 'num_warps': 8, 'num_stages': 1},
-        {'block_m': 32, 'block_n': 16, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 1},
         {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 32, 'block_n': 32, 'num_warps': 8, 'num_stages': 1},
@@ -68,11 +66,9 @@ _SPACES = {
         {'block_m': 64, 'block_n': 64, 'num_warps': 8, 'num_stages': 1},
         {'block_m': 64, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
     ],
-    "_bwd_dkdv_kernel": [  # 6 pruned
+    "_bwd_dkdv_kernel": [  # 8 pruned
         {'block_m': 32, 'block_n': 16, 'num_warps': 4, 'num_stages': 1},
         {'block_m': 32, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},
-        {'block_m': 32, 'block_n': 16, 'num_warps': 8, 'num_stages': 1},
-        {'block_m': 32, 'block_n': 16, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 1},
         {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 32, 'block_n': 32, 'num_warps': 8, 'num_stages': 1},
@@ -88,11 +84,9 @@ _SPACES = {
         {'block_m': 64, 'block_n': 64, 'num_warps': 8, 'num_stages': 1},
         {'block_m': 64, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
     ],
-    "_bwd_dq_kernel": [  # 0 pruned
+    "_bwd_dq_kernel": [  # 4 pruned
         {'block_m': 32, 'block_n': 16, 'num_warps': 4, 'num_stages': 1},
         {'block_m': 32, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},
-        {'block_m': 32, 'block_n': 16, 'num_warps': 8, 'num_stages': 1},
-        {'block_m': 32, 'block_n': 16, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 1},
         {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 32, 'block_n': 32, 'num_warps': 8, 'num_stages': 1},
@@ -109,8 +103,6 @@ _SPACES = {
         {'block_m': 64, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 64, 'block_n': 32, 'num_warps': 8, 'num_stages': 1},
         {'block_m': 64, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
-        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 1},
-        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 64, 'block_n': 64, 'num_warps': 8, 'num_stages': 1},
         {'block_m': 64, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
     ],

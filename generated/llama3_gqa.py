@@ -42,7 +42,7 @@ SPEC_SHA256 = "a9a7d6a63aa372d5a44efde64a068bdb5816392d9d2656d5bca0e3ea0087e887"
 # Autotune space per kernel (block_m, block_n, num_warps, num_stages), smallest tiles first, after
 # attngen.planning.autotune.keep pruned combinations that overflow shared memory or the accumulator budget.
 _SPACES = {
-    "_fwd_kernel": [  # 11 pruned
+    "_fwd_kernel": [  # 13 pruned
         {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 32, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
@@ -61,13 +61,11 @@ _SPACES = {
         {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 64, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 64, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
-        {'block_m': 64, 'block_n': 128, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 64, 'block_n': 128, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
         {'block_m': 128, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 128, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
-        {'block_m': 128, 'block_n': 128, 'num_warps': 8, 'num_stages': 2},
     ],
     "_bwd_dkdv_kernel": [  # 28 pruned
         {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
@@ -79,7 +77,7 @@ _SPACES = {
         {'block_m': 64, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 64, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
     ],
-    "_bwd_dq_kernel": [  # 12 pruned
+    "_bwd_dq_kernel": [  # 19 pruned
         {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 32, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
@@ -88,22 +86,15 @@ _SPACES = {
         {'block_m': 32, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 32, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 32, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
-        {'block_m': 32, 'block_n': 128, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 32, 'block_n': 128, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 64, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 64, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 64, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 64, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
-        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
-        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 64, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 64, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
-        {'block_m': 64, 'block_n': 128, 'num_warps': 4, 'num_stages': 2},
-        {'block_m': 64, 'block_n': 128, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
-        {'block_m': 128, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
-        {'block_m': 128, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
     ],
 }
 _KEY = ["N_Q_BUCKET", "N_K_BUCKET"]

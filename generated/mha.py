@@ -42,7 +42,7 @@ SPEC_SHA256 = "388b9e7c77baa30243ff061213a7d366c0ed9d2daf438a5ac2f3151abaf4f03b"
 # Autotune space per kernel (block_m, block_n, num_warps, num_stages), smallest tiles first, after
 # attngen.planning.autotune.keep pruned combinations that overflow shared memory or the accumulator budget.
 _SPACES = {
-    "_fwd_kernel": [  # 0 pruned
+    "_fwd_kernel": [  # 2 pruned
         {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 32, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
@@ -63,8 +63,6 @@ _SPACES = {
         {'block_m': 128, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
-        {'block_m': 128, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
-        {'block_m': 128, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 128, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 128, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
     ],
@@ -85,7 +83,7 @@ _SPACES = {
         {'block_m': 64, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
         {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
     ],
-    "_bwd_dq_kernel": [  # 0 pruned
+    "_bwd_dq_kernel": [  # 8 pruned
         {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 32, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
@@ -98,18 +96,10 @@ _SPACES = {
         {'block_m': 64, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 64, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 64, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
-        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
-        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 64, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 64, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
-        {'block_m': 128, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
-        {'block_m': 128, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
-        {'block_m': 128, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
-        {'block_m': 128, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
-        {'block_m': 128, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
-        {'block_m': 128, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
     ],
 }
 _KEY = ["N_Q_BUCKET", "N_K_BUCKET"]

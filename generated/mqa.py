@@ -42,11 +42,9 @@ SPEC_SHA256 = "c6ce95d99d90bf555340a52319d86b12c30e480ab9d71c8024e096ff1970a37b"
 # Autotune space per kernel (block_m, block_n, num_warps, num_stages), smallest tiles first, after
 # attngen.planning.autotune.keep pruned combinations that overflow shared memory or the accumulator budget.
 _SPACES = {
-    "_fwd_kernel": [  # 0 pruned
+    "_fwd_kernel": [  # 4 pruned
         {'block_m': 16, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 16, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
-        {'block_m': 16, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
-        {'block_m': 16, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
         {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 16, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
@@ -63,16 +61,12 @@ _SPACES = {
         {'block_m': 128, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
-        {'block_m': 128, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
-        {'block_m': 128, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 128, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 128, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
     ],
-    "_bwd_dkdv_kernel": [  # 8 pruned
+    "_bwd_dkdv_kernel": [  # 10 pruned
         {'block_m': 16, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 16, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
-        {'block_m': 16, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
-        {'block_m': 16, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
         {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 16, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
@@ -86,11 +80,9 @@ _SPACES = {
         {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
     ],
-    "_bwd_dq_kernel": [  # 0 pruned
+    "_bwd_dq_kernel": [  # 10 pruned
         {'block_m': 16, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 16, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
-        {'block_m': 16, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
-        {'block_m': 16, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
         {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 16, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
@@ -99,18 +91,10 @@ _SPACES = {
         {'block_m': 64, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 64, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 64, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
-        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
-        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 64, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 64, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
-        {'block_m': 128, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
-        {'block_m': 128, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
-        {'block_m': 128, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
-        {'block_m': 128, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
-        {'block_m': 128, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
-        {'block_m': 128, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
     ],
 }
 _KEY = ["N_Q_BUCKET", "N_K_BUCKET"]

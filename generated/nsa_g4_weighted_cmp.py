@@ -44,15 +44,9 @@ SPEC_SHA256 = "70606b4d486e0e4cc013d2002483d098297c2bf719653f7f77d023f3464d75bb"
 # Autotune space per kernel (block_m, block_n, num_warps, num_stages), smallest tiles first, after
 # attngen.planning.autotune.keep pruned combinations that overflow shared memory or the accumulator budget.
 _SPACES = {
-    "_fwd_kernel": [  # 0 pruned
-        {'block_m': 16, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},
-        {'block_m': 16, 'block_n': 16, 'num_warps': 4, 'num_stages': 3},
-        {'block_m': 16, 'block_n': 16, 'num_warps': 8, 'num_stages': 2},
-        {'block_m': 16, 'block_n': 16, 'num_warps': 8, 'num_stages': 3},
+    "_fwd_kernel": [  # 8 pruned
         {'block_m': 16, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 16, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
-        {'block_m': 16, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
-        {'block_m': 16, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
         {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 16, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
@@ -77,20 +71,12 @@ _SPACES = {
         {'block_m': 128, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
-        {'block_m': 128, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
-        {'block_m': 128, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 128, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 128, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
     ],
-    "_bwd_dkdv_kernel": [  # 8 pruned
-        {'block_m': 16, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},
-        {'block_m': 16, 'block_n': 16, 'num_warps': 4, 'num_stages': 3},
-        {'block_m': 16, 'block_n': 16, 'num_warps': 8, 'num_stages': 2},
-        {'block_m': 16, 'block_n': 16, 'num_warps': 8, 'num_stages': 3},
+    "_bwd_dkdv_kernel": [  # 14 pruned
         {'block_m': 16, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 16, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
-        {'block_m': 16, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
-        {'block_m': 16, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
         {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 16, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
@@ -112,15 +98,9 @@ _SPACES = {
         {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
     ],
-    "_bwd_dq_kernel": [  # 0 pruned
-        {'block_m': 16, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},
-        {'block_m': 16, 'block_n': 16, 'num_warps': 4, 'num_stages': 3},
-        {'block_m': 16, 'block_n': 16, 'num_warps': 8, 'num_stages': 2},
-        {'block_m': 16, 'block_n': 16, 'num_warps': 8, 'num_stages': 3},
+    "_bwd_dq_kernel": [  # 14 pruned
         {'block_m': 16, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 16, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
-        {'block_m': 16, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
-        {'block_m': 16, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
         {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 16, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
@@ -133,22 +113,14 @@ _SPACES = {
         {'block_m': 64, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 64, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 64, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
-        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
-        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 64, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 64, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
         {'block_m': 128, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 128, 'block_n': 16, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 128, 'block_n': 16, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 128, 'block_n': 16, 'num_warps': 8, 'num_stages': 3},
-        {'block_m': 128, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
-        {'block_m': 128, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 128, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
-        {'block_m': 128, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
-        {'block_m': 128, 'block_n': 64, 'num_warps': 4, 'num_stages': 3},
-        {'block_m': 128, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
-        {'block_m': 128, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
     ],
 }
 _KEY = ["N_Q_BUCKET", "N_K_BUCKET"]

@@ -44,9 +44,7 @@ SPEC_SHA256 = "7beee95c3dc08d3014d2cfb3a351b3a3d688baa9c5d8d8421e180505d6004e5b"
 # Autotune space per kernel (block_m, block_n, num_warps, num_stages), smallest tiles first, after
 # attngen.planning.autotune.keep pruned combinations that overflow shared memory or the accumulator budget.
 _SPACES = {
-    "_fwd_kernel": [  # 0 pruned
-        {'block_m': 16, 'block_n': 16, 'num_warps': 4, 'num_stages': 1},
-        {'block_m': 16, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},
+    "_fwd_kernel": [  # 2 pruned
         {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 1},
         {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 64, 'block_n': 16, 'num_warps': 4, 'num_stages': 1},
@@ -54,25 +52,17 @@ _SPACES = {
         {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 1},
         {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
     ],
-    "_bwd_dkdv_kernel": [  # 0 pruned
-        {'block_m': 16, 'block_n': 16, 'num_warps': 4, 'num_stages': 1},
-        {'block_m': 16, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},
+    "_bwd_dkdv_kernel": [  # 4 pruned
         {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 1},
         {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 64, 'block_n': 16, 'num_warps': 4, 'num_stages': 1},
         {'block_m': 64, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},
-        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 1},
-        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
     ],
-    "_bwd_dq_kernel": [  # 0 pruned
-        {'block_m': 16, 'block_n': 16, 'num_warps': 4, 'num_stages': 1},
-        {'block_m': 16, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},
+    "_bwd_dq_kernel": [  # 4 pruned
         {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 1},
         {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
         {'block_m': 64, 'block_n': 16, 'num_warps': 4, 'num_stages': 1},
         {'block_m': 64, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},
-        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 1},
-        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
     ],
 }
 _KEY = ["N_Q_BUCKET", "N_K_BUCKET"]

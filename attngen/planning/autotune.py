@@ -22,6 +22,21 @@ SMEM_BUDGET = 163 * 1024
 # dK/dV 32x32 w4 (112 words) compiles to 214 registers and 64x32 w4 (160 words) spills.
 REGISTER_BUDGET = {"_fwd_kernel": 64, "_bwd_dq_kernel": 64, "_bwd_dkdv_kernel": 112}
 
+# fp32 score tiles ([BLOCK_M, BLOCK_N]: the forward's S; the backward's S and dP) each kernel holds
+# at once, and the words per thread they may take together, whatever the head dim: with Triton 3.9
+# (ptxas 13.4) and 3.6 (ptxas 12.8) at sm_90, llama3_gqa's forward spills at 64x128 w4 and 128x128
+# w8 (64 words) and not at 64 words of accumulator with 32 of scores (64x64 w4); its dQ spills at
+# 32x128 w4, 64x128 w8 (2 x 32 words) and not at 64x64 w4 (2 x 16).
+SCORE_TILES = {"_fwd_kernel": 1, "_bwd_dq_kernel": 2, "_bwd_dkdv_kernel": 2}
+SCORE_BUDGET = 32
+
+# The fewest score elements per thread a config may give each thread: below it the warps split a
+# tile too thin to keep them busy, and Triton 3.6's ptxas (12.8) spills a register of the dK/dV
+# kernel at sm_90 (16x16 tiles on 4 warps: 2 elements per thread). 16x32 on 4 warps (4) still
+# spills 8 to 16 bytes there for mqa's dK/dV; 8 would prune it, and with it the one config of
+# nsa_paper's dK/dV (head dim 192: 32x32 on 8 warps) that does not spill.
+MIN_SCORES_PER_THREAD = 4
+
 BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 
 KERNELS = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
@@ -43,9 +58,18 @@ def footprint(kernel: str, c: dict, block_d: int, block_dv: int) -> tuple[int, i
     return bn * (block_d + block_dv) + st * bm * (block_d + block_dv), regs
 
 def keep(kernel: str, c: dict, block_d: int, block_dv: int, elem_bytes: int) -> bool:
-    """The autotune pruning rule: the tiles fit shared memory and the estimate fits registers."""
+    """The autotune pruning rule: the tiles fit shared memory, the estimate fits registers, the
+    score tiles fit their share of registers and give every thread some work. Checked with `attngen
+    report` against Triton 3.6 and 3.9 (README, Autotuning)."""
     smem, regs = footprint(kernel, c, block_d, block_dv)
-    return smem * elem_bytes <= SMEM_BUDGET and regs <= REGISTER_BUDGET[kernel] * 32 * c["num_warps"]
+    threads = 32 * c["num_warps"]
+    scores = c["block_m"] * c["block_n"] / threads
+    return (
+        smem * elem_bytes <= SMEM_BUDGET
+        and regs <= REGISTER_BUDGET[kernel] * threads
+        and SCORE_TILES[kernel] * scores <= SCORE_BUDGET
+        and scores >= MIN_SCORES_PER_THREAD
+    )
 
 def autotune_spaces(spec: Spec) -> dict[str, tuple[tuple[dict, ...], int]]:
     """Per kernel: the spec's tile combinations that pass `keep`, smallest tiles first (the

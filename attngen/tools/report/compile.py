@@ -1,5 +1,6 @@
 """Worker side, second step: compile one recorded kernel launch for a GPU architecture ahead of
-time and read registers, spills (ptxas -v), shared memory and tensor-core use off the result."""
+time and read registers, spills (ptxas -v), shared memory, tensor-core use (PTX) and the facts of
+its SASS (sass.py) off the result."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from attngen.tools.report import sass
 from attngen.tools.report.record import describe_error, recorded_launches
 from attngen.tools.report.rows import Job, Row
 
@@ -120,6 +122,7 @@ def run_job(job: Job) -> Row:
             config = launch.configs[job.index]  # the triton.Config the autotuner builds from _SPACES[kernel]
             values.update(config.kwargs)
             options.update(num_warps=config.num_warps, num_stages=config.num_stages)
+        options.update(job.options)
         sig, consts, attrs = _signature(launch.fn, values)
         src = ASTSource(fn=launch.fn, signature=sig, constexprs=consts, attrs=attrs)
         log = io.StringIO()
@@ -136,6 +139,7 @@ def run_job(job: Job) -> Row:
         row.tensor_cores = tensor_core_kind(compiled.asm["ptx"])
         stats = _kernel_stats(compiled, log.getvalue(), job.arch)
         row.regs, row.spill_stores, row.spill_loads = stats["regs"], stats["spill_stores"], stats["spill_loads"]
+        row.sass = sass.facts(sass.disassemble(compiled.asm["cubin"])).to_json()
     except Exception as e:  # noqa: BLE001 - a failed compile is a row of the report
         row.error = describe_error(e)
     return row

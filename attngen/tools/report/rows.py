@@ -46,7 +46,8 @@ class Row:
     spill_stores: int | None = None
     spill_loads: int | None = None
     smem: int | None = None
-    tensor_cores: str | None = None  # 'wgmma', 'mma', 'tcgen05' or 'none'
+    tensor_cores: str | None = None  # 'wgmma', 'mma', 'tcgen05' or 'none' (from the PTX)
+    sass: dict | None = None  # sass.SassFacts.to_json(): what the GPU's own instructions show
     compile_s: float = 0.0
     error: str | None = None
 
@@ -86,6 +87,7 @@ class Job:
     arch: int
     index: int | None  # into the module's _SPACES[kernel]; None for a kernel launched with fixed tiles
     config: dict | None
+    options: tuple = ()  # (name, value) compile options over the config's, e.g. (("maxnreg", 64),)
 
     def row(self, **fields) -> Row:
         label = "fixed" if self.config is None else space_label(self.config)

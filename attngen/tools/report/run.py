@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Collection, Iterable
 
+from attngen.tools.report import sass
 from attngen.tools.report.compile import run_job
 from attngen.tools.report.pool import Pool
 from attngen.tools.report.record import describe
@@ -117,14 +118,19 @@ def usable_configs(
 
 
 def format_table(rows: list[Row]) -> str:
-    header = ("spec", "kernel", "dtype", "arch", "config", "regs", "spills", "smem", "tensor cores", "compile", "verdict")
+    header = ("spec", "kernel", "dtype", "arch", "config", "regs", "spills", "smem", "tensor cores",
+              "loop products (S | acc)", "loop loads", "STL/LDL", "compile", "verdict")
 
     def dash(x):
         return "-" if x is None else str(x)
 
+    def facts(r, describe):
+        return "-" if r.sass is None else describe(r.sass)
+
     body = [
         (r.spec, r.kernel, r.dtype, f"sm_{r.arch}", r.label, dash(r.regs), dash(None if r.regs is None else r.spills),
-         dash(r.smem), dash(r.tensor_cores), f"{r.compile_s:.1f}s", r.verdict)
+         dash(r.smem), dash(r.tensor_cores), facts(r, sass.describe_products), facts(r, sass.describe_loads),
+         facts(r, sass.describe_local), f"{r.compile_s:.1f}s", r.verdict)
         for r in rows
     ]
     widths = [max(len(x[i]) for x in [header, *body]) for i in range(len(header))]
@@ -177,6 +183,10 @@ def main(
     print(format_table(rows))
     limits = ", ".join(f"sm_{a} {SMEM_LIMIT[a]} B" for a in arch_list)
     print(f"spills = ptxas spill stores + loads in bytes; smem = shared memory per block (limit: {limits});")
+    print("tensor cores = the PTX's family; from the SASS: loop products = tensor-core instructions in the main")
+    print("loops (those with one), computing from zero (S: Q K^T, dO V^T) | adding to a carried accumulator")
+    print("(P V, dS K, P^T dO, dS^T Q), as opcode [M x N x K] x count; loop loads = TMA (UTMALDG) and plain")
+    print("global loads (LDG, LDGSTS) there; STL/LDL = local-memory stores / loads in the kernel;")
     print("compile = wall time of triton.compile, near 0 when Triton's cache already holds the kernel")
     if json_path:
         Path(json_path).write_text(json.dumps([r.to_json() for r in rows], indent=1) + "\n", encoding="utf-8")
