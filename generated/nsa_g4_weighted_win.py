@@ -165,22 +165,28 @@ def _fwd_tile(
     b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
     stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    # one KV tile of the forward: scores, mask, online-softmax update of (m, l, acc)
+    # one KV tile of the forward: scores, mask, online-softmax update of (m, l, acc); p_k0 and p_v0
+    # are the head's K and V: pointers, or with USE_TMA tensor descriptors (_fwd_kernel)
     o_n = start_n + tl.arange(0, BLOCK_N)
     pos_m = o_m + Q_OFF
     pos_n = o_n + KV_OFF
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    p_kt = p_k0 + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd  # [BD, BN]
-    p_v = p_v0 + o_n[:, None] * stride_vn + o_dv[None, :] * stride_vd  # [BN, BDV]
-    if MASKED:
-        b_kt = tl.load(p_kt, mask=(o_n[None, :] < N_K), other=0.0)
-        b_v = tl.load(p_v, mask=(o_n[:, None] < N_K), other=0.0)
+    if USE_TMA:
+        # rows past N_K and padded head dims arrive as zeros, as the masked pointer loads give
+        b_kt = tl.trans(p_k0.load([start_n, 0]))  # [BD, BN]
+        b_v = p_v0.load([start_n, 0])  # [BN, BDV]
     else:
-        b_kt = tl.load(p_kt)
-        b_v = tl.load(p_v)
+        p_kt = p_k0 + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd  # [BD, BN]
+        p_v = p_v0 + o_n[:, None] * stride_vn + o_dv[None, :] * stride_vd  # [BN, BDV]
+        if MASKED:
+            b_kt = tl.load(p_kt, mask=(o_n[None, :] < N_K), other=0.0)
+            b_v = tl.load(p_v, mask=(o_n[:, None] < N_K), other=0.0)
+        else:
+            b_kt = tl.load(p_kt)
+            b_v = tl.load(p_v)
     if DOT_UPCAST:
         b_kt = b_kt.to(tl.float32)
     # -- scores in base-2 units: s = q.k * scale * log2(e)
@@ -198,7 +204,7 @@ def _fwd_tile(
     b_p = tl.math.exp2(b_s - b_m_use[:, None])
     b_alpha = tl.math.exp2(b_m - b_m_use)
     b_l = b_l * b_alpha + tl.sum(b_p, 1)
-    b_p = b_p.to(p_v0.dtype.element_ty)
+    b_p = b_p.to(b_v.dtype)
     if DOT_UPCAST:
         b_p = b_p.to(tl.float32)
         b_v = b_v.to(tl.float32)
@@ -218,7 +224,7 @@ def _fwd_kernel(
     CU_Q, CU_K, TOTAL_Q,
     H: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_m = tl.program_id(0)
@@ -247,11 +253,18 @@ def _fwd_kernel(
     m_m = o_m < N_Q
 
     p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-    b_q = tl.load(p_q + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd, mask=m_m[:, None], other=0.0)  # [BM, BD]
-    if DOT_UPCAST:
-        b_q = b_q.to(tl.float32)
     p_k0 = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
     p_v0 = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+    if USE_TMA:
+        # sm_90+ (runtime.use_tma): Q, K and V tiles by TMA, through tensor descriptors of this
+        # (batch, head)'s [N, head_dim] rows, which zero-fill rows past the end and padded head dims
+        b_q = tl.make_tensor_descriptor(p_q, shape=[N_Q, HEAD_DIM], strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D]).load([start_m, 0])  # [BM, BD]
+        p_k0 = tl.make_tensor_descriptor(p_k0, shape=[N_K, HEAD_DIM], strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
+        p_v0 = tl.make_tensor_descriptor(p_v0, shape=[N_K, V_HEAD_DIM], strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_DV])
+    else:
+        b_q = tl.load(p_q + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd, mask=m_m[:, None], other=0.0)  # [BM, BD]
+    if DOT_UPCAST:
+        b_q = b_q.to(tl.float32)
 
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -270,21 +283,21 @@ def _fwd_kernel(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
             stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-            MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
+            MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA,
         )
     for start_n in range(full_lo, full_hi, BLOCK_N):  # full tiles: no mask
         b_m, b_l, b_acc = _fwd_tile(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
             stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-            MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
+            MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA,
         )
     for start_n in range(full_hi, hi, BLOCK_N):  # partial tiles: mask applied
         b_m, b_l, b_acc = _fwd_tile(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
             stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-            MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
+            MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA,
         )
 
     # -- rows with no visible key: o = 0, lse = -inf
@@ -319,6 +332,7 @@ def _forward(q, k, v, scale, params, q_off=0, kv_off=0):
         H=Q_HEADS, GROUP=GROUP,
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=64, BLOCK_DV=64,
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype), VARLEN=False,
+        USE_TMA=_rt.use_tma(q, k, v),
     )
     _TUNE_FWD.record(_fwd_kernel)
     return o, lse
@@ -348,6 +362,7 @@ def _forward_varlen(q, k, v, scale, params, cu_q, cu_k, max_q, max_k):
         H=Q_HEADS, GROUP=GROUP,
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=64, BLOCK_DV=64,
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype), VARLEN=True,
+        USE_TMA=_rt.use_tma(q, k, v),
     )
     _TUNE_FWD.record(_fwd_kernel)
     return o, lse
