@@ -254,12 +254,13 @@ def force_tma(mode: str | bool):
 
 def tma_layout_ok(t: torch.Tensor) -> bool:
     """Whether TMA can address every head of t: its last stride is 1, and its base address and
-    every other stride (of a dim longer than 1) are multiples of 16 bytes, so each (batch, head)'s
-    rows, and a packed sequence's first row, start 16-byte aligned."""
+    every other stride (of a dim longer than 1) are non-zero multiples of 16 bytes, so each (batch,
+    head)'s rows, and a packed sequence's first row, start 16-byte aligned (a broadcast, stride-0
+    dim is refused)."""
     if t.dim() == 0 or (t.stride(-1) != 1 and t.shape[-1] > 1) or t.data_ptr() % 16:
         return False
     size = t.element_size()
-    return all(s * size % 16 == 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
+    return all(s > 0 and s * size % 16 == 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
 
 
 def tma_arch(arch: int) -> bool:

@@ -1,4 +1,5 @@
-"""Hopper (sm_90) paths of the dense forward: Q, K and V tiles through TMA tensor descriptors.
+"""Hopper (sm_90) paths of the dense kernels: tiles through TMA tensor descriptors (forward: Q, K, V;
+dQ: K, V; dK/dV: q, dO).
 
 The selection (runtime.use_tma, the report's choice per architecture, what the wrappers pass) is
 tested on the CPU; the TMA kernels run in Triton's interpreter, which executes tensor-descriptor
@@ -123,6 +124,22 @@ def test_forward_wrappers_pass_the_selection(monkeypatch, mode):
     assert [c["VARLEN"] for c in rec.calls] == [False, True, False]
 
 
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_backward_wrappers_pass_the_selection(monkeypatch, mode):
+    mod = generated("llama3_gqa")
+    recs = {n: _Recorder() for n in ("_bwd_dkdv_kernel", "_bwd_dq_kernel", "_bwd_preprocess")}
+    for n, r in recs.items():
+        monkeypatch.setattr(mod, n, r)
+    q, k = _bhnd(1, 32, 8, 128), _bhnd(1, 8, 8, 128)
+    lse = torch.zeros(1, 32, 8)
+    with runtime.force_tma(mode):
+        mod._backward(q, k, k, q, lse, q, None, 0.1, ())
+        mod._backward(q, k, k, q, lse, q.expand(1, 32, 8, 128).transpose(2, 3).contiguous().transpose(2, 3), None, 0.1, ())
+    for n in ("_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+        # dO with a last stride other than 1 takes the pointer loads
+        assert [c["USE_TMA"] for c in recs[n].calls] == [mode == "on", False], n
+
+
 # ----------------------------------------------------------------------------- the TMA kernels, interpreted
 
 @pytest.mark.kernel
@@ -135,7 +152,7 @@ def test_forward_wrappers_pass_the_selection(monkeypatch, mode):
         ("mqa", torch.float16, 1, 20, 70),
     ],
 )
-def test_tma_forward_matches_the_reference(name, dtype, b, n_q, n_k):
+def test_tma_kernels_match_the_reference(name, dtype, b, n_q, n_k):
     mod = generated(name)
     g = torch.Generator().manual_seed(n_q)
     q = torch.randn(b, mod.Q_HEADS, n_q, mod.HEAD_DIM, generator=g).to(dtype)
@@ -143,18 +160,18 @@ def test_tma_forward_matches_the_reference(name, dtype, b, n_q, n_k):
     v = torch.randn(b, mod.KV_HEADS, n_k, mod.V_HEAD_DIM, generator=g).to(dtype)
     with runtime.force_tma("on"):
         assert runtime.use_tma(q, k, v)
-        results = check_module(mod, q, k, v, backward=False, kv_offset=0 if "mqa" in name else n_k - n_q)
+        results = check_module(mod, q, k, v, kv_offset=0 if "mqa" in name else n_k - n_q)  # forward and backward
     assert_all_ok(results, f"{name} {dtype} {b}x{n_q}x{n_k}")
 
 
 @pytest.mark.kernel
-def test_tma_forward_of_packed_sequences_matches_the_reference():
+def test_tma_kernels_of_packed_sequences_match_the_reference():
     from test_varlen import check_varlen
 
     mod = generated("llama3_gqa")
     lens_q, lens_k = [17, 0, 1, 40], [33, 5, 1, 40]  # ragged, empty, length 1
     with runtime.force_tma("on"):
-        results = check_varlen(mod, lens_q, lens_k, torch.bfloat16, {}, backward=False)
+        results = check_varlen(mod, lens_q, lens_k, torch.bfloat16, {})
     assert_all_ok(results, "llama3_gqa varlen with TMA")
 
 
@@ -196,3 +213,21 @@ def test_llama3_bf16_forward_for_sm80_keeps_pointer_loads():
     f = _aot_facts(ROOT / "generated" / "llama3_gqa.py", "_fwd_kernel", "bf16", (128, 64, 8, 2), arch=80)
     assert not f["use_tma"] and f["sass_UTMALDG"] == 0 and f["wgmma"] == 0, f
     assert all(loop["async_copies"] == 2 for loop in f["loops"]), f
+
+
+@pytest.mark.aot
+def test_llama3_bf16_backward_loads_its_streamed_tiles_by_tma_at_sm90():
+    path = ROOT / "generated" / "llama3_gqa.py"
+    dq = _aot_facts(path, "_bwd_dq_kernel", "bf16", (128, 64, 8, 2))
+    assert dq["use_tma"] and dq["spills"] == 0, dq
+    assert dq["wgmma"] == dq["sass_HGMMA"] > 0 and dq["wgmma_a_from_registers"] > 0, dq  # ds from registers
+    assert dq["sass_LDGSTS"] == 0 and dq["ptx_cp_async"] == 0, dq  # q, dO, lse, delta: plain loads, once
+    # both KV loops fetch K and V by TMA and run the three products (s, dp, dq) on wgmma
+    assert [(x["tma_loads"], x["loads"], x["async_copies"], x["wgmma"]) for x in dq["loops"]] == [(2, 0, 0, 3)] * 2, dq
+    dkdv = _aot_facts(path, "_bwd_dkdv_kernel", "bf16", (32, 64, 8, 2))
+    assert dkdv["use_tma"] and dkdv["spills"] == 0, dkdv
+    assert dkdv["wgmma"] == dkdv["sass_HGMMA"] > 0, dkdv
+    # the query loops (inside the loop over the group's heads) fetch q and dO by TMA; only the row
+    # statistics (lse, delta) come by cp.async
+    inner = dkdv["loops"][1:]
+    assert len(inner) == 2 and all(x["tma_loads"] == 2 and x["async_copies"] == 2 and x["loads"] == 0 for x in inner), dkdv

@@ -113,7 +113,7 @@ def _target_values(values: dict, arch: int) -> dict:
     if "USE_TMA" in values:
         from attngen import runtime
 
-        tensors = [values[n] for n in ("Q", "K", "V") if hasattr(values.get(n), "data_ptr")]
+        tensors = [values[n] for n in ("Q", "K", "V", "DO") if hasattr(values.get(n), "data_ptr")]
         values = {**values, "USE_TMA": runtime.tma_arch(arch) and all(map(runtime.tma_layout_ok, tensors))}
     return values
 
