@@ -508,13 +508,16 @@ def _bwd_dkdv_kernel(
         b_v = b_v.to(tl.float32)
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    # TMA only with KV tiles of at least 64 rows, where the [BN, BM] products run on wgmma: with 32
+    # rows (mma) it gains little, and Triton 3.9 spills at 32 x 32 tiles on 4 warps (attngen report)
+    QDO_TMA: tl.constexpr = USE_TMA and BLOCK_N >= 64
 
     last_n = tl.minimum(start_n + BLOCK_N, N_K) - 1
     for g in range(GROUP):
         i_h = i_hk * GROUP + g
         p_q0 = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
         p_do0 = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
-        if USE_TMA:
+        if QDO_TMA:
             # sm_90+ (runtime.use_tma): q and dO tiles by TMA, through descriptors of this head's rows
             p_q0 = tl.make_tensor_descriptor(p_q0, shape=[N_Q, HEAD_DIM], strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D])
             p_do0 = tl.make_tensor_descriptor(p_do0, shape=[N_Q, V_HEAD_DIM], strides=[stride_dom, 1], block_shape=[BLOCK_M, BLOCK_DV])
@@ -539,7 +542,7 @@ def _bwd_dkdv_kernel(
                 stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, Q_OFF, KV_OFF,
                 arg_slopes_ptr, arg_slopes_stride_0, arg_slopes_size_0,
                 BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-                MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA,
+                MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION, USE_TMA=QDO_TMA,
             )
         for start_m in range(q_full, q_hi, BLOCK_M):  # full tiles: no mask
             b_dk, b_dv = _bwd_dkdv_tile(
@@ -547,7 +550,7 @@ def _bwd_dkdv_kernel(
                 stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, Q_OFF, KV_OFF,
                 arg_slopes_ptr, arg_slopes_stride_0, arg_slopes_size_0,
                 BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-                MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA,
+                MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION, USE_TMA=QDO_TMA,
             )
 
     p_dk = DK + i_b.to(tl.int64) * stride_dkb + i_hk.to(tl.int64) * stride_dkh

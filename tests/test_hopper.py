@@ -21,7 +21,7 @@ from attngen import runtime
 from attngen.testing import check_module
 from attngen.tools.report.compile import _target_values
 
-from helpers import ROOT, assert_all_ok, generated
+from helpers import ROOT, assert_all_ok, build_and_import, dense_spec, generated
 
 
 def _bhnd(b, h, n, d, dtype=torch.float16):
@@ -162,6 +162,22 @@ def test_tma_kernels_match_the_reference(name, dtype, b, n_q, n_k):
         assert runtime.use_tma(q, k, v)
         results = check_module(mod, q, k, v, kv_offset=0 if "mqa" in name else n_k - n_q)  # forward and backward
     assert_all_ok(results, f"{name} {dtype} {b}x{n_q}x{n_k}")
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("n_q, n_k", [(37, 70), (1, 1)])
+def test_tma_dkdv_with_64_row_kv_tiles_matches_the_reference(tmp_path, n_q, n_k):
+    # dK/dV takes TMA only with KV tiles of 64 rows or more (the shipped specs' first, interpreted,
+    # config has 32): a GQA spec of its own with 64-row KV tiles and a padded head dim
+    mod = build_and_import(tmp_path, dense_spec(
+        "tma_dkdv", q=4, kv=2, d=40, dtypes="[bf16]", tiles={"block_m": 16, "block_n": 64, "num_warps": 4, "num_stages": 1},
+    ))
+    g = torch.Generator().manual_seed(n_k)
+    q = torch.randn(2, 4, n_q, 40, generator=g).to(torch.bfloat16)
+    k = torch.randn(2, 2, n_k, 40, generator=g).to(torch.bfloat16)
+    v = torch.randn(2, 2, n_k, 40, generator=g).to(torch.bfloat16)
+    with runtime.force_tma("on"):
+        assert_all_ok(check_module(mod, q, k, v, kv_offset=n_k - n_q), f"{n_q}x{n_k}")
 
 
 @pytest.mark.kernel
