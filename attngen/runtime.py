@@ -277,6 +277,85 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# ----------------------------------------------------------------------------- TMA (sm_90+)
+
+TMA_MODES = ("auto", "on", "off")
+_TMA_FORCED: str | None = None
+
+
+def tma_mode() -> str:
+    """'auto' (TMA on sm_90+ CUDA devices), 'on' (wherever the layout allows, the interpreter
+    included: for tests) or 'off': force_tma() inside its block, else $ATTNGEN_TMA, else 'auto'."""
+    mode = _TMA_FORCED or os.environ.get("ATTNGEN_TMA", "auto")
+    if mode not in TMA_MODES:
+        raise ValueError(f"attngen: ATTNGEN_TMA={mode!r}; expected one of {', '.join(TMA_MODES)}")
+    return mode
+
+
+@contextlib.contextmanager
+def force_tma(mode: str | bool):
+    """Within the block, use_tma() follows `mode` ('on' / True, 'off' / False, 'auto')."""
+    global _TMA_FORCED
+    mode = {True: "on", False: "off"}.get(mode, mode)
+    if mode not in TMA_MODES:
+        raise ValueError(f"force_tma: expected one of {', '.join(TMA_MODES)} or a bool, got {mode!r}")
+    old, _TMA_FORCED = _TMA_FORCED, mode
+    try:
+        yield
+    finally:
+        _TMA_FORCED = old
+
+
+def tma_layout_ok(t: torch.Tensor) -> bool:
+    """Whether TMA can address every head of t: its last stride is 1, and its base address and
+    every other stride (of a dim longer than 1) are non-zero multiples of 16 bytes, so each (batch,
+    head)'s rows, and a packed sequence's first row, start 16-byte aligned (a broadcast, stride-0
+    dim is refused)."""
+    if t.dim() == 0 or (t.stride(-1) != 1 and t.shape[-1] > 1) or t.data_ptr() % 16:
+        return False
+    size = t.element_size()
+    return all(s > 0 and s * size % 16 == 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
+
+
+def tma_arch(arch: int) -> bool:
+    """Whether kernels compiled for `arch` (sm_XY as XY) take the TMA path: Hopper (sm_90) on."""
+    return arch >= 90
+
+
+def use_tma(*tensors: torch.Tensor) -> bool:
+    """The kernels' USE_TMA: tiles through TMA tensor descriptors rather than pointer loads. In mode
+    'auto' on a CUDA device of compute capability 9.0 or more, in mode 'on' anywhere (the
+    interpreter runs the descriptor loads), never in mode 'off'; always only when every tensor's
+    layout allows it (tma_layout_ok). When it says yes it makes sure Triton has an allocator for the
+    descriptors' scratch memory (tma_allocator)."""
+    mode = tma_mode()
+    if mode == "off" or not all(tma_layout_ok(t) for t in tensors):
+        return False
+    if mode == "auto":
+        dev = tensors[0].device
+        if INTERPRET or dev.type != "cuda" or not tma_arch(int("%d%d" % torch.cuda.get_device_capability(dev))):
+            return False
+    tma_allocator()
+    return True
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device=DEVICE)
+
+
+def tma_allocator() -> None:
+    """Kernels that build tensor descriptors on the device need global scratch memory, which Triton
+    asks of the allocator given to triton.set_allocator: install one over torch's allocator unless
+    one is set already (Triton keeps it in a context variable, so this runs per context)."""
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+    except ImportError:  # another Triton layout: set ours
+        triton.set_allocator(_scratch)
+        return
+    if isinstance(_allocator.get(), NullAllocator):
+        triton.set_allocator(_scratch)
+
+
 def check_inputs(
     name: str,
     q: torch.Tensor,

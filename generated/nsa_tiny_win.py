@@ -82,22 +82,28 @@ def _fwd_tile(
     b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
     stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    # one KV tile of the forward: scores, mask, online-softmax update of (m, l, acc)
+    # one KV tile of the forward: scores, mask, online-softmax update of (m, l, acc); p_k0 and p_v0
+    # are the head's K and V: pointers, or with USE_TMA tensor descriptors (_fwd_kernel)
     o_n = start_n + tl.arange(0, BLOCK_N)
     pos_m = o_m + Q_OFF
     pos_n = o_n + KV_OFF
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    p_kt = p_k0 + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd  # [BD, BN]
-    p_v = p_v0 + o_n[:, None] * stride_vn + o_dv[None, :] * stride_vd  # [BN, BDV]
-    if MASKED:
-        b_kt = tl.load(p_kt, mask=(o_n[None, :] < N_K), other=0.0)
-        b_v = tl.load(p_v, mask=(o_n[:, None] < N_K), other=0.0)
+    if USE_TMA:
+        # rows past N_K and padded head dims arrive as zeros, as the masked pointer loads give
+        b_kt = tl.trans(p_k0.load([start_n, 0]))  # [BD, BN]
+        b_v = p_v0.load([start_n, 0])  # [BN, BDV]
     else:
-        b_kt = tl.load(p_kt)
-        b_v = tl.load(p_v)
+        p_kt = p_k0 + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd  # [BD, BN]
+        p_v = p_v0 + o_n[:, None] * stride_vn + o_dv[None, :] * stride_vd  # [BN, BDV]
+        if MASKED:
+            b_kt = tl.load(p_kt, mask=(o_n[None, :] < N_K), other=0.0)
+            b_v = tl.load(p_v, mask=(o_n[:, None] < N_K), other=0.0)
+        else:
+            b_kt = tl.load(p_kt)
+            b_v = tl.load(p_v)
     if DOT_UPCAST:
         b_kt = b_kt.to(tl.float32)
     # -- scores in base-2 units: s = q.k * scale * log2(e)
@@ -115,7 +121,7 @@ def _fwd_tile(
     b_p = tl.math.exp2(b_s - b_m_use[:, None])
     b_alpha = tl.math.exp2(b_m - b_m_use)
     b_l = b_l * b_alpha + tl.sum(b_p, 1)
-    b_p = b_p.to(p_v0.dtype.element_ty)
+    b_p = b_p.to(b_v.dtype)
     if DOT_UPCAST:
         b_p = b_p.to(tl.float32)
         b_v = b_v.to(tl.float32)
@@ -135,7 +141,7 @@ def _fwd_kernel(
     CU_Q, CU_K, TOTAL_Q,
     H: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_m = tl.program_id(0)
@@ -164,11 +170,18 @@ def _fwd_kernel(
     m_m = o_m < N_Q
 
     p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-    b_q = tl.load(p_q + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd, mask=m_m[:, None], other=0.0)  # [BM, BD]
-    if DOT_UPCAST:
-        b_q = b_q.to(tl.float32)
     p_k0 = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
     p_v0 = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+    if USE_TMA:
+        # sm_90+ (runtime.use_tma): Q, K and V tiles by TMA, through tensor descriptors of this
+        # (batch, head)'s [N, head_dim] rows, which zero-fill rows past the end and padded head dims
+        b_q = tl.make_tensor_descriptor(p_q, shape=[N_Q, HEAD_DIM], strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D]).load([start_m, 0])  # [BM, BD]
+        p_k0 = tl.make_tensor_descriptor(p_k0, shape=[N_K, HEAD_DIM], strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
+        p_v0 = tl.make_tensor_descriptor(p_v0, shape=[N_K, V_HEAD_DIM], strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_DV])
+    else:
+        b_q = tl.load(p_q + o_m[:, None] * stride_qm + o_d[None, :] * stride_qd, mask=m_m[:, None], other=0.0)  # [BM, BD]
+    if DOT_UPCAST:
+        b_q = b_q.to(tl.float32)
 
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -187,21 +200,21 @@ def _fwd_kernel(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
             stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-            MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
+            MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA,
         )
     for start_n in range(full_lo, full_hi, BLOCK_N):  # full tiles: no mask
         b_m, b_l, b_acc = _fwd_tile(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
             stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-            MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
+            MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA,
         )
     for start_n in range(full_hi, hi, BLOCK_N):  # partial tiles: mask applied
         b_m, b_l, b_acc = _fwd_tile(
             b_q, b_m, b_l, b_acc, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
             stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-            MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
+            MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA,
         )
 
     # -- rows with no visible key: o = 0, lse = -inf
@@ -236,6 +249,7 @@ def _forward(q, k, v, scale, params, q_off=0, kv_off=0):
         H=Q_HEADS, GROUP=GROUP,
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=16, BLOCK_DV=16,
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype), VARLEN=False,
+        USE_TMA=_rt.use_tma(q, k, v),
     )
     _TUNE_FWD.record(_fwd_kernel)
     return o, lse
@@ -265,6 +279,7 @@ def _forward_varlen(q, k, v, scale, params, cu_q, cu_k, max_q, max_k):
         H=Q_HEADS, GROUP=GROUP,
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=16, BLOCK_DV=16,
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype), VARLEN=True,
+        USE_TMA=_rt.use_tma(q, k, v),
     )
     _TUNE_FWD.record(_fwd_kernel)
     return o, lse
@@ -306,17 +321,24 @@ def _bwd_dkdv_tile(
     b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
     stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, Q_OFF, KV_OFF,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    # one query tile of dK/dV, transposed ([BN, BM]): p recomputed from lse, dV += p^T dO, dK += ds^T q
+    # one query tile of dK/dV, transposed ([BN, BM]): p recomputed from lse, dV += p^T dO, dK += ds^T q;
+    # p_q0 and p_do0 are the head's q and dO: pointers, or with USE_TMA tensor descriptors
     o_m = start_m + tl.arange(0, BLOCK_M)
     pos_m = o_m + Q_OFF
     pos_n = o_n + KV_OFF
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     m_m = o_m < N_Q
-    b_qt = tl.load(p_q0 + o_m[None, :] * stride_qm + o_d[:, None] * stride_qd, mask=m_m[None, :], other=0.0)  # [BD, BM]
-    b_do = tl.load(p_do0 + o_m[:, None] * stride_dom + o_dv[None, :] * stride_dod, mask=m_m[:, None], other=0.0)  # [BM, BDV]
+    if USE_TMA:
+        # rows past N_Q and padded head dims arrive as zeros, as the masked pointer loads give
+        b_qt = tl.trans(p_q0.load([start_m, 0]))  # [BD, BM]
+        b_do = p_do0.load([start_m, 0])  # [BM, BDV]
+    else:
+        b_qt = tl.load(p_q0 + o_m[None, :] * stride_qm + o_d[:, None] * stride_qd, mask=m_m[None, :], other=0.0)  # [BD, BM]
+        b_do = tl.load(p_do0 + o_m[:, None] * stride_dom + o_dv[None, :] * stride_dod, mask=m_m[:, None], other=0.0)  # [BM, BDV]
+    in_dtype = b_do.dtype  # the inputs' dtype, before any upcast
     # rows past the end and rows that see no key load lse = +inf, so their p is exactly 0
     b_lse = tl.load(p_lse0 + o_m, mask=m_m, other=float("inf"))
     b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse) * 1.4426950408889634  # base 2
@@ -328,12 +350,12 @@ def _bwd_dkdv_tile(
     b_pt = tl.math.exp2(b_st - b_lse[None, :])
     if MASKED:
         b_pt = tl.where((((pos_n[:, None]) <= (pos_m[None, :])) & ((pos_n[:, None]) > (pos_m[None, :]) - 16)), b_pt, 0.0)
-    b_pt_lo = b_pt.to(p_do0.dtype.element_ty)
+    b_pt_lo = b_pt.to(in_dtype)
     if DOT_UPCAST:
         b_pt_lo = b_pt_lo.to(tl.float32)
     b_dv += tl.dot(b_pt_lo, b_do, input_precision=DOT_PRECISION)  # [BN, BDV]
     b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # [BN, BM]
-    b_dst = (b_pt * (b_dpt - b_delta[None, :])).to(p_q0.dtype.element_ty)
+    b_dst = (b_pt * (b_dpt - b_delta[None, :])).to(in_dtype)
     if DOT_UPCAST:
         b_dst = b_dst.to(tl.float32)
     b_dk += tl.dot(b_dst, tl.trans(b_qt), input_precision=DOT_PRECISION)  # [BN, BD]
@@ -354,7 +376,7 @@ def _bwd_dkdv_kernel(
     CU_Q, CU_K, TOTAL_Q,
     H: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # one program per (KV tile, batch, KV head); dK and dV sum over the GROUP query heads in-kernel
@@ -392,12 +414,19 @@ def _bwd_dkdv_kernel(
         b_v = b_v.to(tl.float32)
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    # TMA only with KV tiles of at least 64 rows, where the [BN, BM] products run on wgmma: with 32
+    # rows (mma) it gains little, and Triton 3.9 spills at 32 x 32 tiles on 4 warps (attngen report)
+    QDO_TMA: tl.constexpr = USE_TMA and BLOCK_N >= 64
 
     last_n = tl.minimum(start_n + BLOCK_N, N_K) - 1
     for g in range(GROUP):
         i_h = i_hk * GROUP + g
         p_q0 = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
         p_do0 = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+        if QDO_TMA:
+            # sm_90+ (runtime.use_tma): q and dO tiles by TMA, through descriptors of this head's rows
+            p_q0 = tl.make_tensor_descriptor(p_q0, shape=[N_Q, HEAD_DIM], strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D])
+            p_do0 = tl.make_tensor_descriptor(p_do0, shape=[N_Q, V_HEAD_DIM], strides=[stride_dom, 1], block_shape=[BLOCK_M, BLOCK_DV])
         if VARLEN:
             p_lse0 = LSE + i_h.to(tl.int64) * TOTAL_Q + q_start
         else:
@@ -418,21 +447,21 @@ def _bwd_dkdv_kernel(
                 b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
                 stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, Q_OFF, KV_OFF,
                 BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-                MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
+                MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION, USE_TMA=QDO_TMA,
             )
         for start_m in range(q_full, q_full_end, BLOCK_M):  # full tiles: no mask
             b_dk, b_dv = _bwd_dkdv_tile(
                 b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
                 stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, Q_OFF, KV_OFF,
                 BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-                MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
+                MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION, USE_TMA=QDO_TMA,
             )
         for start_m in range(q_full_end, q_hi, BLOCK_M):  # partial tiles: mask applied
             b_dk, b_dv = _bwd_dkdv_tile(
                 b_dk, b_dv, b_k, b_v, p_q0, p_do0, p_lse0, p_delta0, start_m, o_n, N_Q, qk_scale,
                 stride_qm, stride_qd, stride_dom, stride_dod, i_b, i_h, N_K, Q_OFF, KV_OFF,
                 BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-                MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
+                MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION, USE_TMA=QDO_TMA,
             )
 
     p_dk = DK + i_b.to(tl.int64) * stride_dkb + i_hk.to(tl.int64) * stride_dkh
@@ -446,22 +475,29 @@ def _bwd_dq_tile(
     b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
     stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    # one KV tile of dQ: p recomputed from lse, dQ += ds k
+    # one KV tile of dQ: p recomputed from lse, dQ += ds k; p_k0 and p_v0 are the head's K and V:
+    # pointers, or with USE_TMA tensor descriptors
     o_n = start_n + tl.arange(0, BLOCK_N)
     pos_m = o_m + Q_OFF
     pos_n = o_n + KV_OFF
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    p_kt = p_k0 + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd  # [BD, BN]
-    p_vt = p_v0 + o_n[None, :] * stride_vn + o_dv[:, None] * stride_vd  # [BDV, BN]
-    if MASKED:
-        b_kt = tl.load(p_kt, mask=(o_n[None, :] < N_K), other=0.0)
-        b_vt = tl.load(p_vt, mask=(o_n[None, :] < N_K), other=0.0)
+    if USE_TMA:
+        # rows past N_K and padded head dims arrive as zeros, as the masked pointer loads give
+        b_kt = tl.trans(p_k0.load([start_n, 0]))  # [BD, BN]
+        b_vt = tl.trans(p_v0.load([start_n, 0]))  # [BDV, BN]
     else:
-        b_kt = tl.load(p_kt)
-        b_vt = tl.load(p_vt)
+        p_kt = p_k0 + o_n[None, :] * stride_kn + o_d[:, None] * stride_kd  # [BD, BN]
+        p_vt = p_v0 + o_n[None, :] * stride_vn + o_dv[:, None] * stride_vd  # [BDV, BN]
+        if MASKED:
+            b_kt = tl.load(p_kt, mask=(o_n[None, :] < N_K), other=0.0)
+            b_vt = tl.load(p_vt, mask=(o_n[None, :] < N_K), other=0.0)
+        else:
+            b_kt = tl.load(p_kt)
+            b_vt = tl.load(p_vt)
+    in_dtype = b_kt.dtype  # the inputs' dtype, before any upcast
     if DOT_UPCAST:
         b_kt = b_kt.to(tl.float32)
         b_vt = b_vt.to(tl.float32)
@@ -470,7 +506,7 @@ def _bwd_dq_tile(
     if MASKED:
         b_p = tl.where((o_n[None, :] < N_K) & (((pos_n[None, :]) <= (pos_m[:, None])) & ((pos_n[None, :]) > (pos_m[:, None]) - 16)), b_p, 0.0)
     b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PRECISION)  # [BM, BN]
-    b_ds = (b_p * (b_dp - b_delta[:, None])).to(p_k0.dtype.element_ty)
+    b_ds = (b_p * (b_dp - b_delta[:, None])).to(in_dtype)
     if DOT_UPCAST:
         b_ds = b_ds.to(tl.float32)
     b_dq += tl.dot(b_ds, tl.trans(b_kt), input_precision=DOT_PRECISION)  # [BM, BD]
@@ -490,7 +526,7 @@ def _bwd_dq_kernel(
     CU_Q, CU_K, TOTAL_Q,
     H: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_m = tl.program_id(0)
@@ -538,6 +574,10 @@ def _bwd_dq_kernel(
         b_do = b_do.to(tl.float32)
     p_k0 = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
     p_v0 = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+    if USE_TMA:
+        # sm_90+ (runtime.use_tma): K and V tiles by TMA, through descriptors of this head's rows
+        p_k0 = tl.make_tensor_descriptor(p_k0, shape=[N_K, HEAD_DIM], strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
+        p_v0 = tl.make_tensor_descriptor(p_v0, shape=[N_K, V_HEAD_DIM], strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_DV])
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # -- the forward's KV tiles: [lo, full_lo) and [full_hi, hi) with the mask, [full_lo, full_hi) without
@@ -552,21 +592,21 @@ def _bwd_dq_kernel(
             b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
             stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-            MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
+            MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA,
         )
     for start_n in range(full_lo, full_hi, BLOCK_N):  # full tiles: no mask
         b_dq = _bwd_dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
             stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-            MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
+            MASKED=False, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA,
         )
     for start_n in range(full_hi, hi, BLOCK_N):  # partial tiles: mask applied
         b_dq = _bwd_dq_tile(
             b_dq, b_q, b_do, b_lse, b_delta, p_k0, p_v0, start_n, o_m, N_K, qk_scale,
             stride_kn, stride_kd, stride_vn, stride_vd, i_b, i_h, N_Q, Q_OFF, KV_OFF,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-            MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION,
+            MASKED=True, DOT_UPCAST=DOT_UPCAST, DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA,
         )
     p_dq = DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
     tl.store(p_dq + o_m[:, None] * stride_dqm + o_d[None, :] * stride_dqd, (b_dq * sm_scale).to(DQ.dtype.element_ty), mask=m_m[:, None])
@@ -589,6 +629,7 @@ def _backward(q, k, v, o, lse, do, dlse, scale, params, q_off=0, kv_off=0):
     common = dict(
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=16, BLOCK_DV=16,
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype), VARLEN=False,
+        USE_TMA=_rt.use_tma(q, k, v, do),
     )
     sizes = (scale * _LOG2E, scale, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), q_off, kv_off, *_rt.kernel_params(params))
     sizes += (None, None, 0)
@@ -629,6 +670,7 @@ def _backward_varlen(q, k, v, o, lse, do, dlse, scale, params, cu_q, cu_k, max_q
     common = dict(
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=16, BLOCK_DV=16,
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype), VARLEN=True,
+        USE_TMA=_rt.use_tma(q, k, v, do),
     )
     sizes = (scale * _LOG2E, scale, 0, 0, _rt.seq_bucket(max_q), _rt.seq_bucket(max_k), 0, 0, *_rt.kernel_params(params))
     sizes += (*_varlen_id_args(params, n_seq, max_q, max_k), cu_q, cu_k, total_q)

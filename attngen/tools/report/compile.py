@@ -109,6 +109,17 @@ def tensor_core_kind(ptx: str) -> str:
     return "none"
 
 
+def _target_values(values: dict, arch: int) -> dict:
+    """The launch's values as a run on `arch` would pass them: the recorded launch ran on the CPU, so a
+    kernel's USE_TMA (runtime.use_tma) is set here as a GPU of that architecture would choose it."""
+    if "USE_TMA" in values:
+        from attngen import runtime
+
+        tensors = [values[n] for n in ("Q", "K", "V", "DO") if hasattr(values.get(n), "data_ptr")]
+        values = {**values, "USE_TMA": runtime.tma_arch(arch) and all(map(runtime.tma_layout_ok, tensors))}
+    return values
+
+
 def run_job(job: Job) -> Row:
     row = job.row()
     try:
@@ -123,6 +134,7 @@ def run_job(job: Job) -> Row:
             values.update(config.kwargs)
             options.update(num_warps=config.num_warps, num_stages=config.num_stages)
         options.update(job.options)
+        values = _target_values(values, job.arch)
         sig, consts, attrs = _signature(launch.fn, values)
         src = ASTSource(fn=launch.fn, signature=sig, constexprs=consts, attrs=attrs)
         log = io.StringIO()
