@@ -155,6 +155,30 @@ def test_usable_configs_keeps_only_the_config_that_does_not_spill(tmp_path, trit
     assert usable == [{"block_m": 32, "block_n": 32, "num_warps": 4, "num_stages": 2}]
 
 
+@pytest.mark.aot
+def test_a_cached_kernel_reports_the_spills_of_its_own_compile(tmp_path, monkeypatch):
+    # A kernel already in Triton's cache prints no ptxas log; without the note the report keeps beside
+    # it, the report compiles it again into an empty cache and reads Triton's own log (a hand-run
+    # ptxas -v, missing Triton's ptxas options, once reported fewer spills than the kernel has).
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    [(module, _)] = build_spec(tmp_path, causal_spec(
+        "spilly", head_dim=128, backward=True, tiles={"block_m": [32], "block_n": [128], "num_warps": [4], "num_stages": [2]},
+    ))
+
+    def dkdv():
+        [row] = [r for r in report.run_report([module], ["sm_90"], jobs=1) if r.kernel == "_bwd_dkdv_kernel"]
+        assert row.error is None, row.error
+        return row.regs, row.spill_stores, row.spill_loads
+
+    fresh = dkdv()
+    assert fresh[1] > 0  # this config spills (see the test above)
+    notes = list((tmp_path / "cache").rglob("attngen-ptxas.json"))
+    assert notes
+    for note in notes:
+        note.unlink()
+    assert dkdv() == fresh
+
+
 def test_unknown_dtype_is_refused(capsys):
     assert cli_main(["report", str(SHIPPED[0]), "--dtypes", "fp16,fp8"]) == 2
     assert "--dtypes 'fp16,fp8'" in capsys.readouterr().err

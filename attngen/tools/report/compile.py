@@ -7,8 +7,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -72,20 +72,29 @@ def _ptxas_stats(text: str) -> dict | None:
     return {"regs": int(regs.group(1)), "spill_stores": stores, "spill_loads": loads}
 
 
-def _run_ptxas(ptx: str, arch: int) -> str:
-    """ptxas -v's log for PTX that Triton compiled earlier (a cache hit prints no log)."""
-    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-
+def _fresh_log(compile_fn) -> str:
+    """Triton's ptxas log of a kernel its cache already held (a cache hit prints no log): the same
+    compile again into a private, empty cache, so Triton runs ptxas itself with its own options
+    (running ptxas -v by hand on the PTX misses some, e.g. Triton 3.9's --regAllocOptLevel=2, and
+    reported fewer spills than the kernel has)."""
+    log = io.StringIO()
     with tempfile.TemporaryDirectory() as d:
-        src = Path(d) / "kernel.ptx"
-        src.write_text(ptx)
-        cmd = [get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", str(src), "-o", str(src) + ".o"]
-        return subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+        old = os.environ.get("TRITON_CACHE_DIR")
+        os.environ["TRITON_CACHE_DIR"] = d
+        try:
+            with contextlib.redirect_stdout(log):
+                compile_fn()
+        finally:
+            if old is None:
+                os.environ.pop("TRITON_CACHE_DIR", None)
+            else:
+                os.environ["TRITON_CACHE_DIR"] = old
+    return log.getvalue()
 
 
-def _kernel_stats(compiled, log: str, arch: int) -> dict:
+def _kernel_stats(compiled, log: str, compile_fn) -> dict:
     """Registers and spills: from the log Triton printed, else from the note kept beside the cached
-    kernel, else by running ptxas -v on its PTX again."""
+    kernel, else from the log of the same compile into an empty cache."""
     from triton.runtime.cache import get_cache_manager
 
     cache = get_cache_manager(compiled.hash)
@@ -94,9 +103,9 @@ def _kernel_stats(compiled, log: str, arch: int) -> dict:
         kept = cache.get_file(_PTXAS_STATS_FILE)
         if kept:
             return json.loads(Path(kept).read_text())
-        stats = _ptxas_stats(_run_ptxas(compiled.asm["ptx"], arch))
+        stats = _ptxas_stats(_fresh_log(compile_fn))
         if stats is None:
-            raise RuntimeError("ptxas -v printed no register count")
+            raise RuntimeError("ptxas printed no register count (is TRITON_DUMP_PTXAS_LOG set?)")
     cache.put(json.dumps(stats), _PTXAS_STATS_FILE, binary=False)
     return stats
 
@@ -139,9 +148,13 @@ def run_job(job: Job) -> Row:
         src = ASTSource(fn=launch.fn, signature=sig, constexprs=consts, attrs=attrs)
         log = io.StringIO()
         t0 = time.perf_counter()
+
+        def compile_fn():
+            return triton.compile(src, target=GPUTarget("cuda", job.arch, 32), options=options)
+
         try:
             with contextlib.redirect_stdout(log):  # ptxas's log, and Triton's dumps on failure
-                compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32), options=options)
+                compiled = compile_fn()
         finally:
             row.compile_s = time.perf_counter() - t0
         md = compiled.metadata
@@ -149,7 +162,7 @@ def run_job(job: Job) -> Row:
             row.label = f"fixed w{md.num_warps} s{md.num_stages}"
         row.smem = int(md.shared)
         row.tensor_cores = tensor_core_kind(compiled.asm["ptx"])
-        stats = _kernel_stats(compiled, log.getvalue(), job.arch)
+        stats = _kernel_stats(compiled, log.getvalue(), compile_fn)
         row.regs, row.spill_stores, row.spill_loads = stats["regs"], stats["spill_stores"], stats["spill_loads"]
         row.sass = sass.facts(sass.disassemble(compiled.asm["cubin"])).to_json()
     except Exception as e:  # noqa: BLE001 - a failed compile is a row of the report
