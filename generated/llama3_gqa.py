@@ -68,10 +68,10 @@ _SPACES = {
         {'block_m': 128, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
     ],
     "_bwd_dkdv_kernel": [  # 28 pruned
-        {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
-        {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 32, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 32, 'block_n': 32, 'num_warps': 8, 'num_stages': 3},
+        {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 32, 'block_n': 32, 'num_warps': 4, 'num_stages': 3},
         {'block_m': 32, 'block_n': 64, 'num_warps': 8, 'num_stages': 2},
         {'block_m': 32, 'block_n': 64, 'num_warps': 8, 'num_stages': 3},
         {'block_m': 64, 'block_n': 32, 'num_warps': 8, 'num_stages': 2},

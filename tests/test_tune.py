@@ -75,6 +75,20 @@ def test_pruning_rule():
     # dK/dV accumulates [BLOCK_N, D + DV]: the same tiles are fine for dQ but not for dK/dV
     c = {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 2}
     assert keep("_bwd_dq_kernel", c, 128, 128, 2) and not keep("_bwd_dkdv_kernel", c, 128, 128, 2)
+    # dK/dV's smallest score tile: 16 x 32 on 4 warps spills at sm_90; 16 x 64 and 32 x 16 are kept
+    for bm, bn, w, kept in ((16, 32, 4, False), (16, 64, 4, True), (16, 64, 8, True), (64, 16, 8, True)):
+        c = {"block_m": bm, "block_n": bn, "num_warps": w, "num_stages": 2}
+        assert keep("_bwd_dkdv_kernel", c, 64, 64, 2) is kept, c
+        assert keep("_bwd_dq_kernel", c, 64, 64, 2)  # the floor is dK/dV's alone
+    # among equal tiles dK/dV lists more warps first (its first config runs in the interpreter)
+    two = parse_spec(
+        "name: y\nheads: {q: 1, kv: 1}\nhead_dim: 32\ndtypes: fp16\nbackward: true\n"
+        "tiles: {block_m: [16, 64], block_n: [32, 64], num_warps: [4, 8], num_stages: 2}\n",
+        "y.yaml",
+    )
+    spaces = autotune_spaces(two)
+    firsts = {k: (s[0]["block_m"], s[0]["block_n"], s[0]["num_warps"]) for k, (s, _) in spaces.items()}
+    assert firsts["_bwd_dkdv_kernel"] == (16, 64, 8) and firsts["_fwd_kernel"] == (16, 32, 4)
     spec = parse_spec(
         "name: x\nheads: {q: 1, kv: 1}\nhead_dim: 256\ndtypes: fp32\n"
         "tiles: {block_m: 256, block_n: 256, num_warps: 4, num_stages: 4}\n",

@@ -32,11 +32,25 @@ SCORE_BUDGET = 32
 
 # The fewest score elements per thread a config may give each thread: below it the warps split a
 # tile too thin to keep them busy, and Triton 3.6's ptxas (12.8) spills a register of the dK/dV
-# kernel at sm_90 (16x16 tiles on 4 warps: 2 elements per thread). 16x32 on 4 warps (4) still
-# spills 8 to 16 bytes there for mqa's dK/dV; 8 would prune it, and with it the one config of
-# nsa_paper's dK/dV (head dim 192: 32x32 on 8 warps) that does not spill.
+# kernel at sm_90 (16x16 tiles on 4 warps: 2 elements per thread).
 MIN_SCORES_PER_THREAD = 4
 
+# The smallest dK/dV score tile (BLOCK_M * BLOCK_N elements). Measured at sm_90 with fresh Triton
+# caches (2026-11-30): on 4 warps, 16x32 tiles (512) spill 8 to 24 bytes under both Triton 3.6
+# (mqa, softcap and the varlen kernels of mqa, relpos_bias, nsa_g4_weighted_cmp / _win) and 3.9
+# (dilated_window, nsa_g4_weighted_cmp / _win, mqa's varlen), each time at 128 or 168 registers
+# (ptxas stopping at a step of occupancy and spilling the rest) or at 255 (relpos_bias varlen);
+# 16x64 and 32x32 (1024) did not spill for any head dim up to 128 on 4 or 8 warps, with the
+# exception below. Per thread the count is no guide: 16x64 on 8 warps (4 elements) never spilled.
+MIN_DKDV_SCORE_TILE = 1024
+
+# The same occupancy steps make small 4-warp dK/dV configs spill a little in a way that no
+# head-dim rule predicts: gqa_hd80 (head dims 80 / 48) spills 32 bytes at 32x32 w4 s1 under 3.9
+# (168 registers) and 24 at 32x16 w4 s2 under 3.6, while llama3_gqa (128) is clean at 32x32 w4
+# (226). Every dK/dV config of up to 1024 score elements on 8 warps compiled without spilling
+# under both (all shipped specs, head dims 16 to 192 / 128; nsa_paper's only such config, 32x32
+# w8, included). So the dK/dV space lists, for equal tiles, more warps first: its first config,
+# the one the interpreter and ATTNGEN_CONFIGS=first run, is the smallest tile on the most warps.
 BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 
 KERNELS = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
@@ -69,11 +83,12 @@ def keep(kernel: str, c: dict, block_d: int, block_dv: int, elem_bytes: int) -> 
         and regs <= REGISTER_BUDGET[kernel] * threads
         and SCORE_TILES[kernel] * scores <= SCORE_BUDGET
         and scores >= MIN_SCORES_PER_THREAD
+        and (kernel != "_bwd_dkdv_kernel" or c["block_m"] * c["block_n"] >= MIN_DKDV_SCORE_TILE)
     )
 
 def autotune_spaces(spec: Spec) -> dict[str, tuple[tuple[dict, ...], int]]:
     """Per kernel: the spec's tile combinations that pass `keep`, smallest tiles first (the
-    interpreter runs the first), and how many were pruned. Shared memory is sized for the spec's
+    interpreter runs the first; dK/dV puts more warps first among equal tiles), and how many were pruned. Shared memory is sized for the spec's
     widest dtype; registers for 16-bit inputs (fp32 kernels may still spill: `attngen report`
     says). If the rule prunes everything the smallest combination is kept."""
     t = spec.tiles
@@ -88,5 +103,7 @@ def autotune_spaces(spec: Spec) -> dict[str, tuple[tuple[dict, ...], int]]:
     spaces = {}
     for kernel in KERNELS if spec.backward else KERNELS[:1]:
         kept = [c for c in combos if keep(kernel, c, block_d, block_dv, elem)] or combos[:1]
+        if kernel == "_bwd_dkdv_kernel":  # equal tiles: more warps first (MIN_DKDV_SCORE_TILE)
+            kept.sort(key=lambda c: (c["block_m"], c["block_n"], -c["num_warps"], c["num_stages"]))
         spaces[kernel] = (tuple(kept), len(combos) - len(kept))
     return spaces
