@@ -104,35 +104,49 @@ def triton_cache(tmp_path_factory):
 
 LLAMA = ROOT / "generated" / "llama3_gqa.py"  # head_dim 128
 TILE64 = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}
+HEAD_DIM = 128
+
+
+def _macs(opcode: str) -> int:
+    """Multiply-adds one warpgroup's HGMMA.MxNxK or one warp's HMMA.16816 (m16 n8 k16) performs."""
+    shape = sass.shape(opcode)
+    if shape is None:
+        assert opcode.startswith("HMMA.16816"), opcode
+        return 16 * 8 * 16
+    m, n, k = shape
+    return m * n * k
 
 
 @pytest.mark.aot
 def test_llama3_gqa_products_on_sm80_and_sm90(triton_cache):
+    # every kept 64 x 64 config of the forward and dQ kernels, at both architectures
     rows = report.run_report(
-        [LLAMA], ["sm_80", "sm_90"], configs=lambda c: c == TILE64, dtypes=["bf16"],
-        kernels=["_fwd_kernel", "_bwd_dq_kernel"], jobs=2,
+        [LLAMA], ["sm_80", "sm_90"], configs=lambda c: (c["block_m"], c["block_n"], c["num_stages"]) == (64, 64, 2),
+        dtypes=["bf16"], kernels=["_fwd_kernel", "_bwd_dq_kernel"], jobs=2,
     )
-    facts = {(r.kernel, r.arch): r.sass for r in rows}
-    assert len(rows) == 4 and all(r.error is None for r in rows), [r.error for r in rows]
-    assert all(set(r.to_json()["sass"]) >= {"score_products", "loop_global_loads", "local_stores"} for r in rows)
-    for kernel, scores in (("_fwd_kernel", 1), ("_bwd_dq_kernel", 2)):  # Q K^T; Q K^T and dO V^T
-        # sm_90, one warpgroup over 64 rows: a score product is 64 x BLOCK_N, 128 / 16 steps of K;
-        # the accumulating one (P V, dS K) is 64 x 128, 64 / 16 steps of K (BLOCK_N)
-        f = facts[kernel, 90]
-        assert f["tensor_cores"] == "HGMMA" and f["main_loops"] >= 1, f
-        assert {sass.shape(op) for op in f["score_products"]} == {(64, 64, 16)}, f
-        assert {sass.shape(op) for op in f["accumulating_products"]} == {(64, 128, 16)}, f
-        assert sum(f["score_products"].values()) == scores * 8 * f["main_loops"], f
-        assert sum(f["accumulating_products"].values()) == 4 * f["main_loops"], f
-        # sm_80: m16n8k16 fragments, 64 x 64 x 128 multiply-adds per score product over 4 warps
-        f = facts[kernel, 80]
-        assert f["tensor_cores"] == "HMMA" and f["main_loops"] >= 1, f
-        per_product = 64 * 64 * 128 // (16 * 8 * 16) // 4
-        assert sum(f["score_products"].values()) == scores * per_product * f["main_loops"], f
-        assert sum(f["accumulating_products"].values()) == per_product * f["main_loops"], f
-        for arch in (80, 90):  # the loop streams K and V tiles in, by TMA or plain loads
-            loop_loads = facts[kernel, arch]["loop_tma_loads"] + sum(facts[kernel, arch]["loop_global_loads"].values())
-            assert loop_loads > 0, facts[kernel, arch]
+    assert all(r.error is None for r in rows), [r.error for r in rows]
+    assert {(r.kernel, r.arch) for r in rows} == {(k, a) for k in ("_fwd_kernel", "_bwd_dq_kernel") for a in (80, 90)}
+    for r in rows:
+        f = r.sass
+        assert set(r.to_json()["sass"]) >= {"score_products", "loop_global_loads", "local_stores"}
+        assert f["tensor_cores"] == ("HGMMA" if r.arch == 90 else "HMMA") and f["main_loops"] >= 1, f
+        # the instruction stream is one warp's (HMMA) or one warpgroup's (HGMMA); together the
+        # program's warps compute each product whole: Q K^T (and dQ's dO V^T) is BLOCK_M x BLOCK_N x
+        # HEAD_DIM multiply-adds, P V (dQ's dS K) BLOCK_M x HEAD_DIM x BLOCK_N, so the main loops
+        # hold whole products of each kind. (How many copies of each the loops hold depends on the
+        # software pipelining: at 64 x 64 on 8 warps the forward's loops hold 20 Q K^T and 10 P V.)
+        units = r.config["num_warps"] // (4 if r.arch == 90 else 1)
+        product = r.config["block_m"] * r.config["block_n"] * HEAD_DIM
+        bn = r.config["block_n"]
+        scores = 1 if r.kernel == "_fwd_kernel" else 2
+        score_macs = sum(_macs(op) * n for op, n in f["score_products"].items()) * units
+        acc_macs = sum(_macs(op) * n for op, n in f["accumulating_products"].items()) * units
+        assert acc_macs % product == 0 and acc_macs >= product, (r.config, f)
+        assert score_macs % product == 0 and score_macs >= scores * product, (r.config, f)
+        if r.arch == 90:  # a wgmma's K step is 16; the score product's N divides BLOCK_N
+            assert all(sass.shape(op)[2] == 16 and bn % sass.shape(op)[1] == 0 for op in f["score_products"]), f
+        # the loop streams K and V tiles in, by TMA or plain loads
+        assert f["loop_tma_loads"] + sum(f["loop_global_loads"].values()) > 0, f
 
 
 @pytest.mark.aot
