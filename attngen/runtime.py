@@ -12,6 +12,7 @@ reason. Whether triton itself was imported earlier does not matter (see _interpr
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -163,7 +164,8 @@ def configs(space: list[dict]) -> list[triton.Config]:
     chosen = space[:1] if only_first else space
     return [
         triton.Config(
-            {"BLOCK_M": c["block_m"], "BLOCK_N": c["block_n"]},
+            # a masked spec's forward entries also choose its grid (autotune.with_persistent)
+            {"BLOCK_M": c["block_m"], "BLOCK_N": c["block_n"], **({"PERSISTENT": c["persistent"]} if "persistent" in c else {})},
             num_warps=c["num_warps"],
             num_stages=c["num_stages"],
         )
@@ -203,7 +205,28 @@ def _read_cache(path: Path) -> dict:
 
 
 def _config_dict(c: triton.Config) -> dict:
-    return {"block_m": c.kwargs["BLOCK_M"], "block_n": c.kwargs["BLOCK_N"], "num_warps": c.num_warps, "num_stages": c.num_stages}
+    d = {"block_m": c.kwargs["BLOCK_M"], "block_n": c.kwargs["BLOCK_N"], "num_warps": c.num_warps, "num_stages": c.num_stages}
+    if "PERSISTENT" in c.kwargs:
+        d["persistent"] = bool(c.kwargs["PERSISTENT"])
+    return d
+
+
+INTERPRETER_PROGRAMS = 3
+"""Programs of a persistent grid under the interpreter (fewer than the work items of most tests, so
+each program loops)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def persistent_programs(device: torch.device, work: int) -> int:
+    """The program count of a persistent grid over `work` items: one per SM of a CUDA device
+    (INTERPRETER_PROGRAMS elsewhere), never more than the items (at least 1)."""
+    dev = torch.device(device)
+    n = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else INTERPRETER_PROGRAMS
+    return max(1, min(n, work))
 
 
 class TuneCache:

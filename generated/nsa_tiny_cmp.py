@@ -45,12 +45,18 @@ SPEC_SHA256 = "7beee95c3dc08d3014d2cfb3a351b3a3d688baa9c5d8d8421e180505d6004e5b"
 # attngen.planning.autotune.keep pruned combinations that overflow shared memory or the accumulator budget.
 _SPACES = {
     "_fwd_kernel": [  # 2 pruned
-        {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 1},
-        {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
-        {'block_m': 64, 'block_n': 16, 'num_warps': 4, 'num_stages': 1},
-        {'block_m': 64, 'block_n': 16, 'num_warps': 4, 'num_stages': 2},
-        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 1},
-        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 2},
+        {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 1, 'persistent': False},
+        {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 2, 'persistent': False},
+        {'block_m': 64, 'block_n': 16, 'num_warps': 4, 'num_stages': 1, 'persistent': False},
+        {'block_m': 64, 'block_n': 16, 'num_warps': 4, 'num_stages': 2, 'persistent': False},
+        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 1, 'persistent': False},
+        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 2, 'persistent': False},
+        {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 1, 'persistent': True},
+        {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 2, 'persistent': True},
+        {'block_m': 64, 'block_n': 16, 'num_warps': 4, 'num_stages': 1, 'persistent': True},
+        {'block_m': 64, 'block_n': 16, 'num_warps': 4, 'num_stages': 2, 'persistent': True},
+        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 1, 'persistent': True},
+        {'block_m': 64, 'block_n': 64, 'num_warps': 4, 'num_stages': 2, 'persistent': True},
     ],
     "_bwd_dkdv_kernel": [  # 4 pruned
         {'block_m': 16, 'block_n': 64, 'num_warps': 4, 'num_stages': 1},
@@ -129,9 +135,17 @@ def _fwd_tile(
     return b_m_new, b_l, b_acc
 
 
-@triton.autotune(configs=_rt.configs(_SPACES["_fwd_kernel"]), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_FWD.prune})
-@triton.jit(do_not_specialize=_LENGTHS + _VARLEN_ARGS)
-def _fwd_kernel(
+@triton.jit
+def _work_item(w, N_TILES, N_BH):
+    # work item w of the persistent grid: query tile N_TILES - 1 - w // N_BH, the last tiles first
+    # (under a causal mask they see the most key tiles), of batch x head w % N_BH: consecutive items
+    # share a KV head (a GQA group's query heads are consecutive), so the programs running at once
+    # read the same K and V, which stay in L2. Plain integer arithmetic: tests run it in Python (.fn).
+    return N_TILES - 1 - w // N_BH, w % N_BH
+
+
+@triton.jit
+def _fwd_program(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -139,13 +153,12 @@ def _fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     qk_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, Q_OFF, KV_OFF,
     CU_Q, CU_K, TOTAL_Q,
+    i_m, i_bh,
     H: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    i_m = tl.program_id(0)
-    i_bh = tl.program_id(1)
     i_b = i_bh // H
     i_h = i_bh % H
     i_hk = i_h // GROUP
@@ -224,6 +237,61 @@ def _fwd_kernel(
     tl.store(p_lse + o_m, b_lse, mask=m_m)
 
 
+@triton.autotune(configs=_rt.configs(_SPACES["_fwd_kernel"]), key=_KEY, prune_configs_by={"early_config_prune": _TUNE_FWD.prune})
+@triton.jit(do_not_specialize=_LENGTHS + _VARLEN_ARGS + ["BATCH"])
+def _fwd_kernel(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    qk_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, Q_OFF, KV_OFF,
+    CU_Q, CU_K, TOTAL_Q,
+    BATCH,
+    H: tl.constexpr, GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+):
+    if PERSISTENT and not VARLEN:
+        # persistent grid (an autotune candidate of the padded forward, autotune.with_persistent):
+        # about one program per SM, each taking work items program, program + programs, ... in
+        # _work_item's order (packed sequences keep one program per tile)
+        n_tiles = tl.cdiv(N_Q, BLOCK_M)
+        for w in range(tl.program_id(0), n_tiles * BATCH * H, tl.num_programs(0)):
+            i_m, i_bh = _work_item(w, n_tiles, BATCH * H)
+            _fwd_program(
+                Q, K, V, O, LSE,
+                stride_qb, stride_qh, stride_qm, stride_qd,
+                stride_kb, stride_kh, stride_kn, stride_kd,
+                stride_vb, stride_vh, stride_vn, stride_vd,
+                stride_ob, stride_oh, stride_om, stride_od,
+                qk_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, Q_OFF, KV_OFF,
+                CU_Q, CU_K, TOTAL_Q,
+                i_m, i_bh,
+                H, GROUP,
+                HEAD_DIM, V_HEAD_DIM, BLOCK_D, BLOCK_DV,
+                DOT_UPCAST, DOT_PRECISION, VARLEN, USE_TMA,
+                BLOCK_M, BLOCK_N,
+            )
+    else:
+        _fwd_program(
+            Q, K, V, O, LSE,
+            stride_qb, stride_qh, stride_qm, stride_qd,
+            stride_kb, stride_kh, stride_kn, stride_kd,
+            stride_vb, stride_vh, stride_vn, stride_vd,
+            stride_ob, stride_oh, stride_om, stride_od,
+            qk_scale, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, Q_OFF, KV_OFF,
+            CU_Q, CU_K, TOTAL_Q,
+            tl.program_id(0), tl.program_id(1),
+            H, GROUP,
+            HEAD_DIM, V_HEAD_DIM, BLOCK_D, BLOCK_DV,
+            DOT_UPCAST, DOT_PRECISION, VARLEN, USE_TMA,
+            BLOCK_M, BLOCK_N,
+        )
+
+
 def _forward(q, k, v, scale, params, q_off=0, kv_off=0):
     b, _, n_q, _ = q.shape
     n_k = k.shape[2]
@@ -233,12 +301,20 @@ def _forward(q, k, v, scale, params, q_off=0, kv_off=0):
         return o, lse
     if n_k == 0:
         return o.zero_(), lse.fill_(float("-inf"))
-    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * Q_HEADS)  # noqa: E731
+
+    def grid(meta):
+        # one program per (query tile, batch x head), or with the persistent candidate about one per
+        # SM looping over them (runtime.persistent_programs)
+        tiles = triton.cdiv(n_q, meta["BLOCK_M"])
+        if meta["PERSISTENT"]:
+            return (_rt.persistent_programs(q.device, tiles * b * Q_HEADS),)
+        return (tiles, b * Q_HEADS)
+
     _fwd_kernel[grid](
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         scale * _LOG2E, n_q, n_k, _rt.seq_bucket(n_q), _rt.seq_bucket(n_k), q_off, kv_off, *_rt.kernel_params(params),
-        None, None, 0,
+        None, None, 0, b,
         H=Q_HEADS, GROUP=GROUP,
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=16, BLOCK_DV=16,
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype), VARLEN=False,
@@ -268,7 +344,7 @@ def _forward_varlen(q, k, v, scale, params, cu_q, cu_k, max_q, max_k):
         *_rt.packed_strides(q), *_rt.packed_strides(k), *_rt.packed_strides(v), *_rt.packed_strides(o),
         scale * _LOG2E, 0, 0, _rt.seq_bucket(max_q), _rt.seq_bucket(max_k), 0, 0, *_rt.kernel_params(params),
         *_varlen_id_args(params, n_seq, max_q, max_k),
-        cu_q, cu_k, total_q,
+        cu_q, cu_k, total_q, n_seq,
         H=Q_HEADS, GROUP=GROUP,
         HEAD_DIM=HEAD_DIM, V_HEAD_DIM=V_HEAD_DIM, BLOCK_D=16, BLOCK_DV=16,
         DOT_UPCAST=_rt.dot_upcast(q.dtype), DOT_PRECISION=_rt.dot_precision(q.dtype), VARLEN=True,

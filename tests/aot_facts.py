@@ -4,7 +4,7 @@ says about it: registers and spills (Triton's own ptxas log, from a fresh Triton
 memory, the tensor-core and TMA instructions of the PTX and the SASS, and the loads inside each
 main loop of the TTGIR.
 
-    python tests/aot_facts.py MODULE.py KERNEL DTYPE BM,BN,WARPS,STAGES [--arch 90]
+    python tests/aot_facts.py MODULE.py KERNEL DTYPE BM,BN,WARPS,STAGES[,PERSISTENT] [--arch 90]
 
 Runs in a process of its own: the compiling process must not have selected Triton's interpreter.
 """
@@ -57,8 +57,11 @@ def facts(path: str, kernel: str, dtype: str, config: tuple[int, int, int, int],
     from attngen.tools.report.record import recorded_launches
 
     launch = recorded_launches(str(Path(path).resolve()), dtype)[kernel]
-    bm, bn, warps, stages = config
-    values = _target_values({**launch.values, "BLOCK_M": bm, "BLOCK_N": bn}, arch)
+    bm, bn, warps, stages, *persistent = config
+    chosen = {"BLOCK_M": bm, "BLOCK_N": bn}
+    if "PERSISTENT" in launch.fn.arg_names:  # a masked spec's forward: the grid is a config choice too
+        chosen["PERSISTENT"] = bool(persistent and persistent[0])
+    values = _target_values({**launch.values, **chosen}, arch)
     options = {**launch.options, "num_warps": warps, "num_stages": stages}
     sig, consts, attrs = _signature(launch.fn, values)
     log = io.StringIO()
@@ -76,6 +79,7 @@ def facts(path: str, kernel: str, dtype: str, config: tuple[int, int, int, int],
     return {
         "triton": triton.__version__,
         "use_tma": bool(values.get("USE_TMA")),
+        "persistent": bool(values.get("PERSISTENT")),
         "regs": stats["regs"],
         "spills": stats["spill_stores"] + stats["spill_loads"],
         "smem": int(compiled.metadata.shared),
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("module")
     ap.add_argument("kernel")
     ap.add_argument("dtype")
-    ap.add_argument("config", help="BM,BN,WARPS,STAGES")
+    ap.add_argument("config", help="BM,BN,WARPS,STAGES[,PERSISTENT (0 or 1)]")
     ap.add_argument("--arch", type=int, default=90)
     a = ap.parse_args(argv)
     from attngen.tools.report.record import worker_init

@@ -112,16 +112,20 @@ def test_fp16_forward_with_64_row_tiles_uses_wgmma_at_sm90(tmp_path, triton_cach
         "tc64", head_dim=64, backward=False, tiles={"block_m": [64], "block_n": [64], "num_warps": [4], "num_stages": [2]},
     ))
     rows = report.run_report([module], ["sm_90"], jobs=1)
-    # forward only: the forward, its packed-sequence instantiation (attention_varlen), decoding
-    assert sorted(r.kernel for r in rows) == ["_decode_kernel", "_fwd_kernel", "_fwd_kernel[varlen]"]
-    [row] = [r for r in rows if r.kernel == "_fwd_kernel"]
-    assert row.compile_s > 0
-    assert (row.kernel, row.dtype, row.config) == (
-        "_fwd_kernel", "fp16", {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}
-    )
-    assert row.error is None, row.error
-    assert row.tensor_cores == "wgmma"
-    assert row.regs > 0 and row.smem > 0 and row.usable
+    # forward only: the forward (a masked spec's: with its one-program-per-tile and its persistent
+    # grid), its packed-sequence instantiation (attention_varlen, which ignores the grid choice: once),
+    # decoding
+    assert sorted(r.kernel for r in rows) == ["_decode_kernel", "_fwd_kernel", "_fwd_kernel", "_fwd_kernel[varlen]"]
+    fwd = [r for r in rows if r.kernel == "_fwd_kernel"]
+    assert [(r.dtype, r.config) for r in fwd] == [
+        ("fp16", {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2, "persistent": p}) for p in (False, True)
+    ]
+    assert [r.label.endswith(" persistent") for r in fwd] == [False, True]
+    for row in fwd:
+        assert row.compile_s > 0
+        assert row.error is None, row.error
+        assert row.tensor_cores == "wgmma"
+        assert row.regs > 0 and row.smem > 0 and row.usable
 
 
 @pytest.mark.aot
@@ -134,10 +138,12 @@ def test_oversized_config_is_flagged_and_fails_the_command(tmp_path, triton_cach
     rows_file = tmp_path / "rows.json"
     argv = ["report", str(spec), "--arch", "sm_90", "--out", str(tmp_path / "gen"), "--json", str(rows_file), "--jobs", "1"]
     rc = cli_main(argv)
-    [row] = [r for r in json.loads(rows_file.read_text()) if r["kernel"] == "_fwd_kernel"]
-    assert row["error"] is None, row["error"]
-    assert row["smem"] > report.SMEM_LIMIT[90], row
-    assert not row["usable"] and "smem overflow" in row["verdict"]
+    fwd = [r for r in json.loads(rows_file.read_text()) if r["kernel"] == "_fwd_kernel"]
+    assert [r["config"]["persistent"] for r in fwd] == [False, True]  # a masked spec's two grids
+    for row in fwd:
+        assert row["error"] is None, row["error"]
+        assert row["smem"] > report.SMEM_LIMIT[90], row
+        assert not row["usable"] and "smem overflow" in row["verdict"]
     assert rc == 1
     out, err = capsys.readouterr()
     assert "smem overflow" in out

@@ -107,3 +107,22 @@ def autotune_spaces(spec: Spec) -> dict[str, tuple[tuple[dict, ...], int]]:
             kept.sort(key=lambda c: (c["block_m"], c["block_n"], -c["num_warps"], c["num_stages"]))
         spaces[kernel] = (tuple(kept), len(combos) - len(kept))
     return spaces
+
+
+PERSISTENT_KERNELS = ("_fwd_kernel",)
+
+
+def with_persistent(spaces: dict[str, tuple[tuple[dict, ...], int]]) -> dict[str, tuple[tuple[dict, ...], int]]:
+    """A masked spec's spaces with the persistent grid as a candidate of the padded forward: each
+    kept config twice, `persistent` False (one program per query tile and batch x head) then True
+    (about one program per SM looping over the work items, longest query tiles first), so the
+    interpreter's first config stays the non-persistent one. The other kernels are unchanged."""
+    out = dict(spaces)
+    for kernel in PERSISTENT_KERNELS:
+        if kernel in out:
+            space, pruned = out[kernel]
+            out[kernel] = (
+                tuple({**c, "persistent": False} for c in space) + tuple({**c, "persistent": True} for c in space),
+                pruned,
+            )
+    return out

@@ -16,7 +16,7 @@ import contextlib
 from dataclasses import dataclass
 
 from attngen.language.spec import Spec, SpecError
-from attngen.planning.autotune import autotune_spaces, next_pow2
+from attngen.planning.autotune import autotune_spaces, next_pow2, with_persistent
 from attngen.planning.classify import range_statements
 from attngen.planning.decode import DecodePlan, decode_plan
 from attngen.planning.masks import MASK_RULES, PARAM_PREFIX, MaskRule, TileLoop, id_skip, mask_rule, tile_loops
@@ -65,6 +65,8 @@ class Plan:
     score_mod: ScoreModPlan | None
     backward: bool
     spaces: dict[str, tuple[tuple[dict, ...], int]]
+    # the padded forward has a PERSISTENT constexpr (its space's entries carry `persistent`): masked specs
+    persistent: bool
     paths: tuple[str, ...]
     # -- tile ranges: the statements (name, expression, comment) of classify.range_statements, and
     # the loops over them (tile_loops) of the forward and dQ kernels (`fwd`) and of dK/dV
@@ -118,6 +120,8 @@ def make_plan(spec: Spec) -> Plan:
     with stage("tiles"):
         spaces = autotune_spaces(spec)
     pred = rule.predicate
+    if pred:  # masked: the padded forward's persistent grid is an autotune candidate
+        spaces = with_persistent(spaces)
     return Plan(
         name=spec.name,
         summary=_summary(spec, rule, sm),
@@ -139,6 +143,7 @@ def make_plan(spec: Spec) -> Plan:
         param_docs=docs,
         backward=spec.backward,
         spaces=spaces,
+        persistent=bool(pred),
         paths=_paths(rule, sm, id_name),
         fwd_ranges=ranges[0],
         dkdv_ranges=ranges[1],

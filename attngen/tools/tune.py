@@ -49,7 +49,8 @@ def main(specs: list[str], *, spec_dir: str = "specs", out: str = "generated", l
                 chosen = []
                 for name in kernels:
                     c = getattr(mod, name).best_config
-                    chosen.append(f"{name} {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}")
+                    grid = " persistent" if c.kwargs.get("PERSISTENT") else ""
+                    chosen.append(f"{name} {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}{grid}")
                 print(f"{mod.NAME} {dname} N={n}: " + "; ".join(chosen))
     if not runtime.INTERPRET:
         print(f"winners saved in {runtime.cache_path()}")

@@ -95,4 +95,5 @@ class Job:
 
 
 def space_label(entry: dict) -> str:
-    return f"BM{entry['block_m']} BN{entry['block_n']} w{entry['num_warps']} s{entry['num_stages']}"
+    persistent = " persistent" if entry.get("persistent") else ""  # a masked spec's forward (autotune.with_persistent)
+    return f"BM{entry['block_m']} BN{entry['block_n']} w{entry['num_warps']} s{entry['num_stages']}{persistent}"

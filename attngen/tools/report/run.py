@@ -13,7 +13,7 @@ from typing import Callable, Collection, Iterable
 from attngen.tools.report import sass
 from attngen.tools.report.compile import run_job
 from attngen.tools.report.pool import Pool
-from attngen.tools.report.record import describe
+from attngen.tools.report.record import VARLEN_SUFFIX, describe
 from attngen.tools.report.rows import DEFAULT_TIMEOUT, SMEM_LIMIT, Job, Row, parse_arch
 
 
@@ -49,6 +49,8 @@ def _jobs_for(path: str, described: dict, archs: list[int], configs, dtypes, ker
             if (kernels is None or kernel in kernels) and (dtypes is None or dtype in dtypes):
                 for arch in archs:
                     for i in _selected(space, configs):
+                        if i is not None and kernel.endswith(VARLEN_SUFFIX) and space[i].get("persistent"):
+                            continue  # packed sequences ignore the grid choice: its non-persistent twin's code
                         config = None if i is None else dict(space[i])
                         jobs.append(Job(described["name"], path, kernel, dtype, arch, i, config))
     return jobs
