@@ -168,16 +168,20 @@ def wide(tmp_path_factory):
 
 
 def _visits(mod, ids, batch, n_q, n_k):
-    """[B, query tile, KV tile] for the forward / dQ and for dK/dV: the tiles the kernels run, from
-    the build-time bounds (classify_tiles) and the skip mirror, at the interpreter's tiles."""
-    c = mod._SPACES["_fwd_kernel"][0]
-    bm, bn = c["block_m"], c["block_n"]
-    assert all(mod._SPACES[k][0] == c for k in mod._SPACES)
-    grid = classify_tiles(rule_for(mod.MASK, mod.PARAMS), n_q, n_k, bm, bn)
-    run = ~_skips(ids, batch, n_q, n_k, bm, bn)
-    fwd = torch.tensor([[x != "empty" for x in row] for row in grid.fwd])
-    dkdv = torch.tensor([[x != "empty" for x in row] for row in grid.dkdv])
-    return fwd & run, dkdv & run, bm, bn
+    """The tiles the kernels run, from the build-time bounds (classify_tiles) and the skip mirror,
+    at the first config of each kernel's space (what the interpreter runs): ([B, query tile, KV
+    tile] of the forward / dQ, their (BLOCK_M, BLOCK_N)), and the same for dK/dV (whose first
+    config may have other tiles)."""
+    out = []
+    for kernels in (("_fwd_kernel", "_bwd_dq_kernel"), ("_bwd_dkdv_kernel",)):
+        tiles = {(mod._SPACES[k][0]["block_m"], mod._SPACES[k][0]["block_n"]) for k in kernels}
+        assert len(tiles) == 1, tiles  # the forward and dQ share a grid of tiles here
+        [(bm, bn)] = tiles
+        grid = classify_tiles(rule_for(mod.MASK, mod.PARAMS), n_q, n_k, bm, bn)
+        run = ~_skips(ids, batch, n_q, n_k, bm, bn)
+        rows = grid.fwd if kernels[0] == "_fwd_kernel" else grid.dkdv
+        out.append((torch.tensor([[x != "empty" for x in row] for row in rows]) & run, bm, bn))
+    return out
 
 
 def _tile_rows(per_tile, block, n):
@@ -197,11 +201,11 @@ def test_kernels_skip_exactly_the_mirrored_tiles(which, wide):
     ids[1, 40:] += 1000  # a jump in the ids
     if which == "wide":
         ids = ids.long() * 2**33
-    fwd, dkdv, bm, bn = _visits(mod, ids, batch, n_q, n_k)
+    (fwd, bm, bn), (dkdv, bm2, bn2) = _visits(mod, ids, batch, n_q, n_k)
     eff_q, eff_k = _effective(ids, batch, n_q), _effective(ids, batch, n_k)
     dtype = runtime.TORCH_DTYPES[mod.DTYPES[0]]
     q, k, v = random_inputs(mod, batch=batch, n_q=n_q, n_k=n_k, dtype=dtype, seed=4)
-    tn, tm = -(-n_k // bn), -(-n_q // bm)
+    tn = -(-n_k // bn)
 
     # -- V NaN at the keys of each row's first document
     nan_k = eff_k == eff_k[:, :1]
@@ -219,8 +223,9 @@ def test_kernels_skip_exactly_the_mirrored_tiles(which, wide):
     # -- dO NaN at the queries of each row's last document
     q, k, v = (t.detach().requires_grad_() for t in random_inputs(mod, batch=batch, n_q=n_q, n_k=n_k, dtype=dtype, seed=5))
     nan_q = eff_q == eff_q[:, -1:]
-    nan_q_tile = torch.nn.functional.pad(nan_q, (0, tm * bm - n_q)).view(batch, tm, bm).any(-1)
-    expect = _tile_rows((dkdv & nan_q_tile[:, :, None]).any(1), bn, n_k)  # [B, Nk]
+    tm2 = -(-n_q // bm2)
+    nan_q_tile = torch.nn.functional.pad(nan_q, (0, tm2 * bm2 - n_q)).view(batch, tm2, bm2).any(-1)
+    expect = _tile_rows((dkdv & nan_q_tile[:, :, None]).any(1), bn2, n_k)  # [B, Nk]
     assert expect.any() and not expect.all()
     with runtime.poison_outputs():
         o = mod.attention(q, k, v, doc=ids)
