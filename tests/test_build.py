@@ -23,8 +23,14 @@ def test_generated_is_fresh():
     assert check(ROOT / "specs", ROOT / "generated") == []
 
 
-def test_check_cli_passes_on_the_checkout():
-    assert cli(["check"]) == 0
+def test_check_cli_passes_on_a_fresh_build(tmp_path):
+    # the CLI over a small tree (test_generated_is_fresh checks the checkout's own through check())
+    (tmp_path / "specs").mkdir()
+    write_spec(tmp_path / "specs", dense_spec())
+    build(spec_files(tmp_path / "specs"), tmp_path / "gen")
+    assert cli(["check", "--spec-dir", str(tmp_path / "specs"), "--out", str(tmp_path / "gen")]) == 0
+    (tmp_path / "gen" / "user_attn.py").write_text("# stale\n")
+    assert cli(["check", "--spec-dir", str(tmp_path / "specs"), "--out", str(tmp_path / "gen")]) == 1
 
 
 def test_build_is_deterministic_and_writes_only_when_changed(tmp_path):

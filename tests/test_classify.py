@@ -282,7 +282,7 @@ _MASKS = st.recursive(
 )
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(mask=_MASKS, p=DIVISORS, s=st.integers(-20, 60), n_q=st.integers(1, 200), n_k=st.integers(1, 200),
        block_m=TILES, block_n=TILES, q_offset=OFFSETS, kv_offset=OFFSETS)
 def test_random_masks_are_classified_soundly(mask, p, s, n_q, n_k, block_m, block_n, q_offset, kv_offset):
@@ -311,7 +311,7 @@ _TENSOR_MASKS = st.tuples(_TENSOR_ATOMS, _MASKS, st.sampled_from(["and", "or", "
     lambda t: f"({t[0]}) {t[2]} ({t[1]})")
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(mask=_TENSOR_MASKS, p=DIVISORS, s=st.integers(-20, 60), n_q=st.integers(1, 200), n_k=st.integers(1, 200),
        block_m=TILES, block_n=TILES, b=st.integers(0, 1), h=st.integers(0, 1), seed=st.integers(0, 2**16))
 @example(mask="(kv_idx < lens[b] and q_idx >= kv_idx) and (q_idx < s)", p=1, s=10, n_q=100, n_k=100, block_m=16,
@@ -390,7 +390,7 @@ def _classes(grid):
     return torch.tensor([[{"empty": 0, "partial": 1, "full": 2}[c] for c in row] for row in grid])
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(case=_DISJ, n_q=st.integers(1, 300), n_k=st.integers(1, 300), block_m=TILES, block_n=TILES,
        q_offset=OFFSETS, kv_offset=OFFSETS)
 @example(case=("kv_idx < g or q_idx < g or abs(q_idx - kv_idx) <= w", {"g": 4, "w": 6}), n_q=160, n_k=160,
